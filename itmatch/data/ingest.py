@@ -1,0 +1,193 @@
+"""Ingest, shared by all datasets: Karpathy-format JSON + image folder → ``images.parquet`` and
+``captions.parquet`` (the artifact contract in ``shared/design.md``).
+
+Row order: images grouped by split (train, val, test), JSON order inside a split; captions in the
+same order, exactly ``captions_per_image`` per image, so that within a split captions
+``5i..5i+4`` belong to that split's image ``i``. COCO's ``restval`` counts as ``train``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+from PIL import Image
+
+from itmatch.utils.io import write_parquet
+from itmatch.utils.logs import log, progress
+
+SPLITS = ("train", "val", "test")
+IMAGES_SCHEMA = pa.schema([("image_id", pa.int64()), ("split", pa.string()), ("file", pa.string()),
+                           ("width", pa.int32()), ("height", pa.int32())])
+CAPTIONS_SCHEMA = pa.schema([("caption_id", pa.int64()), ("image_id", pa.int64()), ("split", pa.string()),
+                             ("text", pa.string())])
+
+
+class IngestError(ValueError):
+    """The dataset's JSON or images are not usable; the message names the file and entry."""
+
+
+@dataclass
+class IngestOptions:
+    captions_per_image: int = 5
+    on_bad_caption_count: str = "error"  # or "drop"
+    truncate_extra_captions: bool = True  # COCO has a few images with 6-7 captions: keep the first 5
+    restval_as_train: bool = True
+    verify_images: str = "decode"  # "decode" (full decode), "header" (size only)
+    on_bad_image: str = "error"  # or "drop"
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> IngestOptions:
+        return cls(**cfg)
+
+
+def read_karpathy_json(path: str | Path) -> list[dict[str, Any]]:
+    """The ``images`` list of a Karpathy-format JSON, with a clear error for malformed files."""
+    path = Path(path)
+    if not path.exists():
+        raise IngestError(f"{path}: dataset JSON not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise IngestError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise IngestError(f"{path}: expected an object with an 'images' list (Karpathy format)")
+    return data["images"]
+
+
+def _entry_field(path: Path, i: int, entry: dict[str, Any], key: str) -> Any:
+    if key not in entry:
+        raise IngestError(f"{path}: images[{i}] ({entry.get('filename', '?')}) has no '{key}' field")
+    return entry[key]
+
+
+def image_id_of(entry: dict[str, Any]) -> int:
+    """COCO's ``cocoid`` when present, else the JSON's ``imgid``."""
+    return int(entry["cocoid"] if "cocoid" in entry else entry["imgid"])
+
+
+def _probe(args: tuple[str, str]) -> tuple[int, int, str | None]:
+    file, mode = args
+    try:
+        with Image.open(file) as im:
+            w, h = im.size
+            if mode == "decode":
+                im.convert("RGB").load()
+        return w, h, None
+    except FileNotFoundError:
+        return 0, 0, "missing image file"
+    except Exception as e:  # noqa: BLE001 (any decoder failure is reported by name)
+        return 0, 0, f"cannot decode image ({type(e).__name__}: {e})"
+
+
+def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path, captions_out: str | Path,
+           options: IngestOptions | None = None, processes: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validate the dataset and write the two contract tables (atomically). Returns them."""
+    opt = options or IngestOptions()
+    json_path, image_root = Path(json_path), Path(image_root)
+    entries = read_karpathy_json(json_path)
+    allowed_splits = {"train", "val", "test", "restval"}
+    rows: list[dict[str, Any]] = []
+    seen_ids: dict[int, int] = {}
+    seen_files: dict[str, int] = {}
+    seen_sent: dict[int, int] = {}
+    dropped = Counter()
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise IngestError(f"{json_path}: images[{i}] is not an object")
+        fname = _entry_field(json_path, i, e, "filename")
+        split = _entry_field(json_path, i, e, "split")
+        sentences = _entry_field(json_path, i, e, "sentences")
+        if split not in allowed_splits:
+            raise IngestError(f"{json_path}: images[{i}] ({fname}) has unknown split {split!r}; "
+                              f"allowed: {', '.join(sorted(allowed_splits))}")
+        if split == "restval":
+            split = "train" if opt.restval_as_train else None
+            if split is None:
+                dropped["restval"] += 1
+                continue
+        try:
+            image_id = image_id_of(e)
+        except (KeyError, TypeError, ValueError) as err:
+            raise IngestError(f"{json_path}: images[{i}] ({fname}) has no usable 'cocoid'/'imgid'") from err
+        if image_id in seen_ids:
+            raise IngestError(f"{json_path}: images[{i}] ({fname}) duplicates image id {image_id} "
+                              f"of images[{seen_ids[image_id]}]")
+        seen_ids[image_id] = i
+        file = str(Path(e.get("filepath", "")) / fname)
+        if file in seen_files:
+            raise IngestError(f"{json_path}: images[{i}] duplicates file {file} of images[{seen_files[file]}]")
+        seen_files[file] = i
+        caps = []
+        for j, s in enumerate(sentences):
+            if not isinstance(s, dict) or "raw" not in s:
+                raise IngestError(f"{json_path}: images[{i}] ({fname}) sentences[{j}] has no 'raw' text")
+            sid = int(s.get("sentid", -1))
+            if sid in seen_sent:
+                raise IngestError(f"{json_path}: images[{i}] ({fname}) sentences[{j}] duplicates sentid {sid} "
+                                  f"of images[{seen_sent[sid]}]")
+            seen_sent[sid] = i
+            caps.append((sid, s["raw"].strip()))
+        k = opt.captions_per_image
+        if len(caps) > k and opt.truncate_extra_captions:
+            dropped["extra captions truncated"] += len(caps) - k
+            caps = caps[:k]
+        if len(caps) != k:
+            what = "no captions" if not caps else f"{len(caps)} captions, expected {k}"
+            if opt.on_bad_caption_count == "drop":
+                dropped[f"images dropped: caption count != {k}"] += 1
+                continue
+            raise IngestError(f"{json_path}: images[{i}] ({fname}, id {image_id}) has {what} "
+                              "(set ingest.on_bad_caption_count: drop to drop such images)")
+        rows.append({"image_id": image_id, "split": split, "file": file, "captions": caps, "index": i})
+
+    rows = _check_images(rows, image_root, opt, processes, dropped)
+    order = {s: n for n, s in enumerate(SPLITS)}
+    rows.sort(key=lambda r: (order[r["split"]], r["index"]))
+    images = pd.DataFrame({
+        "image_id": [r["image_id"] for r in rows], "split": [r["split"] for r in rows],
+        "file": [r["file"] for r in rows], "width": [r["width"] for r in rows],
+        "height": [r["height"] for r in rows]})
+    captions = pd.DataFrame(
+        [{"caption_id": sid, "image_id": r["image_id"], "split": r["split"], "text": text}
+         for r in rows for sid, text in r["captions"]],
+        columns=["caption_id", "image_id", "split", "text"])
+    for what, n in sorted(dropped.items()):
+        log.warning("ingest %s: %s: %d", json_path, what, n)
+    counts = images["split"].value_counts().to_dict()
+    log.info("ingest %s: %d images (%s), %d captions", json_path, len(images),
+             ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS), len(captions))
+    write_parquet(images_out, pa.Table.from_pandas(images, schema=IMAGES_SCHEMA, preserve_index=False))
+    write_parquet(captions_out, pa.Table.from_pandas(captions, schema=CAPTIONS_SCHEMA, preserve_index=False))
+    return images, captions
+
+
+def _check_images(rows: list[dict[str, Any]], root: Path, opt: IngestOptions, processes: int,
+                  dropped: Counter) -> list[dict[str, Any]]:
+    jobs = [(str(root / r["file"]), opt.verify_images) for r in rows]
+    if processes > 1 and len(jobs) > 256:
+        with mp.get_context("fork").Pool(processes) as pool:
+            probes = list(progress(pool.imap(_probe, jobs, chunksize=64), "checking images", len(jobs)))
+    else:
+        probes = [_probe(j) for j in progress(jobs, "checking images", len(jobs))]
+    bad = [(r, err) for r, (_, _, err) in zip(rows, probes, strict=True) if err]
+    if bad and opt.on_bad_image != "drop":
+        listing = "\n  ".join(f"{root / r['file']} (image id {r['image_id']}): {err}" for r, err in bad[:50])
+        more = f"\n  … and {len(bad) - 50} more" if len(bad) > 50 else ""
+        raise IngestError(f"{len(bad)} unusable image(s) under {root} "
+                          f"(set ingest.on_bad_image: drop to drop them):\n  {listing}{more}")
+    kept = []
+    for r, (w, h, err) in zip(rows, probes, strict=True):
+        if err:
+            dropped[f"images dropped: {err.split(' (')[0]}"] += 1
+            continue
+        r["width"], r["height"] = w, h
+        kept.append(r)
+    return kept

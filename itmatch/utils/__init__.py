@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic file output, logging for workflow jobs, hashing."""

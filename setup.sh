@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One-step, idempotent set-up: a virtual environment at .venv with the CPU torch wheel installed
+# first (so nothing pulls a CUDA build), then this package and its pinned dependencies.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.itmatch-setup
+want=$(cat pyproject.toml setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet torch==2.13.0
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -c "import torch; print('torch', torch.__version__)"
+echo "$want" > "$stamp"

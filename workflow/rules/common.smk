@@ -1,0 +1,32 @@
+# Shared helpers for all rule files: config validation, wildcard constraints, per-dataset settings.
+from snakemake.utils import validate
+
+from itmatch.config import DATASETS, MODELS, deep_update, validate_config
+from itmatch.utils.hashing import source_hash
+
+# Our validator first (messages name the key and the allowed values), then Snakemake's (fills defaults).
+validate_config(config)
+validate(config, "../schemas/config.schema.yaml")
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    model="|".join(MODELS),
+
+
+def dataset_cfg(dataset):
+    """The config block of one dataset, with a clear error for datasets the config does not define."""
+    if dataset not in config["datasets"]:
+        raise ValueError(f"dataset {dataset!r} is not configured under config key 'datasets' "
+                         f"(configured: {', '.join(config['datasets'])})")
+    return config["datasets"][dataset]
+
+
+def ingest_options(dataset):
+    """Global ``ingest`` settings with the dataset's own ``ingest`` block merged over them."""
+    return deep_update(dict(config["ingest"]), dataset_cfg(dataset).get("ingest", {}))
+
+
+def code_version(*modules):
+    """Hash of the given itmatch modules' source: a rule param, so editing that code reruns the rule."""
+    return source_hash(*modules)

@@ -1,0 +1,38 @@
+# Data: the embedded `shapes` generator and the ingest shared by all datasets.
+
+
+rule generate_shapes:
+    output:
+        json=config["datasets"]["shapes"]["json"],
+        images=directory(config["datasets"]["shapes"]["images"]),
+    params:
+        generator=config["datasets"]["shapes"]["generator"],
+        code=code_version("itmatch.data.shapes"),
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    log:
+        "logs/generate_shapes/shapes.log",
+    script:
+        "../scripts/generate_shapes.py"
+
+
+rule ingest:
+    input:
+        json=lambda wc: dataset_cfg(wc.dataset)["json"],
+        images=lambda wc: dataset_cfg(wc.dataset)["images"],
+    output:
+        images="results/data/{dataset}/images.parquet",
+        captions="results/data/{dataset}/captions.parquet",
+    params:
+        options=lambda wc: ingest_options(wc.dataset),
+        code=code_version("itmatch.data.ingest"),
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    log:
+        "logs/ingest/{dataset}.log",
+    script:
+        "../scripts/ingest.py"
