@@ -151,7 +151,9 @@ def test_gold_parse_yields_tokens_and_lemmas(dataset):
             assert [w for w in tree.leaves() if w not in {".", ","}] == s["tokens"]
             assert len(s["lemmas"]) == len(tree.leaves())
             for (word, tag), lemma in zip(tree.pos(), s["lemmas"], strict=True):
-                if tag == "NNS":
+                if word in {"shape", "shapes"}:
+                    assert lemma == "shape"
+                elif tag == "NNS":
                     assert PLURAL[word] == NOUNS[lemma]
                 elif tag == "VBZ":
                     assert lemma == "be"
