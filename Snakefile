@@ -13,3 +13,9 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/blocks.smk"
+include: "workflow/rules/text.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/report.smk"

@@ -1,0 +1,78 @@
+"""The interface every matching model implements, and the batch layout the data loaders produce.
+
+A model turns an image batch and a caption batch into representations, and scores every image of
+one against every caption of the other::
+
+    img = model.encode_images(images)        # leading dim I
+    cap = model.encode_captions(captions)    # leading dim C
+    sim = model.score(img, cap)              # [I, C] float32
+
+Training batches are aligned pairs (caption j describes image j, so the positives are the diagonal of
+``score``); evaluation encodes all test images and captions in chunks and fills the full [I, C] matrix
+shard by shard (``itmatch.evaluation``). Models whose attention depends on the pair (SCAN, PFAN,
+CAAN, BSSAN, GLFN) do the cross-modal work inside ``score``; global-vector models (SMFEA) return
+vectors and ``score`` is a matrix product.
+
+Image batch keys (tensors; B images, R regions, D feature dim, L blocks per region):
+    features       float32 [B, R, D]   pooled region features (regions.h5)
+    num_regions    int64   [B]         valid regions; rows past it are zero
+    boxes          float32 [B, R, 4]   x1, y1, x2, y2 in original pixels
+    image_hw       int64   [B, 2]
+    object_id      int64   [B, R]      detector tags (no background)
+    attribute_id   int64   [B, R]
+    object_conf    float32 [B, R]
+    block_index    int64   [B, R, L]   blocks.h5 (padding = K²)          — when "blocks" in requires
+    block_weight   float32 [B, R, L]
+    tag_vectors    float32 [B, R, H]   BERT vector of each region's tag   — when "tags" in requires
+    index          int64   [B]         row in images.parquet
+
+Caption batch keys (C captions, W = longest caption in the batch):
+    tokens         int64   [C, W]      vocabulary ids, 0 = <pad> (tokens.parquet)
+    lengths        int64   [C]
+    bert           float32 [C, W, H]   per-token BERT features             — when "bert" in requires
+    tree_labels    int64   [C, 7, 2]   (entity-or-relation id, -1 = null) — when "trees" in requires
+    image_index    int64   [C]         row of the caption's image in images.parquet
+    index          int64   [C]         row in captions.parquet
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+# Which optional artifacts each model reads (beyond regions.h5 and tokens.parquet).
+INPUTS: dict[str, frozenset[str]] = {
+    "scan": frozenset(),
+    "pfan": frozenset({"blocks"}),
+    "caan": frozenset(),
+    "bssan": frozenset(),
+    "smfea": frozenset({"trees"}),
+    "glfn": frozenset({"blocks", "tags", "bert"}),
+}
+
+
+class MatchingModel(nn.Module):
+    """Base class: subclasses implement the three methods below; ``loss`` has a default."""
+
+    #: optional inputs this model needs (see ``INPUTS``)
+    requires: frozenset[str] = frozenset()
+
+    def encode_images(self, images: Batch) -> Any:
+        raise NotImplementedError
+
+    def encode_captions(self, captions: Batch) -> Any:
+        raise NotImplementedError
+
+    def score(self, img: Any, cap: Any) -> torch.Tensor:
+        """[I, C] similarities of every encoded image with every encoded caption."""
+        raise NotImplementedError
+
+    def loss(self, images: Batch, captions: Batch, criterion: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss on aligned pairs; default: ``criterion`` on the [B, B] score matrix."""
+        sim = self.score(self.encode_images(images), self.encode_captions(captions))
+        loss = criterion(sim)
+        return loss, {"rank_loss": float(loss.detach())}

@@ -1,0 +1,31 @@
+"""Model registry: name → class, built from its config block and the data's dimensions."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from itmatch.models.base import MatchingModel
+
+MODEL_CLASSES: dict[str, str] = {
+    "scan": "itmatch.models.scan:SCAN",
+    "pfan": "itmatch.models.pfan:PFAN",
+    "caan": "itmatch.models.caan:CAAN",
+    "bssan": "itmatch.models.bssan:BSSAN",
+    "smfea": "itmatch.models.smfea:SMFEA",
+    "glfn": "itmatch.models.glfn:GLFN",
+}
+
+
+def model_class(name: str) -> type[MatchingModel]:
+    if name not in MODEL_CLASSES:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODEL_CLASSES)}")
+    module, cls = MODEL_CLASSES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_model(name: str, cfg: dict[str, Any], data_info: dict[str, Any]) -> MatchingModel:
+    """``cfg`` is ``config['models'][name]`` (merged with overrides); ``data_info`` holds the data's
+    dimensions: vocab_size, feature_dim, and where relevant blocks_K, bert_dim, tag_dim, n_entities,
+    n_relations, n_objects, n_attributes."""
+    return model_class(name).from_config(cfg, data_info)

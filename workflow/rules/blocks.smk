@@ -1,0 +1,1 @@
+# Block-overlap index (PFAN's position input) and GLFN's tag vectors' companions.

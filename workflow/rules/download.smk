@@ -1,0 +1,1 @@
+# Download / local acquisition of the real datasets (coco, f30k).

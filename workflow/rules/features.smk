@@ -1,0 +1,1 @@
+# Region features: detector training on shapes, bottom-up extraction (sharded), feature import.

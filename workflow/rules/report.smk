@@ -1,0 +1,1 @@
+# Results table, figures and the HTML report.

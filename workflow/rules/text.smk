@@ -1,0 +1,1 @@
+# Text stages: tokens + vocabulary, referral trees, BERT features, tag vectors.
