@@ -46,7 +46,8 @@ def test_missing_required_key(config):
 def test_enum_lists_allowed_values(config):
     bad = copy.deepcopy(config)
     bad["ingest"]["on_bad_image"] = "ignore"
-    with pytest.raises(ConfigError, match=r"ingest\.on_bad_image: 'ignore' is not allowed; allowed values: error, drop"):
+    msg = r"ingest\.on_bad_image: 'ignore' is not allowed; allowed values: error, drop"
+    with pytest.raises(ConfigError, match=msg):
         validate_config(bad)
 
 

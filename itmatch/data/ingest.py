@@ -37,7 +37,7 @@ class IngestError(ValueError):
 class IngestOptions:
     captions_per_image: int = 5
     on_bad_caption_count: str = "error"  # or "drop"
-    truncate_extra_captions: bool = True  # COCO has a few images with 6-7 captions: keep the first 5
+    truncate_extra_captions: bool = False  # COCO has a few images with 6-7 captions: True keeps the first 5
     restval_as_train: bool = True
     verify_images: str = "decode"  # "decode" (full decode), "header" (size only)
     on_bad_image: str = "error"  # or "drop"
