@@ -1,0 +1,237 @@
+"""CAAN: Context-Aware Attention Network (Zhang et al., CVPR 2020), ``../shared/papers/caan.txt``.
+
+Fragments (§3.1–3.2): regions ``v_i = W_x x_i + b`` (eq. 1, :class:`RegionEncoder`), words = 300-d
+embedding → bi-GRU, directions averaged (eq. 2–4, :class:`GRUTextEncoder`), both D-dimensional.
+For a pair (V [n, D] regions, U [m, D] words)::
+
+    H    = tanh(V K Uᵀ)                                   [n, m]   eq. 7 (rows = regions)
+    Huv  = [H]₊ / ‖[H]₊‖ over regions (each column)       [n, m]   eq. 12  (word-to-region)
+    Hvu  = [H]₊ / ‖[H]₊‖ over words (each row)            [n, m]   eq. 13  (region-to-word)
+    FA:  Hv = V M1 Vᵀ, Hu = U M2 Uᵀ                                  eq. 14–15
+    SA:  Hv = cos-sim of the rows of Huv        [n, n]              eq. 16
+         Hu = cos-sim of the columns of Hvu     [m, m]              eq. 17
+    f    = softmax_n(tanh(Hv V Q1 + Huv U Q2) Wv)         [n]      eq. 8–9
+    g    = softmax_m(tanh(Hu U Q3 + Hvuᵀ V Q4) Wu)        [m]      eq. 10–11 (Hvu transposed so the
+                                                                   product is [m, n]·[n, D])
+    v̂ = Σ f_i v_i,  û = Σ g_j u_j,  S = ⟨v̂, û⟩                      eq. 5–6; loss eq. 19 (hardest
+                                                                   negatives, the shared ContrastiveLoss)
+
+Ablations (Table 4) through ``inter_attention`` (IA: the Huv / Hvu terms) and ``intra_attention``
+(none | fa | sa: the Hv / Hu terms):
+
+    baseline   inter false, intra none   v̂, û = mean of the fragments
+    +IA        inter true,  intra none
+    +FA        inter false, intra fa     (pair-independent: scored as a matrix product)
+    +SA        inter false, intra sa
+    +IA+FA     inter true,  intra fa
+    CAAN       inter true,  intra sa     (default)
+
+Choices where the paper is silent (all in ``config.yaml`` → ``models.caan``):
+
+- D = ``embed_dim`` = 1024 (SCAN's, whose features CAAN follows), z = ``attn_dim`` = 256.
+- Fragments are l2-normalised after eq. 1 / eq. 4 (``normalize_fragments``, as SCAN's encoders) and
+  v̂, û before the inner product (``normalize_embeddings``), so S is a cosine in [-1, 1] that suits the
+  margin of the ranking loss; set both false for the literal un-normalised eq. 1 / inner product.
+- K, Q1..Q4 Xavier-uniform, Wv, Wu uniform(±1/√z), M1 = M2 = identity at start (the paper notes that
+  identity gives dot-product similarities).
+- The padding of variable-length captions / region sets is masked out of H (so out of every
+  normalisation) and out of the softmaxes of eq. 9 and 11.
+
+Scoring is pairwise (the attention depends on the pair): :meth:`score` evaluates all I×C pairs with
+batched tensor ops, ``pair_chunk`` pairs at a time (memory ≈ pair_chunk · n · z floats per
+intermediate); under autograd each chunk is checkpointed (``checkpoint``) so training memory stays
+bounded too. Training: §4.2's schedules are ``models.caan.training`` in the config (Adam; F30K lr 2e-4
+for 15 epochs then 2e-5 for 15; COCO 5e-4 for 10 then ×0.1 for 10; best model by val rSum).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from itmatch.models.base import Batch, MatchingModel
+from itmatch.models.encoders import GRUTextEncoder, RegionEncoder, length_mask
+
+INTRA_CHOICES = ("none", "fa", "sa")
+
+
+def inter_attention(H: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 12–13 on H [..., n, m] (regions × words): clip at 0, then l2-normalise each column over the
+    regions (Huv) and each row over the words (Hvu). Returns (Huv, Hvu), both [..., n, m]."""
+    Hp = H.clamp(min=0)
+    return F.normalize(Hp, dim=-2, eps=eps), F.normalize(Hp, dim=-1, eps=eps)
+
+
+def semantic_intra_attention(Huv: torch.Tensor, Hvu: torch.Tensor, eps: float = 1e-8
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 16–17: Hv [..., n, n] = cosine similarities of the rows of Huv (region response vectors),
+    Hu [..., m, m] = cosine similarities of the columns of Hvu (word response vectors)."""
+    rows = F.normalize(Huv, dim=-1, eps=eps)   # [..., n, m]
+    cols = F.normalize(Hvu, dim=-2, eps=eps)   # [..., n, m]
+    return rows @ rows.transpose(-1, -2), cols.transpose(-1, -2) @ cols
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim with ``mask`` (bool, broadcastable) False positions excluded."""
+    return logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D], mask [B, L] → [B, D]."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class CAAN(MatchingModel):
+    requires = frozenset()
+
+    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 1024, word_dim: int = 300,
+                 attn_dim: int = 256, inter_attention: bool = True, intra_attention: str = "sa",
+                 normalize_fragments: bool = True, normalize_embeddings: bool = True,
+                 pair_chunk: int = 4096, checkpoint: bool = True):
+        super().__init__()
+        if intra_attention not in INTRA_CHOICES:
+            raise ValueError(f"models.caan.intra_attention must be one of {INTRA_CHOICES}, got {intra_attention!r}")
+        if pair_chunk < 1:
+            raise ValueError(f"models.caan.pair_chunk must be >= 1, got {pair_chunk}")
+        self.inter = bool(inter_attention)
+        self.intra = intra_attention
+        self.normalize_embeddings = normalize_embeddings
+        self.pair_chunk = pair_chunk
+        self.checkpoint = checkpoint
+        self.img_enc = RegionEncoder(feature_dim, embed_dim, normalize=normalize_fragments)
+        self.txt_enc = GRUTextEncoder(vocab_size, embed_dim, word_dim, normalize=normalize_fragments)
+        d, z = embed_dim, attn_dim
+
+        def mat(rows: int, cols: int) -> nn.Parameter:
+            w = torch.empty(rows, cols)
+            nn.init.xavier_uniform_(w)
+            return nn.Parameter(w)
+
+        def vec(n: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(n).uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n)))
+
+        self.attentive = self.inter or self.intra != "none"
+        if self.attentive:
+            self.Wv, self.Wu = vec(z), vec(z)                    # eq. 9, 11
+        if self.inter or self.intra == "sa":
+            self.K = mat(d, d)                                   # eq. 7
+        if self.intra != "none":
+            self.Q1, self.Q3 = mat(d, z), mat(d, z)              # eq. 8, 10 (intra terms)
+        if self.intra == "fa":
+            self.M1 = nn.Parameter(torch.eye(d))                 # eq. 14
+            self.M2 = nn.Parameter(torch.eye(d))                 # eq. 15
+        if self.inter:
+            self.Q2, self.Q4 = mat(d, z), mat(d, z)              # eq. 8, 10 (inter terms)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], data_info: dict[str, Any]) -> CAAN:
+        keys = ("embed_dim", "word_dim", "attn_dim", "inter_attention", "intra_attention",
+                "normalize_fragments", "normalize_embeddings", "pair_chunk", "checkpoint")
+        return cls(vocab_size=int(data_info["vocab_size"]), feature_dim=int(data_info["feature_dim"]),
+                   **{k: cfg[k] for k in keys if k in cfg})
+
+    @property
+    def pairwise(self) -> bool:
+        """Whether the score depends on the pair (else v̂, û are computed per modality)."""
+        return self.inter or self.intra == "sa"
+
+    # ---- encoders: fragments plus every per-modality product, so pairs only do pair work ----
+    def encode_images(self, images: Batch) -> dict[str, torch.Tensor]:
+        V = self.img_enc(images["features"], images["num_regions"])        # [I, n, d]
+        mask = length_mask(images["num_regions"], V.shape[1])               # [I, n]
+        out = {"V": V, "mask": mask}
+        if self.intra == "fa":                                              # Hv V Q1, pair-independent
+            Hv = V @ self.M1 @ V.transpose(1, 2)                            # [I, n, n]
+            out["intra"] = Hv @ (V @ self.Q1)                               # [I, n, z]
+        elif self.intra == "sa":
+            out["VQ1"] = V @ self.Q1                                        # [I, n, z]
+        if self.inter or self.intra == "sa":
+            out["VK"] = V @ self.K                                          # [I, n, d]
+        if self.inter:
+            out["VQ4"] = V @ self.Q4                                        # [I, n, z]
+        if not self.pairwise:
+            out["emb"] = self._pool(V, mask, out.get("intra"), self.Wv if self.attentive else None)
+        return out
+
+    def encode_captions(self, captions: Batch) -> dict[str, torch.Tensor]:
+        U = self.txt_enc(captions["tokens"], captions["lengths"])           # [C, m, d]
+        mask = length_mask(captions["lengths"], U.shape[1])                 # [C, m]
+        out = {"U": U, "mask": mask}
+        if self.intra == "fa":
+            Hu = U @ self.M2 @ U.transpose(1, 2)                            # [C, m, m]
+            out["intra"] = Hu @ (U @ self.Q3)                               # [C, m, z]
+        elif self.intra == "sa":
+            out["UQ3"] = U @ self.Q3
+        if self.inter:
+            out["UQ2"] = U @ self.Q2
+        if not self.pairwise:
+            out["emb"] = self._pool(U, mask, out.get("intra"), self.Wu if self.attentive else None)
+        return out
+
+    def _pool(self, X: torch.Tensor, mask: torch.Tensor, pre: torch.Tensor | None,
+              w: torch.Tensor | None) -> torch.Tensor:
+        """Pair-independent attention (baseline: masked mean; +FA: eq. 8–9 with the intra term only)."""
+        if w is None:
+            e = masked_mean(X, mask)
+        else:
+            a = masked_softmax(torch.tanh(pre) @ w, mask)                   # [B, L]
+            e = (a.unsqueeze(-1) * X).sum(1)
+        return F.normalize(e, dim=-1) if self.normalize_embeddings else e
+
+    # ---- pairwise scoring ----
+    def attend(self, img: dict[str, torch.Tensor], cap: dict[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention weights of every pair: f [I, C, n] over regions, g [I, C, m] over words."""
+        vm, um = img["mask"], cap["mask"]                                    # [I, n], [C, m]
+        pm = vm[:, None, :, None] & um[None, :, None, :]                     # [I, C, n, m]
+        H = torch.tanh(torch.einsum("ind,cmd->icnm", img["VK"], cap["U"])) * pm.to(img["V"].dtype)
+        Huv, Hvu = inter_attention(H)
+        f_pre: torch.Tensor | float = 0.0
+        g_pre: torch.Tensor | float = 0.0
+        if self.intra == "sa":
+            Hv, Hu = semantic_intra_attention(Huv, Hvu)
+            f_pre = Hv @ img["VQ1"][:, None]                                 # [I, C, n, z]
+            g_pre = Hu @ cap["UQ3"][None]                                    # [I, C, m, z]
+        elif self.intra == "fa":
+            f_pre = img["intra"][:, None]                                    # [I, 1, n, z]
+            g_pre = cap["intra"][None]                                       # [1, C, m, z]
+        if self.inter:
+            f_pre = f_pre + Huv @ cap["UQ2"][None]                           # [I, C, n, z]
+            g_pre = g_pre + Hvu.transpose(-1, -2) @ img["VQ4"][:, None]      # [I, C, m, z]
+        f = masked_softmax(torch.tanh(f_pre) @ self.Wv, vm[:, None, :])      # [I, C, n]
+        g = masked_softmax(torch.tanh(g_pre) @ self.Wu, um[None, :, :])      # [I, C, m]
+        return f, g
+
+    def _pair_scores(self, img: dict[str, torch.Tensor], cap: dict[str, torch.Tensor]) -> torch.Tensor:
+        f, g = self.attend(img, cap)
+        v_hat = torch.einsum("icn,ind->icd", f, img["V"])                   # eq. 5
+        u_hat = torch.einsum("icm,cmd->icd", g, cap["U"])                   # eq. 6
+        if self.normalize_embeddings:
+            v_hat, u_hat = F.normalize(v_hat, dim=-1), F.normalize(u_hat, dim=-1)
+        return (v_hat * u_hat).sum(-1)                                      # [I, C]
+
+    def score(self, img: dict[str, torch.Tensor], cap: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.pairwise:
+            return img["emb"] @ cap["emb"].t()
+        n_img, n_cap = img["V"].shape[0], cap["U"].shape[0]
+        cc = min(n_cap, self.pair_chunk)
+        ci = max(1, self.pair_chunk // cc)
+        use_ckpt = self.checkpoint and torch.is_grad_enabled()
+        rows = []
+        for i0 in range(0, n_img, ci):
+            ic = {k: v[i0:i0 + ci] for k, v in img.items()}
+            cols = []
+            for c0 in range(0, n_cap, cc):
+                cs = {k: v[c0:c0 + cc] for k, v in cap.items()}
+                if use_ckpt:
+                    cols.append(torch_checkpoint(self._pair_scores, ic, cs, use_reentrant=False))
+                else:
+                    cols.append(self._pair_scores(ic, cs))
+            rows.append(torch.cat(cols, dim=1))
+        return torch.cat(rows, dim=0)
