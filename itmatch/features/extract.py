@@ -1,0 +1,288 @@
+"""Bottom-up region extraction, sharded and resumable, then gathered into ``regions.h5``.
+
+Shard ``s`` of ``S`` (0-based) covers the contiguous rows ``[s·N//S, (s+1)·N//S)`` of ``images.parquet``.
+DataLoader workers decode and resize images (the detector's picklable ``preprocess``); the main process
+runs ``detect`` on batches under ``torch.inference_mode`` (on the GPU when there is one) and writes each
+batch into the shard's HDF5 file, then records the rows done (file attribute ``done``) and flushes.
+The file lives under ``.<name>.partial.h5`` until complete, then is renamed; a re-run after a kill
+reopens it and continues at ``done``. Batches always start at multiples of the batch size from the
+shard start, so an interrupted-and-resumed shard holds exactly what an uninterrupted one holds.
+
+:func:`gather_shards` checks the shards (same detector, contiguous rows, same image ids as
+``images.parquet``) and copies them into the final ``regions.h5`` a block of images at a time, then
+writes ``regions.parquet`` from it, also streaming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from itmatch.features.regions_io import (
+    PER_IMAGE,
+    RegionsError,
+    RegionsMeta,
+    check_layout,
+    create_regions,
+    iter_blocks,
+    pad_regions,
+    write_regions_parquet,
+    write_rows,
+)
+from itmatch.utils.io import atomic_path
+from itmatch.utils.logs import log, progress
+
+
+@dataclass
+class ExtractOptions:
+    """The ``extraction`` config section's run settings."""
+
+    batch_size: int = 8
+    workers: int = 2  # DataLoader worker processes decoding + resizing images (0 = in the main process)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    amp: str = "none"  # none | fp16 | bf16: autocast on CUDA (ignored on CPU)
+    max_regions: int = 36  # R, the region axis of regions.h5 (≥ the detector's largest region count)
+    gather_block: int = 64  # images copied at a time when gathering
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ExtractOptions:
+        keys = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in cfg.items() if k in keys})
+
+
+def shard_rows(n: int, shard: int, n_shards: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of shard ``shard`` (0-based) of ``n_shards`` over ``n`` images."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} outside 0..{n_shards - 1}")
+    return n * shard // n_shards, n * (shard + 1) // n_shards
+
+
+def parse_scatteritem(item: str) -> tuple[int, int]:
+    """Snakemake's ``{scatteritem}`` ("3-of-8", 1-based) → (shard 0-based, n_shards)."""
+    try:
+        i, n = item.split("-of-")
+        return int(i) - 1, int(n)
+    except ValueError as e:
+        raise ValueError(f"scatter item {item!r}: expected '<i>-of-<n>'") from e
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("extraction.device is 'cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
+    return torch.device(device)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to uint8 HWC RGB, with an error naming the file."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"), dtype=np.uint8)  # writable, HWC RGB
+    except (OSError, ValueError) as e:
+        raise RegionsError(f"{path}: cannot decode image ({e})") from e
+
+
+class ImageFolderDataset(Dataset):
+    """Rows of ``images.parquet`` → (row, preprocessed CHW tensor, scale, (h, w)) in DataLoader workers."""
+
+    def __init__(self, files: list[str], rows: list[int], preprocess: Callable, cfg: dict[str, Any]):
+        self.files, self.rows, self.preprocess, self.cfg = files, rows, preprocess, cfg
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        img = load_image(self.files[i])
+        tensor, scale = self.preprocess(img, self.cfg)
+        return self.rows[i], tensor, float(scale), (int(img.shape[0]), int(img.shape[1]))
+
+
+def collate(items):
+    """Keep images as a list (they differ in size): (rows, tensors, scales, hws)."""
+    rows, tensors, scales, hws = zip(*items, strict=True)
+    return list(rows), list(tensors), list(scales), list(hws)
+
+
+def _detector_backend(backend: ModuleType | None) -> ModuleType:
+    if backend is not None:
+        return backend
+    import itmatch.features.detector as det  # the real pure-PyTorch bottom-up detector
+
+    return det
+
+
+def partial_path(out: str | Path) -> Path:
+    """The stable temporary name a shard is written under until complete (resumed after a kill)."""
+    out = Path(out)
+    return out.with_name(f".{out.stem}.partial{out.suffix}")
+
+
+def _fingerprint(meta: RegionsMeta, detector_cfg: dict[str, Any], opts: ExtractOptions,
+                 image_ids: np.ndarray) -> str:
+    """What a partial shard must match to be resumed: weights, detector settings, R, batch size, rows."""
+    h = hashlib.sha256()
+    h.update(json.dumps([asdict(meta), detector_cfg, opts.max_regions, opts.batch_size],
+                        sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(image_ids, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _open_partial(tmp: Path, fingerprint: str, n: int) -> h5py.File | None:
+    """Reopen a partial shard for appending if it belongs to this run, else None (it is then rewritten)."""
+    if not tmp.exists():
+        return None
+    try:
+        f = h5py.File(tmp, "r+")
+    except OSError as e:
+        log.warning("%s: unreadable partial shard (%s); starting it over", tmp, e)
+        return None
+    try:
+        ok = f.attrs.get("fingerprint") == fingerprint and 0 <= int(f.attrs.get("done", -1)) <= n
+        check_layout(f)
+    except (RegionsError, KeyError, ValueError, OSError) as e:
+        log.warning("%s: damaged partial shard (%s); starting it over", tmp, e)
+        ok = False
+    if not ok:
+        f.close()
+        log.info("%s: partial shard from another configuration or rows; starting it over", tmp)
+        return None
+    return f
+
+
+def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | Path, shard: int,
+                  n_shards: int, detector_path: str | Path, detector_cfg: dict[str, Any],
+                  opts: ExtractOptions, backend: ModuleType | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> Path:
+    """Extract the regions of shard ``shard`` of ``n_shards`` into ``out`` (resuming a partial run).
+
+    ``backend``: a module with ``load_detector``, ``preprocess``, ``detect`` (default: the real detector).
+    ``on_batch(done)`` is called after each batch is flushed (tests inject interruptions there).
+    """
+    det = _detector_backend(backend)
+    out = Path(out)
+    table = pd.read_parquet(images_parquet, columns=["image_id", "file"])
+    start, stop = shard_rows(len(table), shard, n_shards)
+    part = table.iloc[start:stop]
+    ids = part["image_id"].to_numpy(np.int64)
+    n = len(part)
+    device = resolve_device(opts.device)
+    model, dmeta = det.load_detector(str(detector_path), detector_cfg, device=str(device))
+    meta = RegionsMeta.from_detector(dmeta)
+    fp = _fingerprint(meta, detector_cfg, opts, ids)
+    tmp = partial_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    f = _open_partial(tmp, fp, n)
+    if f is None:
+        f = create_regions(tmp, n, opts.max_regions, meta, image_ids=ids)
+        f.attrs.update({"row_start": start, "row_stop": stop, "shard": shard, "n_shards": n_shards,
+                        "fingerprint": fp, "done": 0})
+        f.flush()
+    done = int(f.attrs["done"])
+    log.info("shard %d/%d: rows %d..%d of %s (%d images, %d already done), device %s, detector %s",
+             shard + 1, n_shards, start, stop, images_parquet, n, done, device, meta.detector)
+    try:
+        if done < n:
+            files = [str(Path(image_dir) / name) for name in part["file"].tolist()[done:]]
+            dataset = ImageFolderDataset(files, list(range(done, n)), det.preprocess, detector_cfg)
+            loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
+                                collate_fn=collate, pin_memory=device.type == "cuda")
+            amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.amp)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                bar = progress(loader, desc=f"extract {out.name}", total=len(loader), unit="batch")
+                for rows, tensors, scales, hws in bar:
+                    tensors = [t.to(device, non_blocking=True) for t in tensors]
+                    if amp is not None and device.type == "cuda":
+                        with torch.autocast("cuda", dtype=amp):
+                            dets = det.detect(model, tensors, scales, hws, detector_cfg)
+                    else:
+                        dets = det.detect(model, tensors, scales, hws, detector_cfg)
+                    padded = [pad_regions({k: _np(v) for k, v in d.items()}, opts.max_regions, hw,
+                                          what=f"{images_parquet} row {start + row}")
+                              for row, d, hw in zip(rows, dets, hws, strict=True)]
+                    if rows[0] != done:
+                        raise RuntimeError(f"batch starts at shard row {rows[0]}, expected {done}")
+                    write_rows(f, done, padded)
+                    done += len(rows)
+                    f.attrs["done"] = done
+                    f.flush()
+                    if on_batch is not None:
+                        on_batch(done)
+            secs = time.perf_counter() - t0
+            log.info("shard %d/%d: %d images in %.1f s (%.2f images/s)", shard + 1, n_shards, len(files), secs,
+                     len(files) / max(secs, 1e-9))
+    finally:
+        f.close()
+    os.replace(tmp, out)
+    return out
+
+
+def _np(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+    return v
+
+
+def gather_shards(shards: list[str | Path], images_parquet: str | Path, out_h5: str | Path,
+                  out_parquet: str | Path, block: int = 64) -> None:
+    """Concatenate complete shard files into ``regions.h5`` (``block`` images at a time) + ``regions.parquet``."""
+    ids = pd.read_parquet(images_parquet, columns=["image_id"])["image_id"].to_numpy(np.int64)
+    files = [h5py.File(p, "r") for p in shards]
+    try:
+        order = sorted(range(len(files)), key=lambda i: int(files[i].attrs.get("row_start", -1)))
+        files = [files[i] for i in order]
+        names = [str(shards[i]) for i in order]
+        meta = RegionsMeta.read(files[0])
+        _, r, _ = check_layout(files[0])
+        expect = 0
+        for name, f in zip(names, files, strict=True):
+            n, r_, _ = check_layout(f)
+            m = RegionsMeta.read(f)
+            if m != meta or r_ != r:
+                raise RegionsError(f"{name}: detector, class names or R differ from {names[0]} ({m.detector}/"
+                                   f"{m.weights_sha256[:12]} vs {meta.detector}/{meta.weights_sha256[:12]})")
+            row_start, row_stop = int(f.attrs["row_start"]), int(f.attrs["row_stop"])
+            if row_start != expect or row_stop - row_start != n:
+                raise RegionsError(f"{name}: covers rows {row_start}..{row_stop}, expected to start at {expect}")
+            if int(f.attrs.get("done", -1)) != n:
+                raise RegionsError(f"{name}: incomplete shard ({f.attrs.get('done')} of {n} rows)")
+            if not np.array_equal(f["image_id"][:], ids[row_start:row_stop]):
+                raise RegionsError(f"{name}: image ids differ from {images_parquet} rows {row_start}..{row_stop} "
+                                   f"(images.parquet changed since extraction?)")
+            expect = row_stop
+        if expect != len(ids):
+            raise RegionsError(f"shards cover {expect} rows, {images_parquet} has {len(ids)}")
+        with atomic_path(out_h5) as tmp:
+            g = create_regions(tmp, len(ids), r, meta, image_ids=ids)
+            try:
+                bar = progress(total=len(ids), desc="gather regions", unit="img", iterable=None)
+                for f in files:
+                    base = int(f.attrs["row_start"])
+                    for a, b in iter_blocks(f["features"].shape[0], block):
+                        for name in PER_IMAGE:
+                            g[name][base + a:base + b] = f[name][a:b]
+                        bar.update(b - a)
+                bar.close()
+            finally:
+                g.close()
+    finally:
+        for f in files:
+            f.close()
+    rows = write_regions_parquet(out_h5, out_parquet, block=max(block, 256))
+    log.info("gathered %d shards: %d images, %d regions → %s, %s", len(shards), len(ids), rows, out_h5, out_parquet)
