@@ -1,0 +1,280 @@
+"""BSSAN: Bi-directional Spatial-Semantic Attention Networks (Huang et al., IEEE TIP 2019),
+``../shared/papers/bssan.txt``.
+
+For a pair (image i, caption with words t¹..t^L, 300-d embeddings):
+
+- **W2R** (eq. 1–8): for each word k, bilinear tanh attention over the regions
+  ``e_j^k = tanh(t_kᵀ W r_j + b)``, ``α^k = softmax_j(e^k)`` (eq. 1–2), attended region
+  ``u^k = Σ_j α_j^k r_j`` (eq. 3), ``c^k = [u^k; t^k]`` → LSTM (``w2r_hidden``) over k = 1..L, the last
+  state → MLP (``w2r_mlp`` hidden widths, tanh + BatchNorm) → score ``Y`` (eq. 5–6).
+- **O2W** (eq. 9–17): words → bi-LSTM (``o2w_hidden``, the two directions averaged) = s^k; for each
+  object j, ``e_j^k = tanh(o_jᵀ W' s^k + b')``, ``β_j = softmax_k(e_j)`` (eq. 9–10),
+  ``u_j = Σ_k β_j^k s^k`` (eq. 11), ``c_j = [o_j; u_j]`` → MLP (``o2w_mlp``) → ``y'_j`` (eq. 13),
+  ``Y' = mean_j y'_j`` over the objects (eq. 14).
+- **Eq. 8**: during training the attention of a *negative* pair is uniform (α = 1/D over the D valid
+  regions; β = 1/L over the L words, as the paper does for O2W "as Eq. (8)"); positives and every
+  pair at evaluation use the softmax.
+- **Loss** (eq. 7, 17, 18), in :meth:`BSSAN.loss`: per image one negative caption sampled from the batch
+  (a caption of another image), ``L1 = Σ_i [M - Y_i + Y_i⁻]₊``, ``L2`` the same on Y', total
+  ``L1 + λ·L2 + δ·Σ‖W‖²`` (λ = 0.6, δ = 0.01). The shared ``criterion`` is not used: BSSAN has its own
+  hinge (``margin``, unstated in the paper: 1.0 here, the scores being unbounded MLP outputs). The
+  regulariser covers every weight matrix/tensor of θ_w2r and θ_o2w (dim ≥ 2: attention W, W', LSTMs,
+  MLPs) but not biases, BatchNorm or the word embedding (GloVe, not part of θ in the paper;
+  ``reg_embedding`` adds it). Because δ‖θ‖² is inside the loss, the optimizer should use **no extra
+  weight decay**; the paper trains with SGD (lr 0.01, momentum 0.9), recorded in
+  ``models.bssan.training`` for the training loop.
+- **Score** (eq. 19): ``MS = Y + λ·Y'``. Ablations: ``branches: w2r`` (BSSAN_w2r, score Y), ``o2w``
+  (BSSAN_o2w, score Y'), ``delta: 0`` (BSSAN_no_reg).
+
+Deviations from the paper (its inputs are not ours):
+
+- The paper's W2R attends over a 14×14 VGG-19 conv5_4 grid (196 × 512) and its O2W over 10 Faster
+  R-CNN proposals (fc7, 4096-d). Here **both branches use our 36 bottom-up regions** (``regions.h5``,
+  2048-d): W2R all valid regions, O2W the top ``num_objects`` (P, default 10) regions by
+  ``object_conf``. Region features are l2-normalised first (``normalize_regions``; raw bottom-up
+  features have large norms that saturate the tanh attention).
+- Word embeddings are learned from scratch (no GloVe), shared by the two branches.
+- MLP widths from Table I read as: W2R 1024 (the LSTM state) → 512 → 128 → 1; O2W [o; u] → 512 → 256 →
+  64 → 1 (Table I's "512-256-64-1" has the concatenation as input). BatchNorm on the hidden layers
+  (``batch_norm``); at evaluation it uses running statistics, so a pair's score is independent of the
+  other pairs in the batch.
+
+Scoring is pairwise: :meth:`score` packs ``pair_chunk`` (image, caption) pairs at a time into the batch
+dimension of the LSTM / MLPs (padding handled by ``pack_padded_sequence``), no per-pair Python loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from itmatch.models.base import Batch, MatchingModel
+from itmatch.models.encoders import l2norm, length_mask
+
+BRANCHES = ("both", "w2r", "o2w")
+
+
+class MLPScore(nn.Module):
+    """in → hidden[0] → … → hidden[-1] → 1, each hidden layer Linear (+ BatchNorm) + tanh. x [N, in] → [N].
+
+    The output layer has no bias: a constant added to every score cancels in the hinge losses (its
+    gradient would be exactly zero) and changes no ranking."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], batch_norm: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers.append(nn.Linear(in_dim, h))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(nn.Tanh())
+            in_dim = h
+        layers.append(nn.Linear(in_dim, 1, bias=False))  # a constant offset cancels in the ranking loss
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def attention_weights(logits: torch.Tensor, mask: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
+    """Softmax of ``logits`` [N, ..., K] over K with ``mask`` [N, K] (False = padding); rows whose
+    ``uniform`` [N] flag is set get 1/(number of valid positions) instead (eq. 8)."""
+    m = mask.view(mask.shape[0], *([1] * (logits.dim() - 2)), mask.shape[1])
+    soft = logits.masked_fill(~m, float("-inf")).softmax(dim=-1)
+    if uniform is None or not bool(uniform.any()):
+        return soft
+    flat = m.to(logits.dtype) / m.sum(-1, keepdim=True).clamp(min=1)
+    u = uniform.view(-1, *([1] * (logits.dim() - 1)))
+    return torch.where(u, flat.expand_as(soft), soft)
+
+
+class BSSAN(MatchingModel):
+    requires = frozenset()
+
+    def __init__(self, vocab_size: int, feature_dim: int, word_dim: int = 300, w2r_hidden: int = 1024,
+                 w2r_mlp: Sequence[int] = (512, 128), o2w_hidden: int = 512, o2w_mlp: Sequence[int] = (512, 256, 64),
+                 num_objects: int = 10, lam: float = 0.6, delta: float = 0.01, margin: float = 1.0,
+                 branches: str = "both", batch_norm: bool = True, normalize_regions: bool = True,
+                 uniform_negative_attention: bool = True, reg_embedding: bool = False, pair_chunk: int = 256):
+        super().__init__()
+        if branches not in BRANCHES:
+            raise ValueError(f"models.bssan.branches must be one of {BRANCHES}, got {branches!r}")
+        if num_objects < 1 or pair_chunk < 1:
+            raise ValueError(f"models.bssan.num_objects and pair_chunk must be >= 1, got {num_objects}, {pair_chunk}")
+        self.use_w2r = branches in ("both", "w2r")
+        self.use_o2w = branches in ("both", "o2w")
+        self.num_objects = num_objects
+        self.lam, self.delta, self.margin = lam, delta, margin
+        self.normalize_regions = normalize_regions
+        self.uniform_negative_attention = uniform_negative_attention
+        self.reg_embedding = reg_embedding
+        self.pair_chunk = pair_chunk
+        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        E, M = word_dim, feature_dim
+        if self.use_w2r:
+            self.w2r_W = nn.Parameter(torch.empty(E, M))                  # eq. 2
+            nn.init.xavier_uniform_(self.w2r_W)
+            self.w2r_b = nn.Parameter(torch.zeros(()))
+            self.w2r_lstm = nn.LSTM(M + E, w2r_hidden, batch_first=True)   # eq. 5
+            self.w2r_mlp = MLPScore(w2r_hidden, w2r_mlp, batch_norm)
+        if self.use_o2w:
+            self.o2w_lstm = nn.LSTM(E, o2w_hidden, batch_first=True, bidirectional=True)
+            self.o2w_hidden = o2w_hidden
+            self.o2w_W = nn.Parameter(torch.empty(M, o2w_hidden))         # eq. 10
+            nn.init.xavier_uniform_(self.o2w_W)
+            self.o2w_b = nn.Parameter(torch.zeros(()))
+            self.o2w_mlp = MLPScore(M + o2w_hidden, o2w_mlp, batch_norm)   # eq. 13
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], data_info: dict[str, Any]) -> BSSAN:
+        keys = ("word_dim", "w2r_hidden", "w2r_mlp", "o2w_hidden", "o2w_mlp", "num_objects", "lam", "delta",
+                "margin", "branches", "batch_norm", "normalize_regions", "uniform_negative_attention",
+                "reg_embedding", "pair_chunk")
+        return cls(vocab_size=int(data_info["vocab_size"]), feature_dim=int(data_info["feature_dim"]),
+                   **{k: cfg[k] for k in keys if k in cfg})
+
+    # ---- encoders ----
+    def encode_images(self, images: Batch) -> dict[str, torch.Tensor]:
+        R = images["features"]                                              # [I, n, M]
+        if self.normalize_regions:
+            R = l2norm(R)
+        mask = length_mask(images["num_regions"], R.shape[1])               # [I, n]
+        R = R * mask.unsqueeze(-1).to(R.dtype)
+        out = {"R": R, "mask": mask}
+        if self.use_w2r:
+            out["RW"] = R @ self.w2r_W.t()                                  # [I, n, E]: W r_j
+        if self.use_o2w:                                                    # top-P regions by object_conf
+            if "object_conf" not in images:
+                raise KeyError("BSSAN needs images['object_conf'] to pick its O2W objects (regions.h5 object_conf)")
+            P = min(self.num_objects, R.shape[1])
+            conf = images["object_conf"].float().masked_fill(~mask, float("-inf"))
+            top = conf.topk(P, dim=1).indices                               # [I, P]
+            O = R.gather(1, top.unsqueeze(-1).expand(-1, -1, R.shape[2]))  # [I, P, M]
+            out["O"] = O
+            out["omask"] = mask.gather(1, top)                              # [I, P]
+            out["OW"] = O @ self.o2w_W                                      # [I, P, B]
+        return out
+
+    def encode_captions(self, captions: Batch) -> dict[str, torch.Tensor]:
+        tokens, lengths = captions["tokens"], captions["lengths"]
+        T = self.embed(tokens)                                              # [C, L, E]
+        mask = length_mask(lengths, tokens.shape[1])                        # [C, L]
+        out = {"T": T, "lengths": lengths, "mask": mask}
+        if self.use_o2w:
+            packed = pack_padded_sequence(T, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+            S, _ = self.o2w_lstm(packed)
+            S, _ = pad_packed_sequence(S, batch_first=True, total_length=tokens.shape[1])
+            S = (S[..., : self.o2w_hidden] + S[..., self.o2w_hidden:]) / 2  # averaged directions
+            out["S"] = S * mask.unsqueeze(-1).to(S.dtype)                   # [C, L, B]
+        return out
+
+    # ---- the two branches on a list of N pairs (image ii[k], caption cc[k]) ----
+    def w2r_attention(self, img: dict, cap: dict, ii: torch.Tensor, cc: torch.Tensor,
+                      uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """α [N, L, n] (eq. 1–2, eq. 8 where ``uniform``)."""
+        e = torch.tanh(torch.einsum("nle,nje->nlj", cap["T"][cc], img["RW"][ii]) + self.w2r_b)
+        return attention_weights(e, img["mask"][ii], uniform)
+
+    def o2w_attention(self, img: dict, cap: dict, ii: torch.Tensor, cc: torch.Tensor,
+                      uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """β [N, P, L] (eq. 9–10, eq. 8 where ``uniform``)."""
+        e = torch.tanh(torch.einsum("npb,nlb->npl", img["OW"][ii], cap["S"][cc]) + self.o2w_b)
+        return attention_weights(e, cap["mask"][cc], uniform)
+
+    def w2r_score(self, img: dict, cap: dict, ii: torch.Tensor, cc: torch.Tensor,
+                  uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """Y [N] (eq. 3–6)."""
+        alpha = self.w2r_attention(img, cap, ii, cc, uniform)               # [N, L, n]
+        u = alpha @ img["R"][ii]                                            # [N, L, M]   eq. 3
+        x = torch.cat([u, cap["T"][cc]], dim=-1)                            # c^k = [u^k; t^k]
+        packed = pack_padded_sequence(x, cap["lengths"][cc].clamp(min=1).cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        _, (h, _) = self.w2r_lstm(packed)                                   # h [1, N, H]: last valid step
+        return self.w2r_mlp(h[-1])
+
+    def o2w_score(self, img: dict, cap: dict, ii: torch.Tensor, cc: torch.Tensor,
+                  uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """Y' [N] (eq. 11–16)."""
+        beta = self.o2w_attention(img, cap, ii, cc, uniform)                # [N, P, L]
+        u = beta @ cap["S"][cc]                                             # [N, P, B]   eq. 11
+        c = torch.cat([img["O"][ii], u], dim=-1)                            # c_j = [o_j; u_j]
+        valid = img["omask"][ii]                                            # [N, P]
+        y = c.new_zeros(valid.shape)
+        y[valid] = self.o2w_mlp(c[valid])                                   # padding objects stay out of BN
+        vf = valid.to(y.dtype)
+        return (y * vf).sum(1) / vf.sum(1).clamp(min=1)                     # eq. 14
+
+    def pair_scores(self, img: dict, cap: dict, ii: torch.Tensor, cc: torch.Tensor,
+                    uniform: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        y = self.w2r_score(img, cap, ii, cc, uniform) if self.use_w2r else None
+        y2 = self.o2w_score(img, cap, ii, cc, uniform) if self.use_o2w else None
+        return y, y2
+
+    def combine(self, y: torch.Tensor | None, y2: torch.Tensor | None) -> torch.Tensor:
+        """Eq. 19: MS = Y + λ Y' (a single branch alone when the other is ablated)."""
+        if y is None:
+            return y2
+        if y2 is None:
+            return y
+        return y + self.lam * y2
+
+    def score(self, img: dict[str, torch.Tensor], cap: dict[str, torch.Tensor]) -> torch.Tensor:
+        n_img, n_cap = img["mask"].shape[0], cap["mask"].shape[0]
+        device = img["mask"].device
+        out = []
+        for p0 in range(0, n_img * n_cap, self.pair_chunk):
+            idx = torch.arange(p0, min(p0 + self.pair_chunk, n_img * n_cap), device=device)
+            out.append(self.combine(*self.pair_scores(img, cap, idx // n_cap, idx % n_cap)))
+        return torch.cat(out).view(n_img, n_cap)
+
+    # ---- training ----
+    def sample_negatives(self, images: Batch, captions: Batch) -> torch.Tensor:
+        """For each image i of the aligned batch, a random caption index j ≠ i, of another image when
+        ``image_index`` / ``index`` tell which captions describe the same image."""
+        B = captions["lengths"].shape[0]
+        device = captions["lengths"].device
+        same = torch.eye(B, dtype=torch.bool, device=device)
+        if "image_index" in captions and "index" in images:
+            same_img = images["index"][:, None] == captions["image_index"][None, :]
+            if bool((~(same | same_img)).any(1).all()):
+                same = same | same_img
+        r = torch.rand(B, B, device=device).masked_fill(same, -1.0)
+        return r.argmax(1)
+
+    def regularized_parameters(self) -> list[nn.Parameter]:
+        """The weights δ‖θ‖² applies to: every parameter of dim ≥ 2 (embedding only with ``reg_embedding``)."""
+        return [p for n, p in self.named_parameters()
+                if p.requires_grad and p.dim() >= 2 and (self.reg_embedding or not n.startswith("embed."))]
+
+    def loss(self, images: Batch, captions: Batch, criterion: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. 18 on an aligned batch (``criterion`` unused; see the module docstring)."""
+        B = captions["lengths"].shape[0]
+        if B < 2:
+            raise ValueError("BSSAN's loss needs a batch of at least 2 pairs (a negative caption per image)")
+        img, cap = self.encode_images(images), self.encode_captions(captions)
+        ar = torch.arange(B, device=captions["lengths"].device)
+        neg = self.sample_negatives(images, captions)
+        ii, cc = torch.cat([ar, ar]), torch.cat([ar, neg])
+        uniform = torch.cat([torch.zeros_like(ar, dtype=torch.bool), torch.ones_like(ar, dtype=torch.bool)])
+        y, y2 = self.pair_scores(img, cap, ii, cc, uniform if self.uniform_negative_attention else None)
+        total = torch.zeros((), device=ar.device)
+        stats: dict[str, float] = {}
+        if y is not None:
+            l1 = (self.margin - y[:B] + y[B:]).clamp(min=0).sum()           # eq. 7
+            total = total + l1
+            stats["w2r_loss"] = float(l1.detach())
+        if y2 is not None:
+            l2 = (self.margin - y2[:B] + y2[B:]).clamp(min=0).sum()         # eq. 17
+            total = total + (self.lam if y is not None else 1.0) * l2
+            stats["o2w_loss"] = float(l2.detach())
+        stats["rank_loss"] = float(total.detach())
+        if self.delta:
+            reg = sum(p.pow(2).sum() for p in self.regularized_parameters())
+            total = total + self.delta * reg
+            stats["reg_loss"] = float(reg.detach())
+        return total, stats
