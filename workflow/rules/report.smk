@@ -1,1 +1,111 @@
-# Results table, figures and the HTML report.
+# Results table, figures and the HTML report (`snakemake --report report.html report_all`).
+# Covers every model in config report.models trained on every dataset in report.datasets.
+import os
+
+PUBLISHED = os.path.join(workflow.basedir, "workflow", "report", "published.yaml")
+
+
+def report_runs(dataset=None):
+    """(model, dataset) pairs the report covers, optionally those of one dataset."""
+    rep = config.get("report", {})
+    return [(m, d) for d in rep.get("datasets", ["shapes"]) for m in rep.get("models", [])
+            if dataset is None or d == dataset]
+
+
+def report_metrics(dataset=None):
+    return [f"results/{m}/{d}/metrics.json" for m, d in report_runs(dataset)]
+
+
+def report_targets():
+    runs = report_runs()
+    datasets = sorted({d for _, d in runs})
+    targets = ["results/report/results_table.md", "results/report/results.csv"]
+    targets += [f"results/report/curves/{m}_{d}.png" for m, d in runs]
+    targets += [f"results/report/recall_{d}.png" for d in datasets]
+    targets += [f"results/report/pfan_figure6_{d}.png" for m, d in runs if m == "pfan"]
+    return targets
+
+
+localrules:
+    report_all,
+
+
+rule report_all:
+    input:
+        report_targets(),
+
+
+rule results_table:
+    input:
+        metrics=report_metrics(),
+        published=PUBLISHED,
+    output:
+        markdown="results/report/results_table.md",
+        csv=report(
+            "results/report/results.csv",
+            caption="../report/results.rst",
+            category="1. Results",
+        ),
+    params:
+        code=code_version("itmatch.report"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    log:
+        "logs/report/results_table.log",
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/report_table.py"
+
+
+rule training_curves:
+    input:
+        "results/{model}/{dataset}/train_log.csv",
+    output:
+        report(
+            "results/report/curves/{model}_{dataset}.png",
+            caption="../report/curves.rst",
+            category="2. Training curves",
+            subcategory="{dataset}",
+            labels={"model": "{model}", "dataset": "{dataset}"},
+        ),
+    params:
+        title=lambda wc: f"{wc.model} on {wc.dataset}",
+        code=code_version("itmatch.report"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    log:
+        "logs/report/curves_{model}_{dataset}.log",
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/report_curves.py"
+
+
+rule recall_plot:
+    input:
+        metrics=lambda wc: report_metrics(wc.dataset),
+        published=PUBLISHED,
+    output:
+        report(
+            "results/report/recall_{dataset}.png",
+            caption="../report/recall.rst",
+            category="3. Recall@K",
+            labels={"dataset": "{dataset}"},
+        ),
+    params:
+        code=code_version("itmatch.report"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    log:
+        "logs/report/recall_{dataset}.log",
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/report_recall.py"

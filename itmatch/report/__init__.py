@@ -1,0 +1,1 @@
+"""Results table (ours next to the papers' published numbers), training curves, recall@K plots, PFAN figure."""

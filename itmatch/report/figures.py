@@ -1,0 +1,104 @@
+"""Figures for the report: training curves and recall@K plots (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from itmatch.report.published import DIRECTIONS, RECALLS  # noqa: E402
+from itmatch.report.table import MODEL_NAMES, read_metrics  # noqa: E402
+from itmatch.utils.io import atomic_path  # noqa: E402
+
+
+def _column(df: pd.DataFrame, *names: str, contains: str | None = None) -> str | None:
+    """The first column whose lower-cased name is one of ``names`` (or contains ``contains``)."""
+    lower = {c.lower(): c for c in df.columns}
+    for n in names:
+        if n in lower:
+            return lower[n]
+    if contains:
+        for lc, c in lower.items():
+            if contains in lc:
+                return c
+    return None
+
+
+def read_train_log(path: str | Path) -> pd.DataFrame:
+    """``train_log.csv`` (one row per validation): needs an epoch (or step), a loss and an rSum column."""
+    path = Path(path)
+    df = pd.read_csv(path)
+    if df.empty:
+        raise ValueError(f"{path}: no rows (training logged no validation)")
+    missing = [what for what, col in (("epoch or step", _column(df, "epoch", "step")),
+                                      ("loss", _column(df, "loss", "train_loss", contains="loss")),
+                                      ("rsum", _column(df, "rsum", "val_rsum", contains="rsum"))) if col is None]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; columns: {', '.join(df.columns)}")
+    return df
+
+
+def plot_training_curves(log_csv: str | Path, out_png: str | Path, title: str) -> None:
+    """Two panels: training loss and validation rSum (with its R@K columns, if logged) per epoch."""
+    df = read_train_log(log_csv)
+    x = _column(df, "epoch", "step")
+    if "step" in [c.lower() for c in df.columns] and df[x].duplicated().any():
+        x = _column(df, "step")
+    loss = _column(df, "loss", "train_loss", contains="loss")
+    rsum = _column(df, "rsum", "val_rsum", contains="rsum")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    a.plot(df[x], df[loss], marker="o", color="tab:red")
+    a.set(xlabel=x, ylabel="training loss", title="loss")
+    b.plot(df[x], df[rsum], marker="o", color="tab:blue", label="rSum")
+    best = df[rsum].idxmax()
+    b.scatter([df[x][best]], [df[rsum][best]], s=120, facecolors="none", edgecolors="k", zorder=3,
+              label=f"best {df[rsum][best]:.1f} (checkpoint)")
+    b.set(xlabel=x, ylabel="validation rSum", title="validation rSum")
+    b.legend(loc="lower right", fontsize=8)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    _save(fig, out_png)
+
+
+def plot_recalls(metrics_files: list[str | Path], published: dict[str, Any], out_png: str | Path,
+                 dataset: str, protocol: str = "1k") -> None:
+    """R@1/5/10 for image→text and text→image per model (lines), the papers' values as hollow markers."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, constrained_layout=True)
+    ks = [1, 5, 10]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n = 0
+    for i, f in enumerate(metrics_files):
+        m = read_metrics(f)
+        if m["dataset"] != dataset or protocol not in m["protocols"]:
+            continue
+        n += 1
+        color = colors[i % len(colors)]
+        name = MODEL_NAMES.get(m["model"], m["model"])
+        paper = published.get(m["model"], {}).get(dataset, {}).get(protocol)
+        for ax, d in zip(axes, DIRECTIONS, strict=True):
+            ax.plot(ks, [m["protocols"][protocol][d][r] for r in RECALLS], marker="o", color=color, label=name)
+            if paper:
+                pk = [(k, paper[d][r]) for k, r in zip(ks, RECALLS, strict=True) if paper[d].get(r) is not None]
+                ax.plot([k for k, _ in pk], [v for _, v in pk], marker="s", ls=":", color=color, mfc="none",
+                        label=f"{name} (paper)")
+    if n == 0:
+        raise ValueError(f"no metrics for dataset {dataset!r}, protocol {protocol!r} among {len(metrics_files)} files")
+    for ax, d in zip(axes, DIRECTIONS, strict=True):
+        ax.set(xlabel="K", xticks=ks, title={"i2t": "image → text", "t2i": "text → image"}[d], ylim=(0, 101))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("R@K (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Recall@K on {dataset} ({protocol} test protocol)")
+    _save(fig, out_png)
+
+
+def _save(fig, out_png: str | Path) -> None:
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(out_png).suffix.lstrip(".") or "png")
+    plt.close(fig)

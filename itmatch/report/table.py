@@ -1,0 +1,74 @@
+"""The results table: every trained (model, dataset)'s test metrics next to the papers' numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from itmatch.report.published import DIRECTIONS, RECALLS, published_rsum
+
+COLUMNS = ["model", "dataset", "protocol", "source",
+           "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+MODEL_NAMES = {"scan": "SCAN", "pfan": "PFAN", "caan": "CAAN", "smfea": "SMFEA", "glfn": "GLFN", "bssan": "BSSAN"}
+DATASET_NAMES = {"coco": "MS-COCO", "f30k": "Flickr30K", "shapes": "shapes"}
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """One ``metrics.json`` (design.md), checked for the keys the table needs."""
+    path = Path(path)
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    for key in ("model", "dataset", "protocols"):
+        if key not in m:
+            raise ValueError(f"{path}: missing key {key!r}")
+    for proto, p in m["protocols"].items():
+        for d in DIRECTIONS:
+            for k in RECALLS:
+                if k not in p.get(d, {}):
+                    raise ValueError(f"{path}: missing protocols.{proto}.{d}.{k}")
+    return m
+
+
+def results_frame(metrics_files: list[str | Path], published: dict) -> pd.DataFrame:
+    """One row per (model, dataset, protocol) measured here ("ours"), each followed by the paper's row."""
+    rows: list[dict[str, Any]] = []
+    for f in metrics_files:
+        m = read_metrics(f)
+        for proto, p in m["protocols"].items():
+            ours = {"model": m["model"], "dataset": m["dataset"], "protocol": proto, "source": "ours"}
+            ours |= {f"{d}_{k}": float(p[d][k]) for d in DIRECTIONS for k in RECALLS}
+            ours["rsum"] = float(p["rsum"]) if "rsum" in p else sum(ours[f"{d}_{k}"] for d in DIRECTIONS
+                                                                     for k in RECALLS)
+            rows.append(ours)
+            paper = published.get(m["model"], {}).get(m["dataset"], {}).get(proto)
+            if paper:
+                rows.append({"model": m["model"], "dataset": m["dataset"], "protocol": proto,
+                             "source": paper["source"],
+                             **{f"{d}_{k}": paper[d].get(k) for d in DIRECTIONS for k in RECALLS},
+                             "rsum": published_rsum(paper)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.1f}"
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-markdown table (README); the papers' rows in italics with their source table."""
+    head = ("| model | dataset | protocol | source | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum |\n"
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for r in df.itertuples(index=False):
+        ours = r.source == "ours"
+        nums = [_fmt(getattr(r, c)) for c in COLUMNS[4:]]
+        if not ours:
+            nums = [f"*{n}*" for n in nums]
+        src = "this repository" if ours else f"*paper: {r.source}*"
+        lines.append(f"| {MODEL_NAMES.get(r.model, r.model)} | {DATASET_NAMES.get(r.dataset, r.dataset)} | "
+                     f"{r.protocol} | {src} | " + " | ".join(nums) + " |")
+    return head + "\n".join(lines) + "\n"
