@@ -120,6 +120,8 @@ def create_regions(path: str | Path, n: int, r: int, meta: RegionsMeta, image_id
         shape = shapes[name]
         chunks = (1, r, d) if name == "features" else (rows, *shape[1:])
         fill = -1 if name in ("object_id", "attribute_id") else 0
+        if name == "boxes" and meta.boxes_missing:
+            fill = np.nan
         f.create_dataset(name, shape=shape, dtype=DTYPES[name], chunks=chunks if n > 0 else None,
                          fillvalue=fill)
     if image_ids is not None:

@@ -103,6 +103,7 @@ class SMFEA(MatchingModel):
 
     def __init__(self, vocab_size: int, feature_dim: int, n_entities: int, n_relations: int, **cfg: Any):
         super().__init__()
+        cfg = {k: v for k, v in cfg.items() if k != "training"}  # read by the training loop
         unknown = set(cfg) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"models.smfea: unknown keys {sorted(unknown)}")
