@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from itmatch.report.published import DIRECTIONS, RECALLS  # noqa: E402
 from itmatch.report.table import MODEL_NAMES, read_metrics  # noqa: E402
@@ -54,6 +55,8 @@ def plot_training_curves(log_csv: str | Path, out_png: str | Path, title: str) -
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
     a.plot(df[x], df[loss], marker="o", color="tab:red")
     a.set(xlabel=x, ylabel="training loss", title="loss")
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     b.plot(df[x], df[rsum], marker="o", color="tab:blue", label="rSum")
     best = df[rsum].idxmax()
     b.scatter([df[x][best]], [df[rsum][best]], s=120, facecolors="none", edgecolors="k", zorder=3,
