@@ -49,11 +49,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itmatch.models.base import Batch, MatchingModel
-from itmatch.models.encoders import l2norm, length_mask
+from itmatch.models.encoders import length_mask
 
 BRANCHES = ("both", "w2r", "o2w")
 
@@ -142,7 +143,7 @@ class BSSAN(MatchingModel):
     def encode_images(self, images: Batch) -> dict[str, torch.Tensor]:
         R = images["features"]                                              # [I, n, M]
         if self.normalize_regions:
-            R = l2norm(R)
+            R = F.normalize(R, dim=-1)
         mask = length_mask(images["num_regions"], R.shape[1])               # [I, n]
         R = R * mask.unsqueeze(-1).to(R.dtype)
         out = {"R": R, "mask": mask}

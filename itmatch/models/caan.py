@@ -104,7 +104,10 @@ class CAAN(MatchingModel):
         self.normalize_embeddings = normalize_embeddings
         self.pair_chunk = pair_chunk
         self.checkpoint = checkpoint
-        self.img_enc = RegionEncoder(feature_dim, embed_dim, normalize=normalize_fragments)
+        # l2-normalisation done here with F.normalize: encoders.l2norm's sqrt has a NaN gradient on the
+        # all-zero rows that zero-padded regions give at init (fc bias = 0)
+        self.normalize_fragments = normalize_fragments
+        self.img_enc = RegionEncoder(feature_dim, embed_dim, normalize=False)
         self.txt_enc = GRUTextEncoder(vocab_size, embed_dim, word_dim, normalize=normalize_fragments)
         d, z = embed_dim, attn_dim
 
@@ -144,6 +147,8 @@ class CAAN(MatchingModel):
     # ---- encoders: fragments plus every per-modality product, so pairs only do pair work ----
     def encode_images(self, images: Batch) -> dict[str, torch.Tensor]:
         V = self.img_enc(images["features"], images["num_regions"])        # [I, n, d]
+        if self.normalize_fragments:
+            V = F.normalize(V, dim=-1)                                      # padding rows stay 0
         mask = length_mask(images["num_regions"], V.shape[1])               # [I, n]
         out = {"V": V, "mask": mask}
         if self.intra == "fa":                                              # Hv V Q1, pair-independent

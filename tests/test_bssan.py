@@ -1,0 +1,173 @@
+"""BSSAN (itmatch/models/bssan.py): eq. 8 uniform attention, objects, final score, loss, batching, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from itmatch.models.bssan import BSSAN, attention_weights
+from itmatch.models.registry import build_model
+
+FEAT, VOCAB = 24, 40
+
+
+def batch(n_img: int = 4, n_cap: int = 5, R: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    num = torch.tensor([R, 2, 5, 1, 4, 3][:n_img])
+    valid = torch.arange(R)[None] < num[:, None]
+    feats = torch.rand(n_img, R, FEAT, generator=g) * valid[..., None]
+    lens = torch.tensor([4, 1, 6, 2, 3, 5][:n_cap])
+    W = int(lens.max())
+    tok = torch.randint(1, VOCAB, (n_cap, W), generator=g)
+    tok[torch.arange(W)[None] >= lens[:, None]] = 0
+    images = {"features": feats, "num_regions": num, "object_conf": torch.rand(n_img, R, generator=g) * valid,
+              "index": torch.arange(n_img)}
+    captions = {"tokens": tok, "lengths": lens, "image_index": torch.arange(n_cap) % n_img}
+    return images, captions
+
+
+def tiny(**kw) -> BSSAN:
+    torch.manual_seed(0)
+    args = dict(word_dim=12, w2r_hidden=16, w2r_mlp=[8, 4], o2w_hidden=10, o2w_mlp=[8, 6, 4], num_objects=3)
+    return BSSAN(VOCAB, FEAT, **{**args, **kw})
+
+
+# ---- eq. 1 / 8 / 9 ---------------------------------------------------------------------------
+def test_attention_weights_softmax_or_uniform_for_negatives():
+    logits = torch.tensor([[[1.0, 2.0, 3.0, 9.0]], [[1.0, 2.0, 3.0, 9.0]]])     # [N=2, 1, K=4]
+    mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    a = attention_weights(logits, mask, torch.tensor([False, True]))
+    assert torch.allclose(a[0, 0], torch.cat([torch.softmax(torch.tensor([1.0, 2.0, 3.0]), 0), torch.zeros(1)]))
+    assert torch.allclose(a[1, 0], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))   # eq. 8: 1/D over valid regions
+
+
+def test_negative_pairs_in_training_use_uniform_attention(monkeypatch):
+    m = tiny().eval()                       # eval: BatchNorm on running stats, so pairs are independent
+    images, captions = batch(4, 4)
+    neg = torch.tensor([2, 3, 0, 1])
+    monkeypatch.setattr(m, "sample_negatives", lambda *a: neg)
+    with torch.no_grad():
+        loss, stats = m.loss(images, captions, criterion=None)
+        img, cap = m.encode_images(images), m.encode_captions(captions)
+        ar = torch.arange(4)
+        y_pos, y2_pos = m.pair_scores(img, cap, ar, ar)
+        y_neg, y2_neg = m.pair_scores(img, cap, ar, neg, torch.ones(4, dtype=torch.bool))
+        l1 = (1.0 - y_pos + y_neg).clamp(min=0).sum()
+        l2 = (1.0 - y2_pos + y2_neg).clamp(min=0).sum()
+        reg = sum(p.pow(2).sum() for p in m.regularized_parameters())
+        assert stats["w2r_loss"] == pytest.approx(l1.item(), abs=1e-5)
+        assert stats["o2w_loss"] == pytest.approx(l2.item(), abs=1e-5)
+        assert loss.item() == pytest.approx((l1 + 0.6 * l2 + 0.01 * reg).item(), rel=1e-6)
+        # uniform W2R attention = the LSTM over [mean of the valid regions; word] (eq. 3 with α = 1/D)
+        i, c = 1, int(neg[1])
+        n, L = int(images["num_regions"][i]), int(captions["lengths"][c])
+        mean_r = img["R"][i, :n].mean(0)
+        x = torch.cat([mean_r.expand(L, -1), cap["T"][c, :L]], dim=-1)[None]
+        _, (h, _) = m.w2r_lstm(x)
+        assert torch.allclose(m.w2r_mlp(h[-1])[0], y_neg[1], atol=1e-5)
+        # … and differs from the softmax attention of the same pair
+        y_soft, _ = m.pair_scores(img, cap, ar[1:2], neg[1:2])
+        assert not torch.allclose(y_soft, y_neg[1:2])
+
+
+def test_o2w_uses_top_p_regions_by_confidence():
+    m = tiny(num_objects=3)
+    images, _ = batch()
+    with torch.no_grad():
+        img = m.encode_images(images)
+    R = F.normalize(images["features"], dim=-1)
+    for i in range(4):
+        n = int(images["num_regions"][i])
+        top = images["object_conf"][i, :n].argsort(descending=True)[: min(3, n)]
+        k = len(top)
+        assert torch.allclose(img["O"][i, :k], R[i, top])
+        assert img["omask"][i].tolist() == [True] * k + [False] * (3 - k)   # image with 2 / 1 regions: padded
+
+
+def test_o2w_score_is_mean_of_per_object_mlp_scores():
+    m = tiny().eval()
+    images, captions = batch()
+    with torch.no_grad():
+        img, cap = m.encode_images(images), m.encode_captions(captions)
+        i, c = 1, 2                                         # image 1 has 2 regions → 2 objects
+        L = int(captions["lengths"][c])
+        S = cap["S"][c, :L]                                 # [L, B]
+        ys = []
+        for j in range(2):
+            o = img["O"][i, j]
+            beta = torch.softmax(torch.tanh(o @ m.o2w_W @ S.t() + m.o2w_b), 0)   # eq. 9-10
+            u = beta @ S                                                         # eq. 11
+            ys.append(m.o2w_mlp(torch.cat([o, u])[None])[0])                     # eq. 13
+        expected = torch.stack(ys).mean()                                        # eq. 14
+        got = m.o2w_score(img, cap, torch.tensor([i]), torch.tensor([c]))[0]
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_final_score_is_y_plus_lambda_y_prime():
+    m = tiny(lam=0.6).eval()
+    images, captions = batch()
+    with torch.no_grad():
+        img, cap = m.encode_images(images), m.encode_captions(captions)
+        sim = m.score(img, cap)
+        ii, cc = torch.arange(20) // 5, torch.arange(20) % 5
+        y, y2 = m.pair_scores(img, cap, ii, cc)
+        assert torch.allclose(sim, (y + 0.6 * y2).view(4, 5), atol=1e-6)
+        assert torch.allclose(m.combine(torch.tensor([2.0]), torch.tensor([-1.0])), torch.tensor([1.4]))
+
+
+# ---- batched pairwise scoring == per-pair loop -------------------------------------------------
+@pytest.mark.parametrize("branches", ["both", "w2r", "o2w"])
+def test_batched_scoring_equals_per_pair_loop(branches):
+    m = tiny(branches=branches, pair_chunk=3).eval()
+    images, captions = batch()
+    with torch.no_grad():
+        sim = m.score(m.encode_images(images), m.encode_captions(captions))
+        ref = torch.empty_like(sim)
+        for i in range(4):
+            n = int(images["num_regions"][i])
+            img = m.encode_images({k: images[k][i:i + 1, :n] for k in ("features", "object_conf")}
+                                  | {"num_regions": images["num_regions"][i:i + 1]})
+            for c in range(5):
+                L = int(captions["lengths"][c])
+                cap = m.encode_captions({"tokens": captions["tokens"][c:c + 1, :L],
+                                         "lengths": captions["lengths"][c:c + 1]})
+                ref[i, c] = m.score(img, cap)[0, 0]
+    assert (sim - ref).abs().max() < 1e-5
+
+
+# ---- training -------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", [{}, {"branches": "w2r"}, {"branches": "o2w"}, {"delta": 0.0}])
+def test_variant_builds_and_every_parameter_gets_a_gradient(variant):
+    cfg = {"word_dim": 12, "w2r_hidden": 16, "w2r_mlp": [8, 4], "o2w_hidden": 10, "o2w_mlp": [8, 6, 4],
+           "num_objects": 3, "training": {"optimizer": "sgd"}, **variant}
+    torch.manual_seed(2)
+    m = build_model("bssan", cfg, {"vocab_size": VOCAB, "feature_dim": FEAT}).train()
+    images, captions = batch(6, 6)
+    loss, stats = m.loss(images, captions, criterion=None)
+    assert loss.item() > 0 and ("reg_loss" in stats) == bool(m.delta)
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{variant}: no gradient reaches {name}"
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_regulariser_covers_weights_not_biases_or_embedding():
+    m = tiny()
+    names = {n for n, p in m.named_parameters() if any(p is q for q in m.regularized_parameters())}
+    assert {"w2r_W", "o2w_W", "w2r_lstm.weight_ih_l0", "o2w_lstm.weight_hh_l0_reverse", "o2w_mlp.net.0.weight"} <= names
+    assert not any("bias" in n or n.startswith("embed") or n.endswith("_b") for n in names)
+
+
+def test_negatives_come_from_other_images():
+    m = tiny()
+    images, captions = batch(6, 6)
+    images["index"] = captions["image_index"] = torch.arange(6) % 3   # pairs j and j+3: the same image
+    for _ in range(20):
+        neg = m.sample_negatives(images, captions)
+        assert (captions["image_index"][neg] != images["index"]).all()
+
+
+def test_bad_branches_are_rejected():
+    with pytest.raises(ValueError, match="branches"):
+        BSSAN(VOCAB, FEAT, branches="w2o")
