@@ -49,19 +49,32 @@ from itmatch.utils.logs import log, progress
 
 @dataclass
 class ExtractOptions:
-    """The ``extraction`` config section's run settings."""
+    """Run settings: the ``extraction`` config section plus the detector's batch size and region count."""
 
-    batch_size: int = 8
+    batch_size: int = 8  # images per detect() call (detector.inference.batch_size)
+    max_regions: int = 36  # R, the region axis of regions.h5 (see region_slots)
     workers: int = 2  # DataLoader worker processes decoding + resizing images (0 = in the main process)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    amp: str = "none"  # none | fp16 | bf16: autocast on CUDA (ignored on CPU)
-    max_regions: int = 36  # R, the region axis of regions.h5 (≥ the detector's largest region count)
+    threads: int = 0  # torch intra-op threads (0 = leave torch's default)
     gather_block: int = 64  # images copied at a time when gathering
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> ExtractOptions:
+    def from_config(cls, extraction: dict[str, Any], detector_cfg: dict[str, Any]) -> ExtractOptions:
+        """From the ``extraction`` section and the (per-dataset) ``detector`` section."""
         keys = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in cfg.items() if k in keys})
+        opts = cls(**{k: v for k, v in extraction.items() if k in keys})
+        inf = detector_cfg.get("inference", {})
+        opts.batch_size = int(inf.get("batch_size", opts.batch_size))
+        opts.max_regions = region_slots(detector_cfg, opts.max_regions)
+        return opts
+
+
+def region_slots(detector_cfg: dict[str, Any], default: int = 36) -> int:
+    """R of regions.h5: ``inference.regions`` in fixed mode, ``inference.max_regions`` in adaptive mode."""
+    inf = detector_cfg.get("inference", {})
+    if inf.get("num_regions", "fixed") == "adaptive":
+        return int(inf.get("max_regions", default))
+    return int(inf.get("regions", default))
 
 
 def shard_rows(n: int, shard: int, n_shards: int) -> tuple[int, int]:
@@ -181,6 +194,8 @@ def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | 
     ids = part["image_id"].to_numpy(np.int64)
     n = len(part)
     device = resolve_device(opts.device)
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
     model, dmeta = det.load_detector(str(detector_path), detector_cfg, device=str(device))
     meta = RegionsMeta.from_detector(dmeta)
     fp = _fingerprint(meta, detector_cfg, opts, ids)
@@ -202,17 +217,12 @@ def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | 
             dataset = ImageFolderDataset(files, list(range(done, n)), det.preprocess, detector_cfg)
             loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
                                 collate_fn=collate, pin_memory=device.type == "cuda")
-            amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.amp)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 bar = progress(loader, desc=f"extract {out.name}", total=len(loader), unit="batch")
                 for rows, tensors, scales, hws in bar:
                     tensors = [t.to(device, non_blocking=True) for t in tensors]
-                    if amp is not None and device.type == "cuda":
-                        with torch.autocast("cuda", dtype=amp):
-                            dets = det.detect(model, tensors, scales, hws, detector_cfg)
-                    else:
-                        dets = det.detect(model, tensors, scales, hws, detector_cfg)
+                    dets = det.detect(model, tensors, scales, hws, detector_cfg)  # fp16/bf16: detector config
                     padded = [pad_regions({k: _np(v) for k, v in d.items()}, opts.max_regions, hw,
                                           what=f"{images_parquet} row {start + row}")
                               for row, d, hw in zip(rows, dets, hws, strict=True)]

@@ -442,3 +442,20 @@ def import_pfan_boxes(splits: dict[str, dict[str, str]], images_parquet: str | P
     _check_complete(seen, ids, ", ".join(s["boxes"] for s in splits.values()))
     write_blocks(out, ids.table["image_id"].to_numpy(), index, weight, K, index.shape[2])
     log.info("imported PFAN blocks of %d images (K=%d, L=%d) → %s", len(ids), K, index.shape[2], out)
+
+
+def run_import(spec: dict[str, Any], images_parquet: str | Path, out_h5: str | Path, out_parquet: str | Path) -> None:
+    """Dispatch one ``extraction.import.<dataset>`` entry to its importer."""
+    fmt = spec.get("format")
+    names = {"object_names": read_names(spec.get("object_vocab")),
+             "attribute_names": read_names(spec.get("attribute_vocab"))}
+    r = int(spec.get("max_regions", 36))
+    if fmt == "tsv":
+        import_tsv(spec["files"], images_parquet, out_h5, out_parquet, max_regions=r,
+                   id_field=spec.get("id_field", "auto"), **names)
+    elif fmt == "npz":
+        import_npz(spec["folder"], images_parquet, out_h5, out_parquet, max_regions=r, **names)
+    elif fmt == "scan_npy":
+        import_scan_npy(spec["splits"], images_parquet, out_h5, out_parquet, id_field=spec.get("id_field", "auto"))
+    else:
+        raise FeatureImportError(f"extraction.import: unknown format {fmt!r} (tsv, npz, scan_npy)")

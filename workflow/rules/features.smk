@@ -1,1 +1,150 @@
 # Region features: detector training on shapes, bottom-up extraction (sharded), feature import.
+
+
+# ---- Region extraction (sharded, resumable) and feature import -------------------------------------------
+# Datasets listed under extraction.import.<dataset> are imported from existing features; the others are
+# extracted with detector.checkpoints.<dataset>. Shard count: extraction.shards or --set-scatter extract=N.
+
+scattergather:
+    extract=config["extraction"]["shards"],
+
+
+def _import_spec(dataset):
+    return (config["extraction"].get("import") or {}).get(dataset)
+
+
+def _datasets_where(pred):
+    names = [d for d in config["datasets"] if pred(d)]
+    return "|".join(names) if names else "(?!x)x"  # a pattern that never matches
+
+
+_EXTRACTED = _datasets_where(lambda d: not _import_spec(d))
+_IMPORTED = _datasets_where(lambda d: bool(_import_spec(d)))
+_PFAN_IMPORTED = _datasets_where(lambda d: bool((_import_spec(d) or {}).get("pfan_boxes")))
+
+
+def _detector_cfg(dataset):
+    from itmatch.features.detector import detector_config
+
+    return detector_config(config["detector"], dataset)
+
+
+def _detector_checkpoint(dataset):
+    from itmatch.features.detector import checkpoint_path
+
+    return checkpoint_path(config["detector"], dataset, must_exist=False)
+
+
+def _import_sources(dataset, key="features"):
+    """Input files of an import (so Snakemake checks they exist and reruns when they change)."""
+    spec = _import_spec(dataset) or {}
+    if key == "pfan":
+        return [p for s in (spec.get("pfan_boxes") or {}).values() for p in (s.get("boxes"), s.get("ids")) if p]
+    fmt = spec.get("format")
+    if fmt == "tsv":
+        return list(spec["files"])
+    if fmt == "npz":
+        return [spec["folder"]]
+    if fmt == "scan_npy":
+        return [p for s in spec["splits"].values() for p in (s.get("features"), s.get("ids")) if p]
+    return []
+
+
+def _shard_output(path):
+    return path if config["extraction"]["keep_shards"] else temp(path)
+
+
+_GPU = {"gpu": 1} if config["extraction"]["device"] == "cuda" else {}
+
+
+rule extract_regions_shard:
+    input:
+        images="results/data/{dataset}/images.parquet",
+        image_dir=lambda wc: dataset_cfg(wc.dataset)["images"],
+        detector=lambda wc: _detector_checkpoint(wc.dataset),
+    output:
+        shard=_shard_output("results/features/{dataset}/shards/{scatteritem}.h5"),
+    params:
+        detector=lambda wc: _detector_cfg(wc.dataset),
+        extraction={k: v for k, v in config["extraction"].items() if k != "import"},
+        code=code_version("itmatch.features.extract", "itmatch.features.regions_io", "itmatch.features.detector"),
+    wildcard_constraints:
+        dataset=_EXTRACTED,
+        scatteritem=r"\d+-of-\d+",
+    threads: config["extraction"]["threads"]
+    resources:
+        mem_mb=config["extraction"]["mem_mb"],
+        runtime=config["extraction"]["runtime"],
+        **_GPU,
+    log:
+        "logs/extract_regions/{dataset}.{scatteritem}.log",
+    script:
+        "../scripts/extract_regions_shard.py"
+
+
+rule gather_regions:
+    input:
+        shards=gather.extract("results/features/{{dataset}}/shards/{scatteritem}.h5"),
+        images="results/data/{dataset}/images.parquet",
+    output:
+        h5="results/features/{dataset}/regions.h5",
+        parquet="results/features/{dataset}/regions.parquet",
+    params:
+        block=config["extraction"]["gather_block"],
+        code=code_version("itmatch.features.extract", "itmatch.features.regions_io"),
+    wildcard_constraints:
+        dataset=_EXTRACTED,
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    log:
+        "logs/gather_regions/{dataset}.log",
+    script:
+        "../scripts/extract_gather.py"
+
+
+rule import_regions:
+    input:
+        images="results/data/{dataset}/images.parquet",
+        sources=lambda wc: _import_sources(wc.dataset),
+    output:
+        h5="results/features/{dataset}/regions.h5",
+        parquet="results/features/{dataset}/regions.parquet",
+    params:
+        spec=lambda wc: _import_spec(wc.dataset),
+        code=code_version("itmatch.features.importers", "itmatch.features.regions_io"),
+    wildcard_constraints:
+        dataset=_IMPORTED,
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=240,
+    log:
+        "logs/import_regions/{dataset}.log",
+    script:
+        "../scripts/import_regions.py"
+
+
+# PFAN's released *_boxes.npy hold block indices + weights: imported straight into blocks.h5 (instead of the
+# block index computed from boxes, which SCAN-imported features do not have).
+rule import_pfan_blocks:
+    input:
+        images="results/data/{dataset}/images.parquet",
+        sources=lambda wc: _import_sources(wc.dataset, "pfan"),
+    output:
+        blocks="results/features/{dataset}/blocks.h5",
+    params:
+        spec=lambda wc: _import_spec(wc.dataset),
+        K=config["blocks"]["K"],
+        code=code_version("itmatch.features.importers", "itmatch.features.blocks"),
+    wildcard_constraints:
+        dataset=_PFAN_IMPORTED,
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    log:
+        "logs/import_pfan_blocks/{dataset}.log",
+    script:
+        "../scripts/import_pfan_blocks.py"
