@@ -129,9 +129,7 @@ def test_server_supports_range_and_stops_by_itself():
 def _image(path, mode: str, seed: int) -> None:
     from PIL import Image
 
-    colour = {"RGB": (seed * 40 % 256, 90, 160), "L": 128, "CMYK": (10, 20, 30, 0), "P": 3,
-              "RGBA": (200, 10, 10, 128), "LA": (90, 200)}[mode]
-    im = Image.new(mode, (40 + seed, 30), colour)
+    im = Image.effect_noise((64 + seed, 48), 40 + seed).convert(mode)  # noise: a few KB even when tiny
     fmt = "PNG" if mode in ("P", "RGBA", "LA") else "JPEG"
     im.save(path, fmt)
 
@@ -151,7 +149,7 @@ def make_mini_coco(root, corrupt: str | None = None) -> dict[str, bytes]:
 
     train2014.zip (3 images: RGB, grayscale, CMYK), val2014.zip (3 images: palette, RGBA, RGB; splits
     restval / val / test), caption_datasets.zip (dataset_coco.json + dataset_flickr30k.json).
-    ``corrupt``: name of an image whose bytes are cut in half (a truncated JPEG).
+    ``corrupt``: name of an image whose last quarter is cut off (a truncated JPEG, header intact).
     """
     import io
     import json
@@ -159,6 +157,7 @@ def make_mini_coco(root, corrupt: str | None = None) -> dict[str, bytes]:
     from pathlib import Path
 
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     layout = {"train2014": [("RGB", "train"), ("L", "train"), ("CMYK", "train")],
               "val2014": [("P", "restval"), ("RGBA", "val"), ("RGB", "test")]}
     entries, out = [], {}
@@ -172,7 +171,7 @@ def make_mini_coco(root, corrupt: str | None = None) -> dict[str, bytes]:
                 _image(tmp, mode, i)
                 data = tmp.read_bytes()
                 if name == corrupt:
-                    data = data[: len(data) // 2]
+                    data = data[: len(data) * 3 // 4]
                 zf.writestr(f"{folder}/{name}", data)
                 entries.append(_entry(i, folder, name, split, cocoid=True))
                 i += 1

@@ -88,8 +88,14 @@ def _probe(args: tuple[str, str]) -> tuple[int, int, str | None]:
 
 
 def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path, captions_out: str | Path,
-           options: IngestOptions | None = None, processes: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Validate the dataset and write the two contract tables (atomically). Returns them."""
+           options: IngestOptions | None = None, processes: int = 1,
+           bad_images: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validate the dataset and write the two contract tables (atomically). Returns them.
+
+    ``bad_images``: optional report of the download stage's image check (``file<TAB>reason`` lines,
+    ``#`` comments; a missing file means none): the images it lists count as unusable even when this
+    ingest's own probe (e.g. ``verify_images: header``) would pass them.
+    """
     opt = options or IngestOptions()
     json_path, image_root = Path(json_path), Path(image_root)
     entries = read_karpathy_json(json_path)
@@ -148,7 +154,7 @@ def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path
                               "(set ingest.on_bad_caption_count: drop to drop such images)")
         rows.append({"image_id": image_id, "split": split, "file": file, "captions": caps, "index": i})
 
-    rows = _check_images(rows, image_root, opt, processes, dropped)
+    rows = _check_images(rows, image_root, opt, processes, dropped, _read_bad_images(bad_images))
     order = {s: n for n, s in enumerate(SPLITS)}
     rows.sort(key=lambda r: (order[r["split"]], r["index"]))
     images = pd.DataFrame({
@@ -169,14 +175,24 @@ def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path
     return images, captions
 
 
+def _read_bad_images(path: str | Path | None) -> dict[str, str]:
+    if path is None or not Path(path).exists():
+        return {}
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return {f: f"listed in {Path(path).name} ({why})" for f, _, why in
+            (ln.partition("\t") for ln in lines if ln and not ln.startswith("#"))}
+
+
 def _check_images(rows: list[dict[str, Any]], root: Path, opt: IngestOptions, processes: int,
-                  dropped: Counter) -> list[dict[str, Any]]:
+                  dropped: Counter, known_bad: dict[str, str] | None = None) -> list[dict[str, Any]]:
     jobs = [(str(root / r["file"]), opt.verify_images) for r in rows]
     if processes > 1 and len(jobs) > 256:
         with mp.get_context("fork").Pool(processes) as pool:
             probes = list(progress(pool.imap(_probe, jobs, chunksize=64), "checking images", len(jobs)))
     else:
         probes = [_probe(j) for j in progress(jobs, "checking images", len(jobs))]
+    if known_bad:
+        probes = [(w, h, err or known_bad.get(r["file"])) for r, (w, h, err) in zip(rows, probes, strict=True)]
     bad = [(r, err) for r, (_, _, err) in zip(rows, probes, strict=True) if err]
     if bad and opt.on_bad_image != "drop":
         listing = "\n  ".join(f"{root / r['file']} (image id {r['image_id']}): {err}" for r, err in bad[:50])
