@@ -1,1 +1,136 @@
 # Text stages: tokens + vocabulary, referral trees, BERT features, tag vectors.
+# Settings: config key `text` (see the README section "Text stages").
+
+
+def _text_parser(dataset):
+    return config["text"]["trees"]["parser"].get(dataset, "stanza")
+
+
+def _bert_model(dataset):
+    b = config["text"]["bert"]
+    return (b.get("dataset_model") or {}).get(dataset, b["model"])
+
+
+def _local_model(spec):
+    """The model folder as an input (so fetch_bert_model can make it); nothing for package: models."""
+    return [] if spec.startswith("package:") else [spec]
+
+
+rule tokenize:
+    input:
+        captions="results/data/{dataset}/captions.parquet",
+    output:
+        vocab="results/text/{dataset}/vocab.json",
+        tokens="results/text/{dataset}/tokens.parquet",
+    params:
+        min_count=config["text"]["min_count"],
+        code=code_version("itmatch.text.tokenize", "itmatch.text.vocab"),
+    threads: 1
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    log:
+        "logs/text/tokenize_{dataset}.log",
+    script:
+        "../scripts/text_tokenize.py"
+
+
+rule referral_trees:
+    input:
+        captions="results/data/{dataset}/captions.parquet",
+        parses=lambda wc: (dataset_cfg(wc.dataset)["json"] if _text_parser(wc.dataset) == "gold"
+                           else config["text"]["trees"]["stanza_dir"]),
+    output:
+        trees="results/text/{dataset}/trees.parquet",
+        vocab="results/text/{dataset}/tree_vocab.json",
+    params:
+        parser=lambda wc: _text_parser(wc.dataset),
+        trees=config["text"]["trees"],
+        code=code_version("itmatch.text.trees", "itmatch.text.parsers"),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=lambda wc: 60 if _text_parser(wc.dataset) == "gold" else 720,
+        gpu=lambda wc: int(_text_parser(wc.dataset) == "stanza" and config["text"]["trees"]["device"] != "cpu"),
+    log:
+        "logs/text/referral_trees_{dataset}.log",
+    script:
+        "../scripts/text_trees.py"
+
+
+rule bert_features:
+    input:
+        captions="results/data/{dataset}/captions.parquet",
+        tokens="results/text/{dataset}/tokens.parquet",
+        model=lambda wc: _local_model(_bert_model(wc.dataset)),
+    output:
+        bert="results/text/{dataset}/bert.h5",
+    params:
+        model=lambda wc: _bert_model(wc.dataset),
+        bert=config["text"]["bert"],
+        code=code_version("itmatch.text.bert", "itmatch.text.tokenize"),
+    threads: 2
+    resources:
+        mem_mb=12000,
+        runtime=480,
+        **({"gpu": 1} if config["text"]["bert"]["device"] != "cpu" else {}),
+    log:
+        "logs/text/bert_features_{dataset}.log",
+    script:
+        "../scripts/text_bert.py"
+
+
+rule tag_vectors:
+    input:
+        images="results/data/{dataset}/images.parquet",
+        regions="results/features/{dataset}/regions.parquet",
+        regions_h5="results/features/{dataset}/regions.h5",
+        model=lambda wc: _local_model(_bert_model(wc.dataset)),
+    output:
+        tags="results/features/{dataset}/tags.h5",
+    params:
+        model=lambda wc: _bert_model(wc.dataset),
+        bert=config["text"]["bert"],
+        code=code_version("itmatch.text.tags", "itmatch.text.bert", "itmatch.text.tokenize"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        **({"gpu": 1} if config["text"]["bert"]["device"] != "cpu" else {}),
+    log:
+        "logs/text/tag_vectors_{dataset}.log",
+    script:
+        "../scripts/text_tags.py"
+
+
+# ---- model downloads (machines with internet access only) ------------------------------------------------
+
+
+rule fetch_stanza_models:
+    output:
+        directory(config["text"]["trees"]["stanza_dir"]),
+    params:
+        processors="tokenize,pos,lemma,constituency",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    log:
+        "logs/text/fetch_stanza_models.log",
+    script:
+        "../scripts/text_fetch_models.py"
+
+
+rule fetch_bert_model:
+    output:
+        directory(config["text"]["bert"]["model"]),
+    params:
+        hub_name=config["text"]["bert"]["hub_name"],
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        "logs/text/fetch_bert_model.log",
+    script:
+        "../scripts/text_fetch_models.py"

@@ -1,0 +1,8 @@
+"""Rule tokenize: captions.parquet → vocab.json + tokens.parquet."""
+
+from itmatch.text.vocab import make_tokens
+from itmatch.utils.logs import setup_job_logging
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+setup_job_logging(sm.log[0])
+make_tokens(sm.input.captions, sm.output.vocab, sm.output.tokens, min_count=sm.params.min_count)
