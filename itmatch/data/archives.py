@@ -227,7 +227,7 @@ def extract_member(archive: str | Path, member: str, dest: str | Path) -> Path:
     """Extract one file of ``archive`` (path inside it) to ``dest`` atomically."""
     archive, dest = Path(archive), Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.tmp-") as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.stem}.tmp-member-") as tmp:
         extract(archive, tmp, members=[member])
         with atomic_path(dest) as out:
             os.replace(Path(tmp).joinpath(*member_path(member, archive).parts), out)
