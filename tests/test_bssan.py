@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from itmatch.models.bssan import BSSAN, attention_weights
+from itmatch.models.bssan import BSSAN, attention_weights, lstm_last_state
 from itmatch.models.registry import build_model
 
 FEAT, VOCAB = 24, 40
@@ -37,7 +37,7 @@ def tiny(**kw) -> BSSAN:
 def test_attention_weights_softmax_or_uniform_for_negatives():
     logits = torch.tensor([[[1.0, 2.0, 3.0, 9.0]], [[1.0, 2.0, 3.0, 9.0]]])     # [N=2, 1, K=4]
     mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
-    a = attention_weights(logits, mask, torch.tensor([False, True]))
+    a = attention_weights(logits, mask[:, None, :], torch.tensor([False, True])[:, None, None])
     assert torch.allclose(a[0, 0], torch.cat([torch.softmax(torch.tensor([1.0, 2.0, 3.0]), 0), torch.zeros(1)]))
     assert torch.allclose(a[1, 0], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))   # eq. 8: 1/D over valid regions
 
@@ -71,6 +71,16 @@ def test_negative_pairs_in_training_use_uniform_attention(monkeypatch):
         assert not torch.allclose(y_soft, y_neg[1:2])
 
 
+def test_lstm_on_projected_inputs_equals_torch_lstm():
+    torch.manual_seed(3)
+    lstm = torch.nn.LSTM(5, 4, batch_first=True)
+    x, lengths = torch.randn(3, 6, 5), torch.tensor([6, 2, 4])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    _, (h, _) = lstm(packed)
+    gx = x @ lstm.weight_ih_l0.t() + lstm.bias_ih_l0 + lstm.bias_hh_l0
+    assert torch.allclose(lstm_last_state(gx, lengths, lstm), h[0], atol=1e-6)
+
+
 def test_o2w_uses_top_p_regions_by_confidence():
     m = tiny(num_objects=3)
     images, _ = batch()
@@ -100,7 +110,7 @@ def test_o2w_score_is_mean_of_per_object_mlp_scores():
             u = beta @ S                                                         # eq. 11
             ys.append(m.o2w_mlp(torch.cat([o, u])[None])[0])                     # eq. 13
         expected = torch.stack(ys).mean()                                        # eq. 14
-        got = m.o2w_score(img, cap, torch.tensor([i]), torch.tensor([c]))[0]
+        got = m.pair_scores(img, cap, torch.tensor([i]), torch.tensor([c]))[1][0]
         assert torch.allclose(got, expected, atol=1e-6)
 
 

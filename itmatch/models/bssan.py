@@ -82,15 +82,33 @@ class MLPScore(nn.Module):
 
 
 def attention_weights(logits: torch.Tensor, mask: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
-    """Softmax of ``logits`` [N, ..., K] over K with ``mask`` [N, K] (False = padding); rows whose
-    ``uniform`` [N] flag is set get 1/(number of valid positions) instead (eq. 8)."""
-    m = mask.view(mask.shape[0], *([1] * (logits.dim() - 2)), mask.shape[1])
-    soft = logits.masked_fill(~m, float("-inf")).softmax(dim=-1)
+    """Softmax of ``logits`` [..., K] over K; ``mask`` (bool, broadcastable to logits; False = padding);
+    where ``uniform`` (bool, broadcastable to logits[..., :1]) is set, 1/(number of valid positions)
+    instead (eq. 8)."""
+    mask = mask.expand_as(logits)
+    soft = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     if uniform is None or not bool(uniform.any()):
         return soft
-    flat = m.to(logits.dtype) / m.sum(-1, keepdim=True).clamp(min=1)
-    u = uniform.view(-1, *([1] * (logits.dim() - 1)))
-    return torch.where(u, flat.expand_as(soft), soft)
+    flat = mask.to(logits.dtype) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return torch.where(uniform, flat, soft)
+
+
+def lstm_last_state(gx: torch.Tensor, lengths: torch.Tensor, lstm: nn.LSTM) -> torch.Tensor:
+    """Final hidden state of a 1-layer unidirectional ``lstm`` run over sequences whose input
+    projections ``W_ih x_t + b_ih + b_hh`` are given: gx [N, L, 4H], lengths [N] → h [N, H] (the state
+    after each sequence's last valid step; PyTorch's gate order i, f, g, o)."""
+    N, L, _ = gx.shape
+    H = lstm.hidden_size
+    h = gx.new_zeros(N, H)
+    c = gx.new_zeros(N, H)
+    w_hh = lstm.weight_hh_l0.t()
+    for t in range(min(L, int(lengths.max()))):
+        i, f, g, o = (gx[:, t] + h @ w_hh).chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        live = (t < lengths).unsqueeze(1)
+        h, c = torch.where(live, h_new, h), torch.where(live, c_new, c)
+    return h
 
 
 class BSSAN(MatchingModel):
@@ -106,6 +124,8 @@ class BSSAN(MatchingModel):
             raise ValueError(f"models.bssan.branches must be one of {BRANCHES}, got {branches!r}")
         if num_objects < 1 or pair_chunk < 1:
             raise ValueError(f"models.bssan.num_objects and pair_chunk must be >= 1, got {num_objects}, {pair_chunk}")
+        if not o2w_mlp:
+            raise ValueError("models.bssan.o2w_mlp needs at least one hidden layer")
         self.use_w2r = branches in ("both", "w2r")
         self.use_o2w = branches in ("both", "o2w")
         self.num_objects = num_objects
@@ -114,6 +134,7 @@ class BSSAN(MatchingModel):
         self.uniform_negative_attention = uniform_negative_attention
         self.reg_embedding = reg_embedding
         self.pair_chunk = pair_chunk
+        self.feature_dim = feature_dim
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         E, M = word_dim, feature_dim
@@ -121,7 +142,7 @@ class BSSAN(MatchingModel):
             self.w2r_W = nn.Parameter(torch.empty(E, M))                  # eq. 2
             nn.init.xavier_uniform_(self.w2r_W)
             self.w2r_b = nn.Parameter(torch.zeros(()))
-            self.w2r_lstm = nn.LSTM(M + E, w2r_hidden, batch_first=True)   # eq. 5
+            self.w2r_lstm = nn.LSTM(M + E, w2r_hidden, batch_first=True)   # eq. 5, input c^k = [u^k; t^k]
             self.w2r_mlp = MLPScore(w2r_hidden, w2r_mlp, batch_norm)
         if self.use_o2w:
             self.o2w_lstm = nn.LSTM(E, o2w_hidden, batch_first=True, bidirectional=True)
@@ -129,7 +150,7 @@ class BSSAN(MatchingModel):
             self.o2w_W = nn.Parameter(torch.empty(M, o2w_hidden))         # eq. 10
             nn.init.xavier_uniform_(self.o2w_W)
             self.o2w_b = nn.Parameter(torch.zeros(()))
-            self.o2w_mlp = MLPScore(M + o2w_hidden, o2w_mlp, batch_norm)   # eq. 13
+            self.o2w_mlp = MLPScore(M + o2w_hidden, o2w_mlp, batch_norm)   # eq. 13, input c_j = [o_j; u_j]
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], data_info: dict[str, Any]) -> BSSAN:
@@ -139,7 +160,7 @@ class BSSAN(MatchingModel):
         return cls(vocab_size=int(data_info["vocab_size"]), feature_dim=int(data_info["feature_dim"]),
                    **{k: cfg[k] for k in keys if k in cfg})
 
-    # ---- encoders ----
+    # ---- encoders: everything that depends on one modality only ----
     def encode_images(self, images: Batch) -> dict[str, torch.Tensor]:
         R = images["features"]                                              # [I, n, M]
         if self.normalize_regions:
@@ -156,9 +177,11 @@ class BSSAN(MatchingModel):
             conf = images["object_conf"].float().masked_fill(~mask, float("-inf"))
             top = conf.topk(P, dim=1).indices                               # [I, P]
             O = R.gather(1, top.unsqueeze(-1).expand(-1, -1, R.shape[2]))  # [I, P, M]
+            first = self.o2w_mlp.net[0]                                     # MLP layer 1 on [o; u], o part
             out["O"] = O
             out["omask"] = mask.gather(1, top)                              # [I, P]
-            out["OW"] = O @ self.o2w_W                                      # [I, P, B]
+            out["OW"] = O @ self.o2w_W                                      # [I, P, B]: oᵀ W'
+            out["O1"] = O @ first.weight[:, : self.feature_dim].t() + first.bias   # [I, P, h1]
         return out
 
     def encode_captions(self, captions: Batch) -> dict[str, torch.Tensor]:
@@ -171,50 +194,76 @@ class BSSAN(MatchingModel):
             S, _ = self.o2w_lstm(packed)
             S, _ = pad_packed_sequence(S, batch_first=True, total_length=tokens.shape[1])
             S = (S[..., : self.o2w_hidden] + S[..., self.o2w_hidden:]) / 2  # averaged directions
-            out["S"] = S * mask.unsqueeze(-1).to(S.dtype)                   # [C, L, B]
+            S = S * mask.unsqueeze(-1).to(S.dtype)                          # [C, L, B]
+            out["S"] = S
+            out["S1"] = S @ self.o2w_mlp.net[0].weight[:, self.feature_dim:].t()  # [C, L, h1]: u part
         return out
 
-    # ---- the two branches on a list of N pairs (image ii[k], caption cc[k]) ----
-    def w2r_attention(self, img: dict, cap: dict, ii: torch.Tensor, cc: torch.Tensor,
-                      uniform: torch.Tensor | None = None) -> torch.Tensor:
-        """α [N, L, n] (eq. 1–2, eq. 8 where ``uniform``)."""
-        e = torch.tanh(torch.einsum("nle,nje->nlj", cap["T"][cc], img["RW"][ii]) + self.w2r_b)
-        return attention_weights(e, img["mask"][ii], uniform)
+    # The W2R LSTM's input projection is linear, so W_ih [u^k; t^k] = Σ_j α_j^k (W_ih,r r_j) + W_ih,t t^k:
+    # the region and word halves are projected once per image / caption ("RP", "TP"), and a pair only
+    # mixes them with its attention (cost n·4H instead of M·4H per word).
+    def _with_region_proj(self, img: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.use_w2r or "RP" in img:
+            return img
+        return {**img, "RP": img["R"] @ self.w2r_lstm.weight_ih_l0[:, : self.feature_dim].t()}   # [I, n, 4H]
 
-    def o2w_attention(self, img: dict, cap: dict, ii: torch.Tensor, cc: torch.Tensor,
-                      uniform: torch.Tensor | None = None) -> torch.Tensor:
-        """β [N, P, L] (eq. 9–10, eq. 8 where ``uniform``)."""
-        e = torch.tanh(torch.einsum("npb,nlb->npl", img["OW"][ii], cap["S"][cc]) + self.o2w_b)
-        return attention_weights(e, cap["mask"][cc], uniform)
+    def _with_word_proj(self, cap: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.use_w2r or "TP" in cap:
+            return cap
+        lstm = self.w2r_lstm
+        tp = cap["T"] @ lstm.weight_ih_l0[:, self.feature_dim:].t() + lstm.bias_ih_l0 + lstm.bias_hh_l0
+        return {**cap, "TP": tp}                                            # [C, L, 4H]
 
-    def w2r_score(self, img: dict, cap: dict, ii: torch.Tensor, cc: torch.Tensor,
-                  uniform: torch.Tensor | None = None) -> torch.Tensor:
-        """Y [N] (eq. 3–6)."""
-        alpha = self.w2r_attention(img, cap, ii, cc, uniform)               # [N, L, n]
-        u = alpha @ img["R"][ii]                                            # [N, L, M]   eq. 3
-        x = torch.cat([u, cap["T"][cc]], dim=-1)                            # c^k = [u^k; t^k]
-        packed = pack_padded_sequence(x, cap["lengths"][cc].clamp(min=1).cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        _, (h, _) = self.w2r_lstm(packed)                                   # h [1, N, H]: last valid step
-        return self.w2r_mlp(h[-1])
+    # ---- the two branches on groups of pairs: image g with captions cidx[g, k] ----
+    def w2r_attention(self, img: dict, cap: dict, cidx: torch.Tensor, uniform: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """α [G, K, L, n] (eq. 1–2; eq. 8 where ``uniform`` [G, K])."""
+        e = torch.tanh(torch.einsum("gkle,gne->gkln", cap["T"][cidx], img["RW"]) + self.w2r_b)
+        u = None if uniform is None else uniform[:, :, None, None]
+        return attention_weights(e, img["mask"][:, None, None, :], u)
 
-    def o2w_score(self, img: dict, cap: dict, ii: torch.Tensor, cc: torch.Tensor,
-                  uniform: torch.Tensor | None = None) -> torch.Tensor:
-        """Y' [N] (eq. 11–16)."""
-        beta = self.o2w_attention(img, cap, ii, cc, uniform)                # [N, P, L]
-        u = beta @ cap["S"][cc]                                             # [N, P, B]   eq. 11
-        c = torch.cat([img["O"][ii], u], dim=-1)                            # c_j = [o_j; u_j]
-        valid = img["omask"][ii]                                            # [N, P]
-        y = c.new_zeros(valid.shape)
-        y[valid] = self.o2w_mlp(c[valid])                                   # padding objects stay out of BN
+    def o2w_attention(self, img: dict, cap: dict, cidx: torch.Tensor, uniform: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """β [G, K, P, L] (eq. 9–10; eq. 8 where ``uniform`` [G, K])."""
+        e = torch.tanh(torch.einsum("gpb,gklb->gkpl", img["OW"], cap["S"][cidx]) + self.o2w_b)
+        u = None if uniform is None else uniform[:, :, None, None]
+        return attention_weights(e, cap["mask"][cidx][:, :, None, :], u)
+
+    def w2r_score(self, img: dict, cap: dict, cidx: torch.Tensor, uniform: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Y [G, K] (eq. 3–6): LSTM over c^k = [Σ_j α_j^k r_j; t^k], last state → MLP."""
+        img, cap = self._with_region_proj(img), self._with_word_proj(cap)
+        alpha = self.w2r_attention(img, cap, cidx, uniform)                 # [G, K, L, n]
+        G, K, L, n = alpha.shape
+        gx = (alpha.reshape(G, K * L, n) @ img["RP"]).view(G, K, L, -1) + cap["TP"][cidx]   # [G, K, L, 4H]
+        h = lstm_last_state(gx.view(G * K, L, -1), cap["lengths"][cidx].reshape(-1), self.w2r_lstm)
+        return self.w2r_mlp(h).view(G, K)
+
+    def o2w_score(self, img: dict, cap: dict, cidx: torch.Tensor, uniform: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Y' [G, K] (eq. 11–16): per object MLP([o_j; Σ_k β_j^k s^k]), averaged over the valid objects."""
+        beta = self.o2w_attention(img, cap, cidx, uniform)                  # [G, K, P, L]
+        G, K, P, L = beta.shape
+        h1 = img["O1"][:, None] + torch.einsum("gkpl,gklh->gkph", beta, cap["S1"][cidx])    # [G, K, P, h1]
+        valid = img["omask"][:, None, :].expand(G, K, P)                    # [G, K, P]
+        y = h1.new_zeros(G, K, P)
+        y[valid] = self.o2w_mlp.net[1:](h1[valid]).squeeze(-1)              # padding objects stay out of BN
         vf = valid.to(y.dtype)
-        return (y * vf).sum(1) / vf.sum(1).clamp(min=1)                     # eq. 14
+        return (y * vf).sum(-1) / vf.sum(-1).clamp(min=1)                   # eq. 14
+
+    def grouped_scores(self, img: dict, cap: dict, cidx: torch.Tensor, uniform: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(Y, Y') [G, K] for the pairs (image g of ``img``, caption cidx[g, k] of ``cap``)."""
+        y = self.w2r_score(img, cap, cidx, uniform) if self.use_w2r else None
+        y2 = self.o2w_score(img, cap, cidx, uniform) if self.use_o2w else None
+        return y, y2
 
     def pair_scores(self, img: dict, cap: dict, ii: torch.Tensor, cc: torch.Tensor,
                     uniform: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        y = self.w2r_score(img, cap, ii, cc, uniform) if self.use_w2r else None
-        y2 = self.o2w_score(img, cap, ii, cc, uniform) if self.use_o2w else None
-        return y, y2
+        """(Y, Y') [N] for a list of pairs (image ii[k], caption cc[k])."""
+        sub = {k: v[ii] for k, v in img.items()}
+        y, y2 = self.grouped_scores(sub, cap, cc[:, None], None if uniform is None else uniform[:, None])
+        return (None if y is None else y[:, 0]), (None if y2 is None else y2[:, 0])
 
     def combine(self, y: torch.Tensor | None, y2: torch.Tensor | None) -> torch.Tensor:
         """Eq. 19: MS = Y + λ Y' (a single branch alone when the other is ablated)."""
@@ -225,13 +274,21 @@ class BSSAN(MatchingModel):
         return y + self.lam * y2
 
     def score(self, img: dict[str, torch.Tensor], cap: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[I, C]: blocks of ≤ ``pair_chunk`` pairs, each one batched LSTM / MLP pass."""
         n_img, n_cap = img["mask"].shape[0], cap["mask"].shape[0]
-        device = img["mask"].device
-        out = []
-        for p0 in range(0, n_img * n_cap, self.pair_chunk):
-            idx = torch.arange(p0, min(p0 + self.pair_chunk, n_img * n_cap), device=device)
-            out.append(self.combine(*self.pair_scores(img, cap, idx // n_cap, idx % n_cap)))
-        return torch.cat(out).view(n_img, n_cap)
+        cap = self._with_word_proj(cap)
+        cc = min(n_cap, self.pair_chunk)
+        ci = max(1, self.pair_chunk // cc)
+        rows = []
+        for i0 in range(0, n_img, ci):
+            sub = self._with_region_proj({k: v[i0:i0 + ci] for k, v in img.items()})
+            g = sub["mask"].shape[0]
+            cols = []
+            for c0 in range(0, n_cap, cc):
+                cidx = torch.arange(c0, min(c0 + cc, n_cap), device=img["mask"].device).expand(g, -1)
+                cols.append(self.combine(*self.grouped_scores(sub, cap, cidx)))
+            rows.append(torch.cat(cols, dim=1))
+        return torch.cat(rows, dim=0)
 
     # ---- training ----
     def sample_negatives(self, images: Batch, captions: Batch) -> torch.Tensor:
@@ -259,18 +316,17 @@ class BSSAN(MatchingModel):
             raise ValueError("BSSAN's loss needs a batch of at least 2 pairs (a negative caption per image)")
         img, cap = self.encode_images(images), self.encode_captions(captions)
         ar = torch.arange(B, device=captions["lengths"].device)
-        neg = self.sample_negatives(images, captions)
-        ii, cc = torch.cat([ar, ar]), torch.cat([ar, neg])
-        uniform = torch.cat([torch.zeros_like(ar, dtype=torch.bool), torch.ones_like(ar, dtype=torch.bool)])
-        y, y2 = self.pair_scores(img, cap, ii, cc, uniform if self.uniform_negative_attention else None)
+        cidx = torch.stack([ar, self.sample_negatives(images, captions)], dim=1)   # [B, 2]: positive, negative
+        uniform = torch.tensor([False, True], device=ar.device).expand(B, 2)
+        y, y2 = self.grouped_scores(img, cap, cidx, uniform if self.uniform_negative_attention else None)
         total = torch.zeros((), device=ar.device)
         stats: dict[str, float] = {}
         if y is not None:
-            l1 = (self.margin - y[:B] + y[B:]).clamp(min=0).sum()           # eq. 7
+            l1 = (self.margin - y[:, 0] + y[:, 1]).clamp(min=0).sum()           # eq. 7
             total = total + l1
             stats["w2r_loss"] = float(l1.detach())
         if y2 is not None:
-            l2 = (self.margin - y2[:B] + y2[B:]).clamp(min=0).sum()         # eq. 17
+            l2 = (self.margin - y2[:, 0] + y2[:, 1]).clamp(min=0).sum()         # eq. 17
             total = total + (self.lam if y is not None else 1.0) * l2
             stats["o2w_loss"] = float(l2.detach())
         stats["rank_loss"] = float(total.detach())
