@@ -66,7 +66,7 @@ rule extract_regions_shard:
         shard=_shard_output("results/features/{dataset}/shards/{scatteritem}.h5"),
     params:
         detector=lambda wc: _detector_cfg(wc.dataset),
-        extraction={k: v for k, v in config["extraction"].items() if k != "import"},
+        extraction={k: config["extraction"][k] for k in ("device", "workers")},  # (threads: the rule's)
         code=code_version("itmatch.features.extract", "itmatch.features.regions_io", "itmatch.features.detector"),
     wildcard_constraints:
         dataset=_EXTRACTED,
