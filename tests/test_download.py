@@ -157,6 +157,14 @@ def test_truncated_archive_fails_clearly_without_partial_folder(tmp_path, kind):
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
+def test_folder_entries_after_their_files_are_fine(tmp_path):
+    (tmp_path / "a.zip").write_bytes(_zip({"d/x.txt": b"x", "d/": b""}))
+    assert extract_to([(tmp_path / "a.zip", None)], tmp_path / "out") == 1
+    (tmp_path / "b.zip").write_bytes(_zip({"d/x.txt": b"other"}))
+    with pytest.raises(ArchiveError, match=r"b.zip: member 'd/x.txt' would overwrite"):
+        extract_to([(tmp_path / "a.zip", None), (tmp_path / "b.zip", None)], tmp_path / "out2")
+
+
 def test_root_strips_the_top_folder_and_member_extracts_one_file(tmp_path):
     (tmp_path / "a.zip").write_bytes(_zip({"flickr30k-images/1.jpg": b"1", "flickr30k-images/2.jpg": b"2",
                                            "readme.txt": b"r"}))

@@ -109,6 +109,9 @@ def test_f30k_from_local_archive(tmp_path):
     assert info["images_in_json"] == 4 and info["bad_images"] == 0
     assert sorted(p.name for p in (res / "images").iterdir()) == ["100.jpg", "101.jpg", "102.jpg", "103.jpg"]
     assert not (tmp_path / "downloads").exists() or not any((tmp_path / "downloads").iterdir())  # used in place
+    assert info["image_sources"][0]["verified"]["sha256"] == spec["images"][0]["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [  # nothing written beside them
+        "caption_datasets.zip", "flickr30k-images.tar.gz"]
     images, captions = ingest(res / "dataset_flickr30k.json", res / "images", tmp_path / "i.parquet",
                               tmp_path / "c.parquet")
     assert images["split"].tolist() == ["train", "train", "val", "test"] and len(captions) == 20
@@ -129,6 +132,23 @@ def test_f30k_from_unpacked_folder_and_plain_json(tmp_path):
     spec["images"][0]["url"] = str(folder)
     acquire("f30k", spec, res / "dataset_flickr30k.json", res / "images", res / ".verified", res / "bad_images.txt")
     assert (res / "images").resolve() == folder.resolve()
+
+
+def test_mixed_sources_remote_zip_and_local_folder(tmp_path):
+    """COCO train2014 from the server, val2014 from an unpacked folder holding val2014/ (linked)."""
+    import zipfile
+
+    files = make_mini_coco(tmp_path / "src")
+    with zipfile.ZipFile(io.BytesIO(files["val2014.zip"])) as zf:
+        zf.extractall(tmp_path / "unpacked")
+    res = tmp_path / "resources" / "coco"
+    with LocalServer(_serve(files), max_seconds=60) as base:
+        spec = _coco_download(base, files, tmp_path / "downloads")
+        spec["images"][1] = {"url": str(tmp_path / "unpacked")}
+        info = acquire("coco", spec, res / "dataset_coco.json", res / "images", res / ".verified",
+                       res / "bad_images.txt")
+    assert info["bad_images"] == 0
+    assert (res / "images" / "val2014").is_symlink() and not (res / "images" / "train2014").is_symlink()
 
 
 def test_f30k_without_image_source_names_the_config_key(tmp_path):

@@ -21,7 +21,6 @@ folder, e.g. ``flickr30k-images``; for a folder source it is used when it exists
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -37,6 +36,7 @@ from itmatch.data.download import (
     file_name,
     is_remote,
     local_path,
+    verified_record,
     verify_local,
 )
 from itmatch.data.image_check import check_images
@@ -53,21 +53,24 @@ def _expected(entry: dict[str, Any]) -> Expected:
     return Expected(size=entry.get("size"), sha256=entry.get("sha256"), md5=entry.get("md5"))
 
 
-def obtain(entry: dict[str, Any], key: str, cache: Path, policy: RetryPolicy) -> tuple[Path, bool]:
-    """The local path of one source entry (fetched if remote) and whether it was downloaded."""
+def obtain(entry: dict[str, Any], key: str, cache: Path, policy: RetryPolicy) -> tuple[Path, bool, dict | None]:
+    """The local path of one source entry (fetched if remote), whether it was downloaded, and its
+    verification record (size, digests; None for folders and unchecked local files)."""
     url = entry.get("url")
     if not url:
         hint = entry.get("hint") or "set it to a URL, a local archive or an unpacked folder"
         raise AcquireError(f"config key {key}.url is not set: {hint}")
     if is_remote(url):
         dest = cache / (entry.get("name") or file_name(url))
-        return fetch(url, dest, _expected(entry), policy), True
+        fetch(url, dest, _expected(entry), policy)
+        return dest, True, verified_record(dest)
     path = local_path(url)
     if path.is_dir():
-        return path, False
+        return path, False, None
     if not path.exists():
         raise AcquireError(f"config key {key}.url: local path {path} does not exist (cwd {Path.cwd()})")
-    return verify_local(path, _expected(entry)), False
+    path, info = verify_local(path, _expected(entry))
+    return path, False, info
 
 
 def _clean_stale(target: Path) -> None:
@@ -82,7 +85,7 @@ def _clean_stale(target: Path) -> None:
 
 def acquire_json(spec: dict[str, Any], out: Path, cache: Path, policy: RetryPolicy, key: str) -> dict[str, Any]:
     """Fetch / extract the Karpathy JSON to ``out``; return its provenance record."""
-    src, downloaded = obtain(spec, key, cache, policy)
+    src, downloaded, verified = obtain(spec, key, cache, policy)
     member = spec.get("member")
     _clean_stale(out)
     if member:
@@ -97,7 +100,7 @@ def acquire_json(spec: dict[str, Any], out: Path, cache: Path, policy: RetryPoli
     n = len(read_karpathy_json(out))
     log.info("%s: Karpathy JSON with %d images", out, n)
     return {"url": spec.get("url"), "path": str(src), "member": member, "downloaded": downloaded,
-            "images_in_json": n}
+            "verified": verified, "images_in_json": n}
 
 
 def acquire_images(entries: list[dict[str, Any]], out: Path, cache: Path, policy: RetryPolicy,
@@ -107,14 +110,13 @@ def acquire_images(entries: list[dict[str, Any]], out: Path, cache: Path, policy
         raise AcquireError(f"config key {key}: no image sources configured")
     sources = []
     for i, entry in enumerate(entries):
-        path, downloaded = obtain(entry, f"{key}[{i}]", cache, policy)
-        sources.append((entry, path, downloaded))
+        sources.append((entry, *obtain(entry, f"{key}[{i}]", cache, policy)))
     _clean_stale(out)
     if out.is_symlink():
         out.unlink()
     records = []
     with atomic_path(out) as tmp:
-        folders = [(e, p) for e, p, _ in sources if p.is_dir()]
+        folders = [(e, p) for e, p, _, _ in sources if p.is_dir()]
         if len(sources) == 1 and folders:
             entry, path = folders[0]
             target = _folder_root(path, entry.get("root"))
@@ -122,7 +124,7 @@ def acquire_images(entries: list[dict[str, Any]], out: Path, cache: Path, policy
             log.info("%s: linked to the unpacked folder %s", out, target.resolve())
         else:
             tmp.mkdir(parents=True)
-            for entry, path, _ in sources:
+            for entry, path, _, _ in sources:
                 if path.is_dir():
                     target = _folder_root(path, entry.get("root"))
                     for child in sorted(target.iterdir()):
@@ -133,9 +135,9 @@ def acquire_images(entries: list[dict[str, Any]], out: Path, cache: Path, policy
                 else:
                     n = extract(path, tmp, entry.get("root"))
                     log.info("%s: %d files extracted into %s", path, n, out)
-        for entry, path, downloaded in sources:
+        for entry, path, downloaded, verified in sources:
             records.append({"url": entry.get("url"), "path": str(path), "root": entry.get("root"),
-                            "downloaded": downloaded})
+                            "downloaded": downloaded, "verified": verified})
     return records
 
 
@@ -160,10 +162,6 @@ def acquire(dataset: str, download: dict[str, Any], json_out: str | Path, images
         raise AcquireError(f"{dataset}: {e}") from e
     bad = check_images(json_out, images_out, report, download.get("verify_images", "decode"), on_bad_image,
                        processes)
-    for src in (rec_json, *rec_images):  # digests of what was verified, for the record
-        side = Path(src["path"]).with_name(Path(src["path"]).name + ".verified")
-        if side.is_file():
-            src["verified"] = {k: v for k, v in json.loads(side.read_text()).items() if k != "mtime_ns"}
     if not download.get("keep_archives", True):
         for rec in (rec_json, *rec_images):
             if rec["downloaded"]:

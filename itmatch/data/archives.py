@@ -114,12 +114,14 @@ def extract(archive: str | Path, dest: str | Path, root: str | None = None,
     return n
 
 
-def _target(dest: Path, rel: PurePosixPath, archive: Path, name: str) -> Path:
+def _target(dest: Path, rel: PurePosixPath, archive: Path, name: str, is_dir: bool = False) -> Path:
     out = dest.joinpath(*rel.parts)
     # a link extracted earlier could redirect a later member: resolve and check again
     if not out.parent.resolve().is_relative_to(dest.resolve()):
         raise ArchiveError(f"{archive}: member {name!r} would be written outside the extraction folder "
                            "(through a link); refusing")
+    if is_dir and out.is_dir() and not out.is_symlink():
+        return out  # folders may be listed after their files, or by several archives
     if out.exists() or out.is_symlink():
         raise ArchiveError(f"{archive}: member {name!r} would overwrite {out} (already extracted from this "
                            "or another archive)")
@@ -150,7 +152,7 @@ def _extract_zip(archive: Path, dest: Path, root: PurePosixPath | None,
                                f"in {dest}")
         n = 0
         for info, sub, mode in progress(plan, f"extracting {archive.name}", len(plan), unit="file"):
-            out = _target(dest, sub, archive, info.filename)
+            out = _target(dest, sub, archive, info.filename, info.is_dir())
             if info.is_dir():
                 out.mkdir(parents=True, exist_ok=True)
                 continue
@@ -183,7 +185,7 @@ def _extract_tar(archive: Path, dest: Path, root: PurePosixPath | None,
             sub = _strip(rel, root)
             if sub is None or not sub.parts:
                 continue
-            out = _target(dest, sub, archive, m.name)
+            out = _target(dest, sub, archive, m.name, m.isdir())
             if m.isdir():
                 out.mkdir(parents=True, exist_ok=True)
                 continue

@@ -166,16 +166,26 @@ def _write_sidecar(dest: Path, info: dict[str, Any], url: str) -> None:
     os.replace(tmp, _sidecar(dest))
 
 
-def verify_local(path: Path, expected: Expected) -> Path:
-    """A local file (archive or JSON) used in place: it must exist and match ``expected``."""
+def verify_local(path: Path, expected: Expected) -> tuple[Path, dict[str, Any] | None]:
+    """A local file (archive or JSON) used in place: it must exist and match ``expected``.
+
+    Returns the path and its size + digests (None when nothing is configured to check). Nothing is
+    written next to the user's file, so a local file with a checksum is hashed again on each run.
+    """
     if not path.is_file():
         raise DownloadError(f"{path}: local file not found")
-    if already_verified(path, expected) or expected == Expected():
-        return path
-    info = check(path, expected, str(path))
-    with contextlib.suppress(OSError):  # a read-only location is fine: we just hash again next time
-        _write_sidecar(path, info, str(path))
-    return path
+    if expected == Expected():
+        return path, None
+    return path, check(path, expected, str(path))
+
+
+def verified_record(dest: Path) -> dict[str, Any] | None:
+    """The sidecar record of a downloaded file (size, digests, URL), if any."""
+    try:
+        rec = json.loads(_sidecar(dest).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {k: v for k, v in rec.items() if k != "mtime_ns"}
 
 
 @contextlib.contextmanager
