@@ -138,7 +138,6 @@ class GLFN(MatchingModel):
     def __init__(self, vocab_size: int, feature_dim: int, tag_dim: int, blocks_K: int, bert_dim: int,
                  **cfg: Any):
         super().__init__()
-        cfg = {k: v for k, v in cfg.items() if k != "training"}  # read by the training loop
         unknown = set(cfg) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"models.glfn: unknown keys {sorted(unknown)}")

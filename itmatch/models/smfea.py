@@ -103,7 +103,6 @@ class SMFEA(MatchingModel):
 
     def __init__(self, vocab_size: int, feature_dim: int, n_entities: int, n_relations: int, **cfg: Any):
         super().__init__()
-        cfg = {k: v for k, v in cfg.items() if k != "training"}  # read by the training loop
         unknown = set(cfg) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"models.smfea: unknown keys {sorted(unknown)}")
@@ -126,8 +125,9 @@ class SMFEA(MatchingModel):
         for key in ("vocab_size", "feature_dim", "n_entities", "n_relations"):
             if key not in data_info:
                 raise KeyError(f"SMFEA needs data_info[{key!r}] (from tokens / trees / regions.h5)")
-        return cls(data_info["vocab_size"], data_info["feature_dim"], data_info["n_entities"],
-                   data_info["n_relations"], **cfg)
+        # an empty dictionary (tiny data) still gets one class: all its labels are null and masked
+        return cls(int(data_info["vocab_size"]), int(data_info["feature_dim"]), max(1, int(data_info["n_entities"])),
+                   max(1, int(data_info["n_relations"])), **cfg)
 
     # -- encoders -------------------------------------------------------------------------------
     def _fuse(self, d: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
