@@ -68,6 +68,11 @@ def _aggregate(x: torch.Tensor, mask: torch.Tensor, dim: int, agg: str, lambda_l
     return s / count.clamp(min=1) if agg == "Mean" else s
 
 
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with a finite gradient at 0 (padding rows are exactly 0)."""
+    return x.clamp(min=1e-30).sqrt()
+
+
 def _shards(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, max(1, size))]
 
@@ -112,14 +117,14 @@ def _t2i_shard(V, nreg, E, lens, lam, agg, lam_lse, raw_norm, max_term, eps) -> 
     X = S
     if raw_norm == "clipped_l2norm":
         X = F.leaky_relu(S, 0.1) * wmask[:, :, None, None]
-        X = X / (X.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)  # over words
+        X = X / (_sqrt(X.pow(2).sum(dim=1, keepdim=True)) + eps)  # over words
     A = torch.softmax((lam * X).masked_fill(~rmask[None, None], float("-inf")), dim=3)  # over regions
     num = (A * S).sum(3)  # [C, W, I]  = e_w · a_w
     G = V @ V.transpose(1, 2)  # [I, R, R]
     At = A.permute(2, 0, 1, 3).reshape(I, C * W, R)
     ctx_sq = ((At @ G) * At).sum(2).view(I, C, W).permute(1, 2, 0)  # [C, W, I] = ‖a_w‖²
-    e_norm = E.pow(2).sum(2).sqrt()[:, :, None]  # [C, W, 1]
-    cos = num / (e_norm * ctx_sq.clamp(min=0).sqrt()).clamp(min=eps)
+    e_norm = _sqrt(E.pow(2).sum(2))[:, :, None]  # [C, W, 1]
+    cos = num / (e_norm * _sqrt(ctx_sq)).clamp(min=eps)
     m = wmask[:, :, None]
     out = _aggregate(cos, m, 1, agg, lam_lse, lens[:, None].to(cos.dtype))  # [C, I]
     if max_term:
@@ -158,14 +163,14 @@ def _i2t_shard(V, nreg, E, lens, lam, agg, lam_lse, raw_norm, eps) -> torch.Tens
     X = S
     if raw_norm == "clipped_l2norm":
         X = F.leaky_relu(S, 0.1) * rmask[None, None]
-        X = X / (X.pow(2).sum(dim=3, keepdim=True).sqrt() + eps)  # over regions
+        X = X / (_sqrt(X.pow(2).sum(dim=3, keepdim=True)) + eps)  # over regions
     B = torch.softmax((lam * X).masked_fill(~wmask[:, :, None, None], float("-inf")), dim=1)  # over words
     num = (B * S).sum(1)  # [C, I, R] = v_r · a_r
     H = E @ E.transpose(1, 2)  # [C, W, W]
     Bt = B.permute(0, 2, 3, 1).reshape(C, I * R, W)
     ctx_sq = ((Bt @ H) * Bt).sum(2).view(C, I, R)
-    v_norm = V.pow(2).sum(2).sqrt()[None]  # [1, I, R]
-    cos = num / (v_norm * ctx_sq.clamp(min=0).sqrt()).clamp(min=eps)
+    v_norm = _sqrt(V.pow(2).sum(2))[None]  # [1, I, R]
+    cos = num / (v_norm * _sqrt(ctx_sq)).clamp(min=eps)
     out = _aggregate(cos, rmask[None], 2, agg, lam_lse, nreg[None].to(cos.dtype))  # [C, I]
     return out.t()
 

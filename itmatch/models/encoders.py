@@ -13,7 +13,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+    """x / (‖x‖ + eps); all-zero rows (padding) stay 0 with a finite gradient (no sqrt'(0) = inf)."""
+    return x / (x.pow(2).sum(dim=dim, keepdim=True).clamp(min=1e-30).sqrt() + eps)
 
 
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

@@ -1,1 +1,23 @@
-# Block-overlap index (PFAN's position input) and GLFN's tag vectors' companions.
+# Block-overlap index (PFAN / GLFN position input): the L cells of a K×K grid each region overlaps most.
+# Datasets whose PFAN block files are imported (rule import_pfan_blocks, features.smk) are excluded here.
+
+
+rule blocks:
+    input:
+        regions="results/features/{dataset}/regions.h5",
+    output:
+        blocks="results/features/{dataset}/blocks.h5",
+    params:
+        K=config["blocks"]["K"],
+        L=config["blocks"]["L"],
+        code=code_version("itmatch.features.blocks"),
+    wildcard_constraints:
+        dataset=_datasets_where(lambda d: not (_import_spec(d) or {}).get("pfan_boxes")),  # features.smk
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        "logs/blocks/{dataset}.log",
+    script:
+        "../scripts/blocks.py"

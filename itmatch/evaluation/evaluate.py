@@ -1,0 +1,113 @@
+"""Encode a split and fill its [I, C] similarity matrix shard by shard; test metrics → metrics.json.
+
+Generic over models: images and captions are encoded in chunks (``model.encode_images`` /
+``encode_captions``, whatever structure they return) and ``model.score`` is called for every pair of an
+image chunk and a caption chunk, so memory is bounded by the chunk sizes plus the encoded split. A
+checkpoint with several parts (SCAN / PFAN t2i + i2t) is scored part by part and the parts' similarity
+matrices are averaged (the papers' fusion).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from itmatch.evaluation.metrics import protocols
+from itmatch.models.base import MatchingModel
+from itmatch.models.registry import build_model
+from itmatch.training.data import Corpus, RowDataset, collate_captions, collate_images, loader
+from itmatch.utils.logs import log, progress
+
+
+@torch.no_grad()
+def similarity(model: MatchingModel, corpus: Corpus, image_rows: np.ndarray, caption_rows: np.ndarray,
+               image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, desc: str = "score"
+               ) -> np.ndarray:
+    """[len(image_rows), len(caption_rows)] float32 similarities."""
+    model.eval()
+    imgs = [model.encode_images(b) for b in loader(RowDataset(corpus, image_rows, "images"), batch_size=image_batch,
+                                                    num_workers=num_workers, collate=collate_images)]
+    caps = [model.encode_captions(b) for b in loader(RowDataset(corpus, caption_rows, "captions"),
+                                                     batch_size=caption_batch, num_workers=num_workers,
+                                                     collate=collate_captions)]
+    sim = np.zeros((len(image_rows), len(caption_rows)), dtype=np.float32)
+    i0 = 0
+    for img in progress(imgs, desc=desc, unit="image chunk"):
+        c0 = 0
+        n_i = 0
+        for cap in caps:
+            s = model.score(img, cap).float().cpu().numpy()
+            n_i = s.shape[0]
+            sim[i0:i0 + n_i, c0:c0 + s.shape[1]] = s
+            c0 += s.shape[1]
+        i0 += n_i
+    return sim
+
+
+def split_rows(corpus: Corpus, split: str, max_images: int | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                                    np.ndarray]:
+    """Image rows, caption rows and each caption's position in the image rows, for one split."""
+    image_rows = corpus.rows(split, "images")
+    if max_images:
+        image_rows = image_rows[:max_images]
+    pos = {int(r): k for k, r in enumerate(image_rows)}
+    caption_rows = corpus.rows(split, "captions")
+    caption_rows = caption_rows[np.isin(corpus.caption_image[caption_rows], image_rows)]
+    cap_image = np.array([pos[int(corpus.caption_image[c])] for c in caption_rows], dtype=np.int64)
+    if len(image_rows) == 0:
+        raise ValueError(f"split {split!r} has no images")
+    return image_rows, caption_rows, cap_image
+
+
+def load_parts(checkpoint: str, corpus_info: dict[str, Any] | None = None) -> tuple[str, list[MatchingModel]]:
+    """Models of every part of a checkpoint written by :func:`itmatch.training.loop.write_checkpoint`."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if ck.get("format") != "itmatch-checkpoint":
+        raise ValueError(f"{checkpoint}: not an itmatch checkpoint")
+    models = []
+    for part in ck["parts"]:
+        m = build_model(ck["model"], part["config"], part["data_info"])
+        m.load_state_dict(part["state_dict"])
+        m.eval()
+        models.append(m)
+    return ck["model"], models
+
+
+def evaluate_checkpoint(checkpoint: str, corpus: Corpus, split: str = "test", folds: int = 1, full: bool = False,
+                        image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0
+                        ) -> tuple[dict[str, Any], int, int]:
+    """(protocols block, n_images, n_captions) of a checkpoint on a split; fused parts averaged."""
+    _, models = load_parts(checkpoint)
+    image_rows, caption_rows, cap_image = split_rows(corpus, split)
+    sim = None
+    for k, m in enumerate(models):
+        s = similarity(m, corpus, image_rows, caption_rows, image_batch, caption_batch, num_workers,
+                       desc=f"{split} part {k + 1}/{len(models)}")
+        sim = s if sim is None else sim + s
+    sim /= len(models)
+    return protocols(sim, cap_image, folds=folds, full=full), len(image_rows), len(caption_rows)
+
+
+def run_evaluation(model_name: str, checkpoint: str, corpus: Corpus, out_json: str, eval_cfg: dict[str, Any],
+                   config: dict[str, Any], code_version: str) -> dict[str, Any]:
+    """Test metrics of ``checkpoint`` → ``out_json`` (the contract's metrics.json)."""
+    from itmatch.utils.io import write_json
+
+    t0 = time.time()
+    torch.set_num_threads(int(eval_cfg.get("threads", 1)))
+    prot, n_img, n_cap = evaluate_checkpoint(
+        checkpoint, corpus, split=eval_cfg.get("split", "test"), folds=int(eval_cfg.get("folds", 1)),
+        full=bool(eval_cfg.get("full", False)), image_batch=int(eval_cfg.get("image_batch", 128)),
+        caption_batch=int(eval_cfg.get("caption_batch", 512)), num_workers=int(eval_cfg.get("num_workers", 0)))
+    out = {"model": model_name, "dataset": config.get("dataset", ""), "protocols": prot, "n_images": n_img,
+           "n_captions": n_cap, "checkpoint": str(checkpoint), "config": config, "code_version": code_version,
+           "seconds": round(time.time() - t0, 2)}
+    for name, p in prot.items():
+        log.info("%s %s: i2t R@1 %.1f R@5 %.1f R@10 %.1f | t2i R@1 %.1f R@5 %.1f R@10 %.1f | rSum %.1f", model_name,
+                 name, p["i2t"]["r1"], p["i2t"]["r5"], p["i2t"]["r10"], p["t2i"]["r1"], p["t2i"]["r5"],
+                 p["t2i"]["r10"], p["rsum"])
+    write_json(out_json, out)
+    return out

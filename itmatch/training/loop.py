@@ -1,0 +1,222 @@
+"""The training loop shared by every model (VSE++/SCAN recipe), with exact resume.
+
+Adam; step-decay learning rate ``lr · lr_decay^(epoch // lr_decay_epochs)``; gradient norm clipped at
+``grad_clip``; loss = the model's ``loss`` (default: hardest-negative bidirectional triplet loss, margin
+``margin``); validation (rSum on up to ``val_max_images`` images of the val split) after every epoch and
+every ``val_every_steps`` steps; the best model by val rSum is kept; one ``train_log.csv`` row per
+validation (epoch, step, loss, val R@K both ways, rSum, lr, seconds).
+
+Resume: the complete state — model, optimizer, epoch, position in the epoch's batch order (a permutation
+from seed and epoch), best model and rSum, log rows, running loss, RNG states — is saved atomically to
+``state_path`` every ``checkpoint_every_steps`` steps, after each validation and on SIGTERM. A killed job
+(SIGTERM or SIGKILL at any moment) started again continues from the last saved state and, on CPU with the
+same seed and thread count, ends with exactly the same model as an uninterrupted run. A state older than
+the inputs, or written with other settings, is ignored (logged). The state is deleted on success.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from itmatch.evaluation.evaluate import similarity, split_rows
+from itmatch.evaluation.metrics import retrieval_metrics
+from itmatch.models.registry import build_model
+from itmatch.training.data import Corpus, PairDataset, collate_pairs, epoch_batches, loader
+from itmatch.training.loss import ContrastiveLoss
+from itmatch.utils.io import atomic_path
+from itmatch.utils.logs import log
+
+LOG_COLUMNS = ["epoch", "step", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "lr",
+               "seconds"]
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0, "epochs": 30, "batch_size": 128, "lr": 2e-4, "lr_decay": 0.1, "lr_decay_epochs": 15,
+    "grad_clip": 2.0, "margin": 0.2, "max_violation": True, "val_every_steps": 0, "val_max_images": 1000,
+    "checkpoint_every_steps": 100, "num_workers": 0, "threads": 1,
+}
+
+
+def _settings_hash(*objs: Any) -> str:
+    return hashlib.sha256(json.dumps(objs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save(path: Path, obj: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_checkpoint(path: str | Path, model_name: str, parts: list[dict[str, Any]]) -> None:
+    """model.pt: ``{"format": "itmatch-checkpoint", "model": name, "parts": [{name, config, data_info,
+    state_dict, epoch, step, val_rsum}, ...]}`` (one part per separately trained direction)."""
+    _save(Path(path), {"format": "itmatch-checkpoint", "model": model_name, "parts": parts})
+
+
+def write_log(path: str | Path, rows: list[dict[str, Any]], extra: list[str] | None = None) -> None:
+    cols = (extra or []) + LOG_COLUMNS
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in cols})
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def validate(model, corpus: Corpus, max_images: int, num_workers: int = 0) -> dict[str, Any]:
+    image_rows, caption_rows, cap_image = split_rows(corpus, "val", max_images)
+    sim = similarity(model, corpus, image_rows, caption_rows, num_workers=num_workers, desc="val")
+    return retrieval_metrics(sim, cap_image)
+
+
+def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any], corpus: Corpus,
+                out_model: str | Path, out_log: str | Path, state_path: str | Path,
+                input_files: list[str] | None = None, part: str = "",
+                stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Train one model (one part of a fused model), write its checkpoint and log; returns the best part."""
+    t = {**DEFAULTS, **tcfg}
+    state_path = Path(state_path)
+    torch.set_num_threads(int(t["threads"]))
+    data_info = dict(corpus.info)
+    key = _settings_hash(model_name, model_cfg, {k: v for k, v in t.items() if k not in ("num_workers",)},
+                         data_info, part)
+    torch.manual_seed(int(t["seed"]))
+    np.random.seed(int(t["seed"]) % 2 ** 32)
+    random.seed(int(t["seed"]))
+    model = build_model(model_name, model_cfg, data_info)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=float(t["lr"]))
+    criterion = ContrastiveLoss(margin=float(t["margin"]), max_violation=bool(t["max_violation"]))
+    train_rows = corpus.rows("train", "captions")
+    dataset = PairDataset(corpus, train_rows)
+    st: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_rsum": -1.0, "best": None, "best_at": None,
+                          "rows": [], "loss_sum": 0.0, "loss_n": 0, "seconds": 0.0}
+    if state_path.exists():
+        newest_input = max((os.path.getmtime(f) for f in (input_files or []) if os.path.exists(f)), default=0.0)
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        if saved.get("key") != key:
+            log.info("ignoring %s: written with other settings", state_path)
+        elif os.path.getmtime(state_path) < newest_input:
+            log.info("ignoring %s: older than the inputs", state_path)
+        else:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            _set_rng_state(saved["rng"])
+            st = saved["loop"]
+            log.info("resuming from %s: epoch %d, batch %d, step %d", state_path, st["epoch"], st["batch"],
+                     st["step"])
+
+    stop = {"flag": False}
+
+    def on_term(signum, frame):  # finish the current step, save, exit
+        stop["flag"] = True
+
+    old_handler = signal.signal(signal.SIGTERM, on_term) if hasattr(signal, "SIGTERM") else None
+    t_start = time.time() - st["seconds"]
+
+    def save_state() -> None:
+        st["seconds"] = time.time() - t_start
+        _save(state_path, {"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "rng": _rng_state(), "loop": st})
+
+    def lr_at(epoch: int) -> float:
+        return float(t["lr"]) * float(t["lr_decay"]) ** (epoch // max(1, int(t["lr_decay_epochs"])))
+
+    def do_validation(epoch: int) -> None:
+        m = validate(model, corpus, int(t["val_max_images"]), int(t["num_workers"]))
+        row = {"epoch": epoch, "step": st["step"], "loss": st["loss_sum"] / max(1, st["loss_n"]),
+               **{f"{d}_r{k}": m[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)},
+               "rsum": m["rsum"], "lr": lr_at(epoch), "seconds": round(time.time() - t_start, 2)}
+        st["rows"].append(row)
+        st["loss_sum"], st["loss_n"] = 0.0, 0
+        log.info("%s%s epoch %d step %d: loss %.4f val rSum %.2f (i2t R@1 %.1f, t2i R@1 %.1f)", model_name,
+                 f"/{part}" if part else "", epoch, st["step"], row["loss"], m["rsum"], m["i2t"]["r1"],
+                 m["t2i"]["r1"])
+        if m["rsum"] > st["best_rsum"]:
+            st["best_rsum"] = m["rsum"]
+            st["best"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            st["best_at"] = {"epoch": epoch, "step": st["step"]}
+        model.train()
+
+    epochs = int(t["epochs"])
+    every_ckpt = int(t["checkpoint_every_steps"])
+    every_val = int(t["val_every_steps"])
+    try:
+        while st["epoch"] < epochs:
+            epoch = st["epoch"]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch)
+            batches = epoch_batches(len(dataset), int(t["batch_size"]), int(t["seed"]), epoch)
+            model.train()
+            if st["batch"] < len(batches):
+                for images, captions in loader(dataset, batches[st["batch"]:], num_workers=int(t["num_workers"]),
+                                               collate=collate_pairs):
+                    loss, _ = model.loss(images, captions, criterion)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if float(t["grad_clip"]) > 0:
+                        torch.nn.utils.clip_grad_norm_(params, float(t["grad_clip"]))
+                    opt.step()
+                    st["batch"] += 1
+                    st["step"] += 1
+                    st["loss_sum"] += float(loss.detach())
+                    st["loss_n"] += 1
+                    if every_val and st["step"] % every_val == 0 and st["batch"] < len(batches):
+                        do_validation(epoch)
+                        save_state()
+                    elif every_ckpt and st["step"] % every_ckpt == 0:
+                        save_state()
+                    if stop["flag"] or (stop_after_steps is not None and st["step"] >= stop_after_steps):
+                        save_state()
+                        raise SystemExit(f"stopped at step {st['step']} (state saved to {state_path})")
+            do_validation(epoch)
+            st["epoch"] += 1
+            st["batch"] = 0
+            save_state()
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+    best = {"name": part, "config": model_cfg, "data_info": data_info, "state_dict": st["best"],
+            "epoch": st["best_at"]["epoch"], "step": st["best_at"]["step"], "val_rsum": st["best_rsum"],
+            "train_seconds": round(time.time() - t_start, 2)}
+    write_checkpoint(out_model, model_name, [best])
+    write_log(out_log, st["rows"])
+    state_path.unlink(missing_ok=True)
+    log.info("best val rSum %.2f at epoch %d step %d; %.0f s", st["best_rsum"], best["epoch"], best["step"],
+             best["train_seconds"])
+    return best
+
+
+def fuse_checkpoints(model_name: str, part_models: list[str], part_logs: list[str], parts: list[str],
+                     out_model: str | Path, out_log: str | Path) -> None:
+    """Separately trained directions → one checkpoint with several parts (averaged at evaluation) and one
+    log with a ``part`` column."""
+    all_parts, rows = [], []
+    for name, mp, lp in zip(parts, part_models, part_logs, strict=True):
+        ck = torch.load(mp, map_location="cpu", weights_only=False)
+        for p in ck["parts"]:
+            p["name"] = name
+            all_parts.append(p)
+        with open(lp, encoding="utf-8") as fh:
+            rows += [{"part": name, **r} for r in csv.DictReader(fh)]
+    write_checkpoint(out_model, model_name, all_parts)
+    write_log(out_log, rows, extra=["part"])

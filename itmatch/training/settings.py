@@ -1,0 +1,58 @@
+"""Effective settings of one training run: config sections merged with their per-dataset / per-model overrides.
+
+- ``training``: defaults, then ``training.datasets.<dataset>``, then ``training.models.<model>``, then
+  ``training.models.<model>.datasets.<dataset>`` (e.g. COCO's 5e-4 / decay at 10 of 20 epochs).
+- ``models.<model>``: the model's block, then ``models.<model>.datasets.<dataset>``; the ``datasets`` key is
+  dropped before the model sees its config.
+- ``evaluation``: defaults, then ``evaluation.datasets.<dataset>`` (COCO: 5 folds + 5K).
+- Fused models: ``models.<model>.fuse`` lists the directions trained separately (``[t2i, i2t]``); each part
+  gets the model config with ``direction`` set.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def training_settings(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
+    t = config.get("training") or {}
+    base = {k: v for k, v in t.items() if k not in ("datasets", "models")}
+    base = _merge(base, (t.get("datasets") or {}).get(dataset))
+    m = (t.get("models") or {}).get(model) or {}
+    base = _merge(base, {k: v for k, v in m.items() if k != "datasets"})
+    return _merge(base, (m.get("datasets") or {}).get(dataset))
+
+
+def model_settings(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
+    m = (config.get("models") or {}).get(model) or {}
+    base = {k: v for k, v in m.items() if k != "datasets"}
+    return _merge(base, (m.get("datasets") or {}).get(dataset))
+
+
+def evaluation_settings(config: dict[str, Any], dataset: str) -> dict[str, Any]:
+    e = config.get("evaluation") or {}
+    base = {k: v for k, v in e.items() if k != "datasets"}
+    return _merge(base, (e.get("datasets") or {}).get(dataset))
+
+
+def fused_parts(model_cfg: dict[str, Any]) -> list[str]:
+    """Directions trained as separate models (empty: one model, no parts)."""
+    return list(model_cfg.get("fuse") or [])
+
+
+def part_config(model_cfg: dict[str, Any], part: str | None) -> dict[str, Any]:
+    cfg = {k: v for k, v in model_cfg.items() if k != "fuse"}
+    if part:
+        cfg["direction"] = part
+    return cfg

@@ -1,0 +1,76 @@
+"""A small learnable corpus in the artifact contract's formats (tests, memory benchmark).
+
+Each image has a few "concepts" (word ids); its region features are the concepts' random prototype
+vectors plus noise, its captions name its concepts. Writes images.parquet, captions.parquet,
+tokens.parquet, vocab.json, regions.h5 (float16 features, one image per chunk) and blocks.h5.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from itmatch.features.blocks import compute_blocks, write_blocks
+from itmatch.training.data import DataPaths
+
+
+def write_synthetic_corpus(root: str | Path, n_train: int = 40, n_val: int = 10, n_test: int = 10, R: int = 6,
+                           D: int = 32, n_words: int = 30, per: int = 5, seed: int = 0, K: int = 4, L: int = 3,
+                           chunk: int = 4096) -> DataPaths:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    N = len(splits)
+    image_ids = np.arange(1000, 1000 + N, dtype=np.int64)
+    pq.write_table(pa.table({"image_id": image_ids, "split": splits, "file": [f"{i}.jpg" for i in image_ids],
+                             "width": np.full(N, 100, np.int64), "height": np.full(N, 80, np.int64)}),
+                   root / "images.parquet")
+    vocab = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(n_words)]
+    (root / "vocab.json").write_text(json.dumps({"idx2word": vocab}), encoding="utf-8")
+    protos = rng.standard_normal((len(vocab), D)).astype(np.float32)
+    cap_ids, cap_img, cap_split, toks = [], [], [], []
+    with h5py.File(root / "regions.h5", "w") as f:
+        f.create_dataset("image_id", data=image_ids)
+        feats = f.create_dataset("features", (N, R, D), dtype="float16", chunks=(1, R, D))
+        boxes = np.zeros((N, R, 4), np.float32)
+        nreg = np.zeros(N, np.int16)
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            block = np.zeros((e - s, R, D), np.float32)
+            for k, n in enumerate(range(s, e)):
+                concepts = rng.choice(np.arange(4, len(vocab)), size=3, replace=False)
+                nr = int(rng.integers(max(1, R - 2), R + 1))
+                nreg[n] = nr
+                block[k, :nr] = protos[rng.choice(concepts, nr)] + 0.3 * rng.standard_normal((nr, D))
+                xy = rng.uniform(0, 60, (nr, 2))
+                boxes[n, :nr] = np.concatenate([xy, xy + rng.uniform(5, 40, (nr, 2))], 1)
+                for j in range(per):
+                    length = int(rng.integers(2, 6))
+                    toks.append(rng.choice(concepts, length).astype(np.int32).tolist())
+                    cap_ids.append(int(image_ids[n]) * 10 + j)
+                    cap_img.append(int(image_ids[n]))
+                    cap_split.append(splits[n])
+            feats[s:e] = block.astype(np.float16)
+        f.create_dataset("boxes", data=boxes)
+        f.create_dataset("image_hw", data=np.tile(np.array([[80, 100]], np.int32), (N, 1)))
+        f.create_dataset("num_regions", data=nreg)
+        f.create_dataset("object_id", data=np.zeros((N, R), np.int16))
+        f.create_dataset("attribute_id", data=np.zeros((N, R), np.int16))
+        f.create_dataset("object_conf", data=np.ones((N, R), np.float16))
+        f.attrs["feature_dim"] = D
+    pq.write_table(pa.table({"caption_id": np.array(cap_ids, np.int64), "image_id": np.array(cap_img, np.int64),
+                             "split": cap_split, "text": [" ".join(vocab[t] for t in c) for c in toks]}),
+                   root / "captions.parquet")
+    pq.write_table(pa.table({"caption_id": pa.array(cap_ids, pa.int64()),
+                             "tokens": pa.array(toks, pa.list_(pa.int32()))}), root / "tokens.parquet")
+    index, weight, _ = compute_blocks(boxes, np.tile([[80, 100]], (N, 1)), K, L, nreg)
+    write_blocks(root / "blocks.h5", image_ids, index, weight, K, L)
+    return DataPaths(images=str(root / "images.parquet"), captions=str(root / "captions.parquet"),
+                     tokens=str(root / "tokens.parquet"), vocab=str(root / "vocab.json"),
+                     regions=str(root / "regions.h5"), blocks=str(root / "blocks.h5"))
