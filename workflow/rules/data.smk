@@ -27,6 +27,7 @@ rule ingest:
         captions="results/data/{dataset}/captions.parquet",
     params:
         options=lambda wc: ingest_options(wc.dataset),
+        bad_images=lambda wc: f"resources/{wc.dataset}/bad_images.txt",  # the download's image check
         code=code_version("itmatch.data.ingest"),
     threads: 2
     resources:
