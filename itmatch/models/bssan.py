@@ -21,8 +21,8 @@ For a pair (image i, caption with words t¹..t^L, 300-d embeddings):
   regulariser covers every weight matrix/tensor of θ_w2r and θ_o2w (dim ≥ 2: attention W, W', LSTMs,
   MLPs) but not biases, BatchNorm or the word embedding (GloVe, not part of θ in the paper;
   ``reg_embedding`` adds it). Because δ‖θ‖² is inside the loss, the optimizer should use **no extra
-  weight decay**; the paper trains with SGD (lr 0.01, momentum 0.9), recorded in
-  ``models.bssan.training`` for the training loop.
+  weight decay**. The paper trains with SGD (lr 0.01, momentum 0.9); the shared loop
+  (``training.models.bssan``) uses Adam, which is what runs here.
 - **Score** (eq. 19): ``MS = Y + λ·Y'``. Ablations: ``branches: w2r`` (BSSAN_w2r, score Y), ``o2w``
   (BSSAN_o2w, score Y'), ``delta: 0`` (BSSAN_no_reg).
 

@@ -40,8 +40,11 @@ Choices where the paper is silent (all in ``config.yaml`` → ``models.caan``):
 Scoring is pairwise (the attention depends on the pair): :meth:`score` evaluates all I×C pairs with
 batched tensor ops, ``pair_chunk`` pairs at a time (memory ≈ pair_chunk · n · z floats per
 intermediate); under autograd each chunk is checkpointed (``checkpoint``) so training memory stays
-bounded too. Training: §4.2's schedules are ``models.caan.training`` in the config (Adam; F30K lr 2e-4
-for 15 epochs then 2e-5 for 15; COCO 5e-4 for 10 then ×0.1 for 10; best model by val rSum).
+bounded too.
+
+Training (read by the shared loop from ``training.models.caan``, not by this module): §4.2 uses Adam,
+Flickr30K lr 2e-4 for 15 epochs then 2e-5 for 15, COCO 5e-4 for 10 then ×0.1 for 10, best model by
+val rSum; the loss is the default (shared ``ContrastiveLoss``, hardest negatives, eq. 19).
 """
 
 from __future__ import annotations
