@@ -28,9 +28,14 @@ def similarity(model: MatchingModel, corpus: Corpus, image_rows: np.ndarray, cap
                ) -> np.ndarray:
     """[len(image_rows), len(caption_rows)] float32 similarities."""
     model.eval()
-    imgs = [model.encode_images(b) for b in loader(RowDataset(corpus, image_rows, "images"), batch_size=image_batch,
+    dev = next(iter(model.parameters())).device
+
+    def mv(b):
+        return b if dev.type == "cpu" else {k: v.to(dev) for k, v in b.items()}
+
+    imgs = [model.encode_images(mv(b)) for b in loader(RowDataset(corpus, image_rows, "images"), batch_size=image_batch,
                                                     num_workers=num_workers, collate=collate_images)]
-    caps = [model.encode_captions(b) for b in loader(RowDataset(corpus, caption_rows, "captions"),
+    caps = [model.encode_captions(mv(b)) for b in loader(RowDataset(corpus, caption_rows, "captions"),
                                                      batch_size=caption_batch, num_workers=num_workers,
                                                      collate=collate_captions)]
     sim = np.zeros((len(image_rows), len(caption_rows)), dtype=np.float32)
@@ -62,7 +67,7 @@ def split_rows(corpus: Corpus, split: str, max_images: int | None = None) -> tup
     return image_rows, caption_rows, cap_image
 
 
-def load_parts(checkpoint: str, corpus_info: dict[str, Any] | None = None) -> tuple[str, list[MatchingModel]]:
+def load_parts(checkpoint: str, device: str = "cpu") -> tuple[str, list[MatchingModel]]:
     """Models of every part of a checkpoint written by :func:`itmatch.training.loop.write_checkpoint`."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if ck.get("format") != "itmatch-checkpoint":
@@ -71,16 +76,18 @@ def load_parts(checkpoint: str, corpus_info: dict[str, Any] | None = None) -> tu
     for part in ck["parts"]:
         m = build_model(ck["model"], part["config"], part["data_info"])
         m.load_state_dict(part["state_dict"])
-        m.eval()
+        m.to(device).eval()
         models.append(m)
     return ck["model"], models
 
 
 def evaluate_checkpoint(checkpoint: str, corpus: Corpus, split: str = "test", folds: int = 1, full: bool = False,
-                        image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0
+                        image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, device: str = "cpu"
                         ) -> tuple[dict[str, Any], int, int]:
     """(protocols block, n_images, n_captions) of a checkpoint on a split; fused parts averaged."""
-    _, models = load_parts(checkpoint)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, models = load_parts(checkpoint, device)
     image_rows, caption_rows, cap_image = split_rows(corpus, split)
     sim = None
     for k, m in enumerate(models):
@@ -101,7 +108,8 @@ def run_evaluation(model_name: str, checkpoint: str, corpus: Corpus, out_json: s
     prot, n_img, n_cap = evaluate_checkpoint(
         checkpoint, corpus, split=eval_cfg.get("split", "test"), folds=int(eval_cfg.get("folds", 1)),
         full=bool(eval_cfg.get("full", False)), image_batch=int(eval_cfg.get("image_batch", 128)),
-        caption_batch=int(eval_cfg.get("caption_batch", 512)), num_workers=int(eval_cfg.get("num_workers", 0)))
+        caption_batch=int(eval_cfg.get("caption_batch", 512)), num_workers=int(eval_cfg.get("num_workers", 0)),
+        device=str(eval_cfg.get("device", "cpu")))
     out = {"model": model_name, "dataset": config.get("dataset", ""), "protocols": prot, "n_images": n_img,
            "n_captions": n_cap, "checkpoint": str(checkpoint), "config": config, "code_version": code_version,
            "seconds": round(time.time() - t0, 2)}

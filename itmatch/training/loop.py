@@ -43,8 +43,29 @@ LOG_COLUMNS = ["epoch", "step", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",
 DEFAULTS: dict[str, Any] = {
     "seed": 0, "epochs": 30, "batch_size": 128, "lr": 2e-4, "lr_decay": 0.1, "lr_decay_epochs": 15,
     "grad_clip": 2.0, "margin": 0.2, "max_violation": True, "val_every_steps": 0, "val_max_images": 1000,
-    "checkpoint_every_steps": 100, "num_workers": 0, "threads": 1,
+    "checkpoint_every_steps": 100, "num_workers": 0, "threads": 1, "optimizer": "adam", "momentum": 0.9,
+    "weight_decay": 0.0, "device": "cpu",
 }
+RESOURCE_KEYS = ("num_workers", "threads", "mem_mb", "runtime", "device")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], t: dict[str, Any]) -> torch.optim.Optimizer:
+    if t["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=float(t["lr"]), weight_decay=float(t["weight_decay"]))
+    if t["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=float(t["lr"]), momentum=float(t["momentum"]),
+                               weight_decay=float(t["weight_decay"]))
+    raise ValueError(f"training.optimizer must be 'adam' or 'sgd', got {t['optimizer']!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _settings_hash(*objs: Any) -> str:
@@ -96,14 +117,15 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     state_path = Path(state_path)
     torch.set_num_threads(int(t["threads"]))
     data_info = dict(corpus.info)
-    key = _settings_hash(model_name, model_cfg, {k: v for k, v in t.items() if k not in ("num_workers",)},
+    key = _settings_hash(model_name, model_cfg, {k: v for k, v in t.items() if k not in RESOURCE_KEYS},
                          data_info, part)
+    device = resolve_device(str(t["device"]))
     torch.manual_seed(int(t["seed"]))
     np.random.seed(int(t["seed"]) % 2 ** 32)
     random.seed(int(t["seed"]))
-    model = build_model(model_name, model_cfg, data_info)
+    model = build_model(model_name, model_cfg, data_info).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=float(t["lr"]))
+    opt = make_optimizer(params, t)
     criterion = ContrastiveLoss(margin=float(t["margin"]), max_violation=bool(t["max_violation"]))
     train_rows = corpus.rows("train", "captions")
     dataset = PairDataset(corpus, train_rows)
@@ -111,7 +133,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
                           "rows": [], "loss_sum": 0.0, "loss_n": 0, "seconds": 0.0}
     if state_path.exists():
         newest_input = max((os.path.getmtime(f) for f in (input_files or []) if os.path.exists(f)), default=0.0)
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = torch.load(state_path, map_location=device, weights_only=False)
         if saved.get("key") != key:
             log.info("ignoring %s: written with other settings", state_path)
         elif os.path.getmtime(state_path) < newest_input:
@@ -152,7 +174,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
                  m["t2i"]["r1"])
         if m["rsum"] > st["best_rsum"]:
             st["best_rsum"] = m["rsum"]
-            st["best"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            st["best"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             st["best_at"] = {"epoch": epoch, "step": st["step"]}
         model.train()
 
@@ -169,7 +191,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
             if st["batch"] < len(batches):
                 for images, captions in loader(dataset, batches[st["batch"]:], num_workers=int(t["num_workers"]),
                                                collate=collate_pairs):
-                    loss, _ = model.loss(images, captions, criterion)
+                    loss, _ = model.loss(to_device(images, device), to_device(captions, device), criterion)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if float(t["grad_clip"]) > 0:

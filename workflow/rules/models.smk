@@ -1,1 +1,147 @@
 # Training and evaluation of every model: results/{model}/{dataset}/{model.pt,train_log.csv,metrics.json}.
+# Generic over {model}: the inputs come from INPUTS[model] (itmatch/models/base.py). Models with
+# models.<model>.fuse (SCAN, PFAN: [t2i, i2t]) train one model per direction under
+# results/{model}/{dataset}/{part}/ and rule fuse_parts combines them (evaluation averages their scores).
+from itmatch.models.base import INPUTS
+from itmatch.training.settings import (evaluation_settings, fused_parts, model_settings, part_config,
+                                       training_settings)
+
+_FUSED = [m for m in MODELS if fused_parts((config["models"].get(m) or {}))]
+_SINGLE = [m for m in MODELS if m not in _FUSED]
+_COMMON_CODE = ("itmatch.models.base", "itmatch.models.encoders", "itmatch.models.attention",
+                "itmatch.models.registry", "itmatch.training")
+_MODEL_CODE = {"pfan": ("itmatch.models.pfan", "itmatch.models.scan"),
+               "smfea": ("itmatch.models.smfea", "itmatch.models.tree_lstm")}
+
+
+def _alt(names):
+    return "|".join(names) if names else "(?!x)x"
+
+
+def _model_code(model):
+    return code_version(*_COMMON_CODE, *_MODEL_CODE.get(model, (f"itmatch.models.{model}",)))
+
+
+def _model_inputs(wc):
+    d = wc.dataset
+    inp = {"images": f"results/data/{d}/images.parquet", "captions": f"results/data/{d}/captions.parquet",
+           "tokens": f"results/text/{d}/tokens.parquet", "vocab": f"results/text/{d}/vocab.json",
+           "regions": f"results/features/{d}/regions.h5"}
+    req = INPUTS[wc.model]
+    if "blocks" in req:
+        inp["blocks"] = f"results/features/{d}/blocks.h5"
+    if "tags" in req:
+        inp["tags"] = f"results/features/{d}/tags.h5"
+    if "bert" in req:
+        inp["bert"] = f"results/text/{d}/bert.h5"
+    if "trees" in req:
+        inp["trees"] = f"results/text/{d}/trees.parquet"
+        inp["tree_vocab"] = f"results/text/{d}/tree_vocab.json"
+    return inp
+
+
+def _training(wc):
+    return training_settings(config, wc.model, wc.dataset)
+
+
+def _gpu(settings):
+    return {"gpu": 1} if settings.get("device") == "cuda" else {}
+
+
+_T = config["training"]
+_E = config["evaluation"]
+
+
+rule train_part:
+    input:
+        unpack(_model_inputs),
+    output:
+        model="results/{model}/{dataset}/{part}/model.pt",
+        log="results/{model}/{dataset}/{part}/train_log.csv",
+    params:
+        model_cfg=lambda wc: part_config(model_settings(config, wc.model, wc.dataset), wc.part),
+        training=_training,
+        code=lambda wc: _model_code(wc.model),
+    wildcard_constraints:
+        model=_alt(_FUSED),
+        part="t2i|i2t",
+    threads: _T["threads"]
+    resources:
+        mem_mb=_T["mem_mb"],
+        runtime=_T["runtime"],
+        **_gpu(_T),
+    log:
+        "logs/train/{model}/{dataset}.{part}.log",
+    script:
+        "../scripts/train.py"
+
+
+rule train_model:
+    input:
+        unpack(_model_inputs),
+    output:
+        model="results/{model}/{dataset}/model.pt",
+        log="results/{model}/{dataset}/train_log.csv",
+    params:
+        model_cfg=lambda wc: part_config(model_settings(config, wc.model, wc.dataset), None),
+        training=_training,
+        code=lambda wc: _model_code(wc.model),
+    wildcard_constraints:
+        model=_alt(_SINGLE),
+    threads: _T["threads"]
+    resources:
+        mem_mb=_T["mem_mb"],
+        runtime=_T["runtime"],
+        **_gpu(_T),
+    log:
+        "logs/train/{model}/{dataset}.log",
+    script:
+        "../scripts/train.py"
+
+
+def _parts(wc):
+    return fused_parts(model_settings(config, wc.model, wc.dataset))
+
+
+rule fuse_parts:
+    input:
+        models=lambda wc: [f"results/{wc.model}/{wc.dataset}/{p}/model.pt" for p in _parts(wc)],
+        logs=lambda wc: [f"results/{wc.model}/{wc.dataset}/{p}/train_log.csv" for p in _parts(wc)],
+    output:
+        model="results/{model}/{dataset}/model.pt",
+        log="results/{model}/{dataset}/train_log.csv",
+    params:
+        parts=_parts,
+    wildcard_constraints:
+        model=_alt(_FUSED),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        "logs/fuse/{model}/{dataset}.log",
+    script:
+        "../scripts/fuse_parts.py"
+
+
+rule evaluate:
+    input:
+        unpack(_model_inputs),
+        checkpoint="results/{model}/{dataset}/model.pt",
+    output:
+        metrics="results/{model}/{dataset}/metrics.json",
+    params:
+        evaluation=lambda wc: evaluation_settings(config, wc.dataset),
+        model_cfg=lambda wc: model_settings(config, wc.model, wc.dataset),
+        training=_training,
+        code=lambda wc: code_version(*_COMMON_CODE, "itmatch.evaluation",
+                                     *_MODEL_CODE.get(wc.model, (f"itmatch.models.{wc.model}",))),
+    threads: _E["threads"]
+    resources:
+        mem_mb=lambda wc: evaluation_settings(config, wc.dataset)["mem_mb"],
+        runtime=_E["runtime"],
+        **_gpu(_E),
+    log:
+        "logs/evaluate/{model}/{dataset}.log",
+    script:
+        "../scripts/evaluate.py"

@@ -1,0 +1,19 @@
+"""Rules train_part / train_model: train one model (or one direction of a fused one) with resume."""
+
+from pathlib import Path
+
+from itmatch.models.base import INPUTS
+from itmatch.training.data import Corpus, DataPaths
+from itmatch.training.loop import train_model
+from itmatch.utils.logs import setup_job_logging
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+setup_job_logging(sm.log[0])
+inp = sm.input
+paths = DataPaths(images=inp.images, captions=inp.captions, tokens=inp.tokens, vocab=inp.vocab, regions=inp.regions,
+                  **{k: getattr(inp, k) for k in ("blocks", "tags", "bert", "trees") if hasattr(inp, k)})
+model = sm.wildcards.model
+part = getattr(sm.wildcards, "part", "")
+training = {**sm.params.training, "threads": sm.threads}
+train_model(model, sm.params.model_cfg, training, Corpus(paths, INPUTS[model]), sm.output.model, sm.output.log,
+            state_path=Path(sm.output.model).parent / ".train_state.pt", input_files=list(sm.input), part=part)
