@@ -29,7 +29,8 @@ def test_tokenize_equals_nltk(text):
 
 def test_tokenize_equals_nltk_random_combinations():
     pieces = ["a", "Man", "dog.", '"x', 'y"', "'s", "can't", "3,5", "...", "(a)", "b,", ".", "'", "''", "--",
-              "st.", "e.g.", "x!", "gonna", "won't", "[b]", "o'clock", ":", "c:"]
+              "st.", "e.g.", "x!", "gonna", "won't", "[b]", "o'clock", ":", "c:", "cannot", "wanna.", "dog,",
+              "cat.", "3.", "a1,", "zebra", "gimme,", "Ünï.", "café,", "x,y", "1,000."]
     rng = random.Random(0)
     texts = [" ".join(rng.choice(pieces) for _ in range(rng.randint(1, 9))) for _ in range(3000)]
     assert tokenize_all(texts) == [tokenize_reference(t) for t in texts]

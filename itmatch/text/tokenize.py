@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections.abc import Iterable
+from itertools import chain
 
 from nltk.tokenize import TreebankWordTokenizer
 
@@ -19,12 +20,46 @@ _TB = TreebankWordTokenizer()
 _SENTINEL = "x"  # a plain word: the Treebank rules see it as ordinary surrounding text
 
 
-class _MiddleCache(dict):
-    """chunk → tokens of a chunk in the middle of a caption (filled on first use)."""
+# whole words the Treebank contraction rules split ("cannot" → "can not", "gonna" → "gon na", …)
+_SPLIT_WORDS = frozenset({"cannot", "gimme", "gonna", "gotta", "lemme", "wanna"})
+
+
+def _fast(chunk: str) -> tuple[str, ...] | None:
+    """Tokens of the commonest chunks without running the regexes: ``word``, ``word,`` and ``word.``
+    (the latter only valid at the end of a caption); None for anything else."""
+    if chunk.isascii():
+        if chunk.isalnum():
+            return None if chunk in _SPLIT_WORDS else (chunk,)
+        last, stem = chunk[-1], chunk[:-1]
+        if last in ",." and stem.isalnum() and stem not in _SPLIT_WORDS:
+            return (stem, last)
+    return None
+
+
+class _ChunkCache(dict):
+    """chunk → its tokens at one position of a caption (filled on first use).
+
+    ``where``: 0 middle, 1 first (of several), 2 last (of several), 3 the only chunk.
+    """
+
+    def __init__(self, where: int, max_size: int = 2_000_000) -> None:
+        super().__init__()
+        self.where, self.max_size = where, max_size
 
     def __missing__(self, chunk: str) -> tuple[str, ...]:
-        out = tuple(_TB.tokenize(_SENTINEL + " " + chunk + " " + _SENTINEL)[1:-1])
-        if len(self) < 2_000_000:
+        where = self.where
+        fast = _fast(chunk)
+        if fast is not None and (fast[-1] != "." or where >= 2):
+            out = fast
+        elif where == 3:
+            out = tuple(_TB.tokenize(chunk))
+        elif where == 1:
+            out = tuple(_TB.tokenize(chunk + " " + _SENTINEL)[:-1])
+        elif where == 2:
+            out = tuple(_TB.tokenize(_SENTINEL + " " + chunk)[1:])
+        else:
+            out = tuple(_TB.tokenize(_SENTINEL + " " + chunk + " " + _SENTINEL)[1:-1])
+        if len(self) < self.max_size:
             self[chunk] = out
         return out
 
@@ -32,44 +67,16 @@ class _MiddleCache(dict):
 class ChunkTokenizer:
     """Memoised Treebank tokenisation of whitespace chunks (equivalent to tokenising the whole)."""
 
-    def __init__(self, max_cache: int = 2_000_000) -> None:
-        self._cache: dict[tuple[str, int], tuple[str, ...]] = {}
-        self._mid = _MiddleCache()
-        self.max_cache = max_cache
-
-    def _chunk(self, chunk: str, where: int) -> tuple[str, ...]:
-        # where: 0 middle, 1 first, 2 last, 3 only chunk
-        key = (chunk, where)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        if where == 3:
-            toks = _TB.tokenize(chunk)
-        elif where == 1:
-            toks = _TB.tokenize(chunk + " " + _SENTINEL)[:-1]
-        elif where == 2:
-            toks = _TB.tokenize(_SENTINEL + " " + chunk)[1:]
-        else:
-            toks = _TB.tokenize(_SENTINEL + " " + chunk + " " + _SENTINEL)[1:-1]
-        out = tuple(toks)
-        if len(self._cache) < self.max_cache:
-            self._cache[key] = out
-        return out
+    def __init__(self) -> None:
+        self.mid, self.first, self.last, self.only = (_ChunkCache(w) for w in range(4))
 
     def __call__(self, text: str) -> list[str]:
         """Tokens of one caption (lowercased)."""
-        chunks = text.lower().split()
-        n = len(chunks)
-        if n == 0:
-            return []
-        if n == 1:
-            return list(self._chunk(chunks[0], 3))
-        mid = self._mid
-        out = list(self._chunk(chunks[0], 1))
-        for c in chunks[1:-1]:
-            out += mid[c]
-        out += self._chunk(chunks[-1], 2)
-        return out
+        c = text.lower().split()
+        if len(c) > 1:
+            return [*self.first[c[0]], *chain.from_iterable(map(self.mid.__getitem__, c[1:-1])),
+                    *self.last[c[-1]]]
+        return list(self.only[c[0]]) if c else []
 
 
 _DEFAULT = ChunkTokenizer()

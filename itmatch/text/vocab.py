@@ -18,6 +18,7 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,7 @@ class Vocab:
 
 def build_vocab(train_tokens: Sequence[Sequence[str]], min_count: int = 4) -> Vocab:
     """Words with at least ``min_count`` train occurrences, most frequent first, after the specials."""
-    counts: Counter[str] = Counter()
-    for toks in train_tokens:
-        counts.update(toks)
+    counts: Counter[str] = Counter(chain.from_iterable(train_tokens))
     for s in SPECIALS:
         counts.pop(s, None)
     kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
@@ -88,7 +87,7 @@ def encode_table(caption_ids: np.ndarray, tokens: Sequence[Sequence[str]], vocab
     offsets = np.zeros(len(tokens) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     get = vocab.word2idx.get
-    flat = np.fromiter((get(w, 3) for toks in tokens for w in toks), dtype=np.int32, count=int(offsets[-1]))
+    flat = np.fromiter(map(get, chain.from_iterable(tokens), repeat(3)), dtype=np.int32, count=int(offsets[-1]))
     lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int32()))
     return pa.table({"caption_id": pa.array(np.asarray(caption_ids, dtype=np.int64)), "tokens": lists})
 
