@@ -21,6 +21,7 @@ _RULES_INFO = r"""
 import json, sys
 from pathlib import Path
 from snakemake.api import SnakemakeApi
+from snakemake.io import is_flagged
 from snakemake.settings.types import (ConfigSettings, DeploymentSettings, OutputSettings, ResourceSettings,
                                       StorageSettings, WorkflowSettings)
 repo, workdir, configs = Path(sys.argv[1]), Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
@@ -36,7 +37,8 @@ with SnakemakeApi(OutputSettings()) as api:
                        "params": list(r.params._names) if r.params is not None else [],
                        "script": r.script, "shell": r.shellcmd,
                        "is_job": bool(r.script or r.shellcmd or r.notebook or r.wrapper or r.run_func and not r.norun),
-                       "local": r.name in wf._localrules, "file": str(r.snakefile)}
+                       "local": r.name in wf._localrules, "file": str(r.snakefile),
+                       "directory_outputs": [str(o) for o in r.output if is_flagged(o, "directory")]}
     print("RULES-JSON" + json.dumps(out))
 """
 

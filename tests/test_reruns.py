@@ -1,0 +1,159 @@
+"""Precise reruns: a change to one stage's parameters or code reruns that stage and its dependants only.
+
+The tiny DAG is laid out once without running it: every output of a dry-run plan is created as an empty
+placeholder, then `snakemake --touch` records each job's parameters, code hashes and inputs as if it had
+run. Each test changes one thing and reads which jobs a dry-run (`--rerun-triggers params code input
+mtime`, i.e. all of them) would rerun.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TEST_CONFIG
+from tests.test_profiles import workflow_rules
+
+CANDIDATES = [  # the tiny DAG's targets, as far as the workflow can plan them
+    "results/data/shapes/captions.parquet",
+    "results/features/shapes/regions.h5",
+    "results/features/shapes/blocks.h5",
+    "results/features/shapes/tags.h5",
+    "results/text/shapes/tokens.parquet",
+    "results/text/shapes/trees.parquet",
+    "results/text/shapes/bert.h5",
+    *(f"results/{m}/shapes/metrics.json" for m in ("scan", "pfan", "caan", "smfea", "glfn", "bssan")),
+]
+TRIGGERS = ["--rerun-triggers", "params", "code", "input", "mtime", "software-env"]
+
+
+def snakemake(workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile",
+              overrides: dict | None = None) -> subprocess.CompletedProcess:
+    configs = [str(REPO / "config" / "config.yaml"), str(TEST_CONFIG)]
+    if overrides:
+        extra = workdir.parent / f"override-{abs(hash(repr(overrides)))}.yaml"
+        extra.write_text(yaml.safe_dump(overrides))
+        configs.append(str(extra))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir), "--cores", "1",
+           *args, "--configfile", *configs]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> list[tuple[str, list[str]]]:
+    """(rule, outputs) of every job a dry-run plans."""
+    out = proc.stdout + proc.stderr
+    jobs = []
+    for rule, body in re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", out, flags=re.M | re.S):
+        m = re.search(r"^\s+output: (.*)$", body, flags=re.M)
+        jobs.append((rule, [o.strip() for o in m.group(1).split(",")] if m else []))
+    return jobs
+
+
+def plannable(workdir: Path, candidates: list[str]) -> list[str]:
+    """The candidates a dry-run can plan: all at once when possible (one call), else one by one."""
+    if snakemake(workdir, "-n", *candidates).returncode == 0:
+        return list(candidates)
+    return [t for t in candidates if snakemake(workdir, "-n", t).returncode == 0]
+
+
+def directory_patterns() -> list[re.Pattern]:
+    pats = []
+    for r in workflow_rules().values():
+        for o in r.get("directory_outputs", []):
+            pats.append(re.compile(re.sub(r"\\\{[^}]+\\\}", ".+", re.escape(o)) + "$"))
+    return pats
+
+
+@pytest.fixture(scope="module")
+def laid_out(tmp_path_factory) -> tuple[Path, list[str], set[str]]:
+    """A workdir where the whole tiny DAG is up to date (placeholders + --touch); its targets and rules."""
+    root = tmp_path_factory.mktemp("reruns")
+    workdir = root / "work"
+    workdir.mkdir()
+    targets = plannable(workdir, CANDIDATES)
+    plan = snakemake(workdir, "-n", *targets)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    dirs = directory_patterns()
+    for _, outputs in planned_jobs(plan):
+        for o in outputs:
+            p = workdir / o
+            if any(d.match(o) for d in dirs):
+                p.mkdir(parents=True, exist_ok=True)
+            else:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.touch()
+    touch = snakemake(workdir, "--touch", *targets)
+    assert touch.returncode == 0, touch.stderr[-3000:]
+    again = snakemake(workdir, "-n", *targets, *TRIGGERS)
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
+    return workdir, targets, {rule for rule, _ in planned_jobs(plan)}
+
+
+def test_block_grid_reruns_blocks_and_the_models_that_read_them(laid_out):
+    workdir, targets, rules = laid_out
+    if "blocks" not in rules:
+        pytest.skip("the block index is not part of the tiny DAG yet")
+    proc = snakemake(workdir, "-n", *targets, *TRIGGERS, overrides={"blocks": {"K": 8}})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = planned_jobs(proc)
+    assert "blocks" in {rule for rule, _ in jobs}
+    # Only the models that read blocks.h5 (PFAN, GLFN) follow.
+    for rule, outputs in jobs:
+        assert all(o == "results/features/shapes/blocks.h5" or o.startswith(("results/pfan/", "results/glfn/"))
+                   for o in outputs), (rule, outputs)
+    outs = {o for _, os_ in jobs for o in os_}
+    assert {t for t in targets if t.startswith(("results/pfan/", "results/glfn/"))} <= outs
+
+
+def test_detector_config_reruns_extraction_and_everything_downstream(laid_out):
+    workdir, targets, rules = laid_out
+    if "extract_regions_shard" not in rules:
+        pytest.skip("extraction is not part of the tiny DAG yet")
+    proc = snakemake(workdir, "-n", *targets, *TRIGGERS,
+                     overrides={"detector": {"inference": {"conf_thresh": 0.25}}})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {rule for rule, _ in planned_jobs(proc)}
+    assert {"extract_regions_shard", "gather_regions"} <= got
+    assert not got & {"generate_shapes", "ingest", "tokenize", "referral_trees", "bert_features", "train_detector"}
+    for downstream in ("blocks", "tag_vectors"):
+        if downstream in rules:
+            assert downstream in got
+    # Every model trained on the extracted regions reruns.
+    assert {t for t in targets if t.endswith("metrics.json")} <= {o for _, outs in planned_jobs(proc) for o in outs}
+
+
+def test_pfan_hyperparameter_reruns_pfan_only(laid_out):
+    workdir, targets, rules = laid_out
+    if "results/pfan/shapes/metrics.json" not in targets:
+        pytest.skip("PFAN is not part of the tiny DAG yet")
+    models_cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["models"]["pfan"]
+    key = next(k for k, v in models_cfg.items() if isinstance(v, int | float) and not isinstance(v, bool))
+    proc = snakemake(workdir, "-n", *targets, *TRIGGERS, overrides={"models": {"pfan": {key: models_cfg[key] + 1}}})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = planned_jobs(proc)
+    assert jobs
+    for rule, outputs in jobs:
+        assert all(o.startswith(("results/pfan/", "logs/")) for o in outputs), (rule, outputs)
+
+
+def test_editing_the_tokenizer_reruns_text_and_models(laid_out, tmp_path):
+    workdir, targets, rules = laid_out
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "results", "resources", "logs",
+                                                               ".snakemake", "__pycache__", "*.egg-info"))
+    tok = copy / "itmatch" / "text" / "tokenize.py"
+    tok.write_text(tok.read_text() + "\n# an edit\n")
+    proc = snakemake(workdir, "-n", *targets, *TRIGGERS, snakefile=copy / "Snakefile")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {rule for rule, _ in planned_jobs(proc)}
+    assert "tokenize" in got
+    assert not got & {"generate_shapes", "ingest", "extract_regions_shard", "gather_regions", "blocks",
+                      "referral_trees", "train_detector"}
+    outs = {o for _, os_ in planned_jobs(proc) for o in os_}
+    assert {t for t in targets if t.endswith("metrics.json")} <= outs  # every model reads tokens.parquet
