@@ -152,3 +152,45 @@ def test_report_rules_and_html_report(tmp_path):
     run_snakemake(tmp_path, *targets, *cfg, *allowed, "--report", str(tmp_path / "report.html"))
     html = (tmp_path / "report.html").read_text(errors="replace")
     assert len(html) > 10_000 and "recall_shapes.png" in html and "results.csv" in html
+
+
+def test_pfan_figure6_attention_and_picture(tmp_path):
+    """γ recomputed for the figure is the model's own position attention; the picture is a real PNG."""
+    import torch
+
+    from itmatch.models.pfan import PFAN
+    from itmatch.report.pfan_figure import draw, pfan_attention, select
+
+    torch.manual_seed(0)
+    K, R, L, W = 4, 5, 3, 6
+    model = PFAN(vocab_size=20, feature_dim=16, blocks_K=K, block_dim=8, embed_dim=16, word_dim=8).eval()
+    index = torch.randint(0, K * K, (1, R, L))
+    index[0, 0, 2] = K * K  # one padding cell
+    weight = torch.rand(1, R, L)
+    weight[0, 0, 2] = 0
+    boxes = torch.tensor([[[10.0 * r, 5.0, 10.0 * r + 30, 40.0] for r in range(R)]])
+    image = {"features": torch.randn(1, R, 16), "num_regions": torch.tensor([R]), "boxes": boxes,
+             "block_index": index, "block_weight": weight}
+    caption = {"tokens": torch.randint(4, 20, (1, W)), "lengths": torch.tensor([W])}
+    att = pfan_attention(model, image, caption)
+    gamma = torch.as_tensor(att["gamma"])
+    assert gamma.shape == (R, L) and torch.allclose(gamma.sum(-1), torch.ones(R)) and gamma[0, 2] == 0
+    # p_i = Σ_j γ_ij b_pij reproduces the model's PositionAttention output (eq. 7).
+    b = model.position.embed(index.clamp(0, K * K))[0]
+    p_model = model.position(image["features"], index, weight)[0]
+    assert torch.allclose((gamma.unsqueeze(-1) * b).sum(1), p_model, atol=1e-5)
+    assert att["alpha"].shape == (W, R) and np.allclose(att["alpha"].sum(1), 1)
+    words = [f"w{i}" for i in range(W)]
+    picks = select(att, words, n_regions=2, n_blocks=6)
+    assert len(picks) == 2 and picks[0]["attention"] >= picks[1]["attention"]
+    for p in picks:
+        g = [w for _, w in p["blocks"]]
+        assert g == sorted(g, reverse=True) and all(c < K * K for c, _ in p["blocks"]) and p["word"] in words
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    draw(ax, img, " ".join(words), picks, K)
+    fig.savefig(tmp_path / "fig6.png")
+    plt.close(fig)
+    assert_real_png(tmp_path / "fig6.png", min_size=(300, 300))

@@ -109,3 +109,35 @@ rule recall_plot:
         "../../envs/report.yaml"
     script:
         "../scripts/report_recall.py"
+
+
+rule pfan_figure6:
+    input:
+        checkpoint="results/pfan/{dataset}/model.pt",
+        images="results/data/{dataset}/images.parquet",
+        captions="results/data/{dataset}/captions.parquet",
+        tokens="results/text/{dataset}/tokens.parquet",
+        vocab="results/text/{dataset}/vocab.json",
+        regions="results/features/{dataset}/regions.h5",
+        blocks="results/features/{dataset}/blocks.h5",
+        image_dir=lambda wc: dataset_cfg(wc.dataset)["images"],
+    output:
+        report(
+            "results/report/pfan_figure6_{dataset}.png",
+            caption="../report/pfan_figure6.rst",
+            category="4. PFAN attention",
+            labels={"dataset": "{dataset}"},
+        ),
+    params:
+        figure=config["report"]["figure6"],
+        code=code_version("itmatch.report", "itmatch.models.pfan", "itmatch.models.scan"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=15,
+    log:
+        "logs/report/pfan_figure6_{dataset}.log",
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/report_pfan_figure.py"

@@ -1,0 +1,20 @@
+"""Rule pfan_figure6: trained PFAN + test data → a picture like the paper's Figure 6 (PNG)."""
+
+import json
+
+from itmatch.models.base import INPUTS
+from itmatch.report.pfan_figure import pfan_figure
+from itmatch.training.data import Corpus, DataPaths
+from itmatch.utils.logs import log, setup_job_logging
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+setup_job_logging(sm.log[0])
+inp = sm.input
+corpus = Corpus(DataPaths(images=inp.images, captions=inp.captions, tokens=inp.tokens, vocab=inp.vocab,
+                          regions=inp.regions, blocks=inp.blocks), INPUTS["pfan"])
+with open(inp.vocab, encoding="utf-8") as fh:
+    words = json.load(fh)["idx2word"]
+fig = sm.params.figure
+drawn = pfan_figure(inp.checkpoint, corpus, inp.images, inp.image_dir, words, sm.output[0],
+                    n_images=fig["n_images"], n_regions=fig["n_regions"], n_blocks=fig["n_blocks"])
+log.info("figure 6: %s", json.dumps(drawn, default=float))
