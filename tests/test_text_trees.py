@@ -158,3 +158,55 @@ def test_stanza_without_models_fails_clearly(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(StanzaModelsMissing):
         check_stanza_models(tmp_path / "half")
+
+
+def test_stanza_path_with_a_stand_in_pipeline(tmp_path, monkeypatch):
+    """The batching/ordering code of stanza_parse, with a stand-in for stanza (no models here)."""
+    import sys
+    import types
+
+    from itmatch.text.parsers import stanza_parse
+
+    class Word:
+        def __init__(self, text):
+            self.text, self.lemma = text, None if text == "Dogs" else text.lower()
+
+    class Tree:
+        def __init__(self, words):
+            self.words = words
+
+        def __format__(self, spec):
+            assert spec == "_O"
+            return "(ROOT (NP " + " ".join(f"(NN {w})" for w in self.words) + "))"
+
+    class Sentence:
+        def __init__(self, words):
+            self.words = [Word(w) for w in words]
+            self.constituency = Tree(words)
+
+    class Document:
+        def __init__(self, sentences, text=None):
+            self.text, self.sentences = text, []
+
+    class Pipeline:
+        calls: list[int] = []
+
+        def __init__(self, lang, dir, processors, download_method, **kw):
+            assert processors == "tokenize,pos,lemma,constituency" and download_method is None
+
+        def bulk_process(self, docs):
+            Pipeline.calls.append(len(docs))
+            for d in docs:
+                d.sentences = [Sentence(s.split()) for s in d.text.split(". ") if s]
+            return docs
+
+    monkeypatch.setitem(sys.modules, "stanza", types.SimpleNamespace(Pipeline=Pipeline, Document=Document))
+    (tmp_path / "en").mkdir()
+    (tmp_path / "resources.json").write_text("{}")
+    texts = [f"Dogs run {i}. Second sentence" for i in range(5)] + [""]
+    out = stanza_parse(texts, tmp_path, batch_size=2, device="cpu")
+    assert Pipeline.calls == [2, 2, 2]
+    assert out[3] == ("(ROOT (NP (NN Dogs) (NN run) (NN 3)))", ["dogs", "run", "3"])  # first sentence only
+    assert out[5] == ("(ROOT (X))", [])
+    assert tree_nodes(*out[0])[0].cands == ("dogs run", "run")  # lemma None → the word, lowercased
+    assert tree_nodes(*out[5]) == [None] * 7

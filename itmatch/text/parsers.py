@@ -62,7 +62,8 @@ def stanza_parse(texts: Sequence[str], model_dir: str | Path, batch_size: int = 
                 out.append(("(ROOT (X))", []))
                 continue
             sent = doc.sentences[0]
-            out.append((str(sent.constituency), [(w.lemma or w.text).lower() for w in sent.words]))
+            # one-line PTB; a space inside a token (rare) becomes "_" so every leaf stays one word
+            out.append((format(sent.constituency, "_O"), [(w.lemma or w.text).lower() for w in sent.words]))
     return out
 
 
