@@ -210,3 +210,24 @@ def test_stanza_path_with_a_stand_in_pipeline(tmp_path, monkeypatch):
     assert out[5] == ("(ROOT (X))", [])
     assert tree_nodes(*out[0])[0].cands == ("dogs run", "run")  # lemma None → the word, lowercased
     assert tree_nodes(*out[5]) == [None] * 7
+
+
+def test_random_parses_always_give_seven_well_typed_nodes():
+    import random
+
+    labels = ["S", "NP", "VP", "PP", "SBAR", "ADJP", "ADVP", "FRAG", "SINV", "WHNP", "NML", "QP", "PRN", "X"]
+    tags = [("DT", "a"), ("NN", "dog"), ("NNS", "cats"), ("VBZ", "is"), ("VBG", "running"), ("IN", "on"),
+            ("TO", "to"), ("JJ", "red"), ("CC", "and"), ("RB", "left"), (",", ","), (".", "."), ("EX", "there"),
+            ("PRP", "it"), ("NN", "front"), ("IN", "of"), ("NN", "group"), ("CD", "3"), ("RP", "up"), ("MD", "can")]
+    rng = random.Random(0)
+
+    def gen(depth):
+        if depth > 4 or rng.random() < 0.3:
+            return "({} {})".format(*rng.choice(tags))
+        return f"({rng.choice(labels)} " + " ".join(gen(depth + 1) for _ in range(rng.randint(1, 4))) + ")"
+
+    for _ in range(3000):
+        nodes = tree_nodes(f"(ROOT {gen(0)})")
+        assert len(nodes) == 7
+        for k, it in enumerate(nodes):
+            assert it is None or it.kind == ("E" if k in ENTITY_NODES else "R")
