@@ -90,6 +90,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def _per_image(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """A [I, C, p, q] @ X [I, q, z] → [I, C, p, z] as one bmm over images (no broadcast copy of X)."""
+    I, C, p, q = A.shape
+    return (A.reshape(I, C * p, q) @ X).view(I, C, p, X.shape[-1])
+
+
+def _per_caption(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """A [I, C, p, q] @ X [C, q, z] → [I, C, p, z] (a permuted view) as one bmm over captions."""
+    I, C, p, q = A.shape
+    out = A.transpose(0, 1).reshape(C, I * p, q) @ X                    # [C, I·p, z]
+    return out.view(C, I, p, X.shape[-1]).transpose(0, 1)
+
+
 class CAAN(MatchingModel):
     requires = frozenset()
 
@@ -204,14 +217,14 @@ class CAAN(MatchingModel):
         g_pre: torch.Tensor | float = 0.0
         if self.intra == "sa":
             Hv, Hu = semantic_intra_attention(Huv, Hvu)
-            f_pre = Hv @ img["VQ1"][:, None]                                 # [I, C, n, z]
-            g_pre = Hu @ cap["UQ3"][None]                                    # [I, C, m, z]
+            f_pre = _per_image(Hv, img["VQ1"])                               # Hv V Q1     [I, C, n, z]
+            g_pre = _per_caption(Hu, cap["UQ3"])                             # Hu U Q3     [I, C, m, z]
         elif self.intra == "fa":
             f_pre = img["intra"][:, None]                                    # [I, 1, n, z]
             g_pre = cap["intra"][None]                                       # [1, C, m, z]
         if self.inter:
-            f_pre = f_pre + Huv @ cap["UQ2"][None]                           # [I, C, n, z]
-            g_pre = g_pre + Hvu.transpose(-1, -2) @ img["VQ4"][:, None]      # [I, C, m, z]
+            f_pre = f_pre + _per_caption(Huv, cap["UQ2"])                    # Huv U Q2    [I, C, n, z]
+            g_pre = g_pre + _per_image(Hvu.transpose(-1, -2), img["VQ4"])    # Hvuᵀ V Q4   [I, C, m, z]
         f = masked_softmax(torch.tanh(f_pre) @ self.Wv, vm[:, None, :])      # [I, C, n]
         g = masked_softmax(torch.tanh(g_pre) @ self.Wu, um[None, :, :])      # [I, C, m]
         return f, g
