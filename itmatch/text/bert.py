@@ -168,7 +168,7 @@ def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: i
     with h5py.File(partial, mode) as f:
         if not start:
             f.create_dataset("values", (int(offsets[-1]), H), dtype="float16",
-                             chunks=(min(max(int(offsets[-1]), 1), 16384), H))
+                             chunks=(min(max(int(offsets[-1]), 1), 512), H))  # ~40 captions per chunk
             f.create_dataset("offsets", data=offsets)
             f.create_dataset("caption_id", data=caps["caption_id"].to_numpy().astype(np.int64))
             f.attrs.update({"model": model, "dim": H, "max_length": max_length, "fingerprint": fp,
