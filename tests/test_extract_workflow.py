@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO, run_snakemake
+
 from itmatch.features.regions_io import DTYPES, open_regions
 
 

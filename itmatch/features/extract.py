@@ -3,7 +3,9 @@
 Shard ``s`` of ``S`` (0-based) covers the contiguous rows ``[s·N//S, (s+1)·N//S)`` of ``images.parquet``.
 DataLoader workers decode and resize images (the detector's picklable ``preprocess``); the main process
 runs ``detect`` on batches under ``torch.inference_mode`` (on the GPU when there is one) and writes each
-batch into the shard's HDF5 file, then records the rows done (file attribute ``done``) and flushes.
+batch into the shard's HDF5 file, then records the rows done (dataset ``done``) and flushes. Every chunk
+of the shard file is allocated when it is created, so later writes change raw data only, never HDF5
+metadata: a kill at any point leaves a readable file whose rows before ``done`` are complete.
 The file lives under ``.<name>.partial.h5`` until complete, then is renamed; a re-run after a kill
 reopens it and continues at ``done``. Batches always start at multiples of the batch size from the
 shard start, so an interrupted-and-resumed shard holds exactly what an uninterrupted one holds.
@@ -165,7 +167,7 @@ def _open_partial(tmp: Path, fingerprint: str, n: int) -> h5py.File | None:
         log.warning("%s: unreadable partial shard (%s); starting it over", tmp, e)
         return None
     try:
-        ok = f.attrs.get("fingerprint") == fingerprint and 0 <= int(f.attrs.get("done", -1)) <= n
+        ok = f.attrs.get("fingerprint") == fingerprint and "done" in f and 0 <= int(f["done"][0]) <= n
         check_layout(f)
     except (RegionsError, KeyError, ValueError, OSError) as e:
         log.warning("%s: damaged partial shard (%s); starting it over", tmp, e)
@@ -204,11 +206,12 @@ def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | 
 
     f = _open_partial(tmp, fp, n)
     if f is None:
-        f = create_regions(tmp, n, opts.max_regions, meta, image_ids=ids)
+        f = create_regions(tmp, n, opts.max_regions, meta, image_ids=ids, early_alloc=True)
         f.attrs.update({"row_start": start, "row_stop": stop, "shard": shard, "n_shards": n_shards,
-                        "fingerprint": fp, "done": 0})
+                        "fingerprint": fp})
+        f.create_dataset("done", data=np.zeros(1, np.int64), track_times=False)  # contiguous: raw writes only
         f.flush()
-    done = int(f.attrs["done"])
+    done = int(f["done"][0])
     log.info("shard %d/%d: rows %d..%d of %s (%d images, %d already done), device %s, detector %s",
              shard + 1, n_shards, start, stop, images_parquet, n, done, device, meta.detector)
     try:
@@ -230,7 +233,7 @@ def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | 
                         raise RuntimeError(f"batch starts at shard row {rows[0]}, expected {done}")
                     write_rows(f, done, padded)
                     done += len(rows)
-                    f.attrs["done"] = done
+                    f["done"][0] = done
                     f.flush()
                     if on_batch is not None:
                         on_batch(done)
@@ -270,8 +273,9 @@ def gather_shards(shards: list[str | Path], images_parquet: str | Path, out_h5: 
             row_start, row_stop = int(f.attrs["row_start"]), int(f.attrs["row_stop"])
             if row_start != expect or row_stop - row_start != n:
                 raise RegionsError(f"{name}: covers rows {row_start}..{row_stop}, expected to start at {expect}")
-            if int(f.attrs.get("done", -1)) != n:
-                raise RegionsError(f"{name}: incomplete shard ({f.attrs.get('done')} of {n} rows)")
+            done = int(f["done"][0]) if "done" in f else -1
+            if done != n:
+                raise RegionsError(f"{name}: incomplete shard ({done} of {n} rows)")
             if not np.array_equal(f["image_id"][:], ids[row_start:row_stop]):
                 raise RegionsError(f"{name}: image ids differ from {images_parquet} rows {row_start}..{row_stop} "
                                    f"(images.parquet changed since extraction?)")

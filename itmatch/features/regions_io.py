@@ -17,7 +17,7 @@ File attributes: ``detector``, ``weights_sha256``, ``feature_dim``, ``object_nam
 (SCAN's ``*_ims.npy``). Stages that need boxes call :func:`require_boxes`, which refuses such files.
 
 Shard files written by extraction use the same layout for their slice of rows plus the attributes
-``row_start``, ``row_stop`` and ``done`` (rows complete so far).
+``row_start``, ``row_stop`` and a dataset ``done`` (int64 [1], rows complete so far).
 """
 
 from __future__ import annotations
@@ -104,10 +104,12 @@ class RegionsMeta:
 
 
 def create_regions(path: str | Path, n: int, r: int, meta: RegionsMeta, image_ids: np.ndarray | None = None,
-                   block: int = 256) -> h5py.File:
+                   block: int = 256, early_alloc: bool = False) -> h5py.File:
     """Create an empty contract file (all zeros, ``object_id`` -1) opened for writing; caller closes it.
 
     ``block``: rows per chunk of the small per-image datasets (features are one image per chunk).
+    ``early_alloc``: allocate every chunk now, so that later writes touch raw data only and never the
+    file's metadata (chunk index): a writer killed between flushes leaves a consistent file.
     """
     d = meta.feature_dim
     f = h5py.File(path, "w")
@@ -122,8 +124,12 @@ def create_regions(path: str | Path, n: int, r: int, meta: RegionsMeta, image_id
         fill = -1 if name in ("object_id", "attribute_id") else 0
         if name == "boxes" and meta.boxes_missing:
             fill = np.nan
+        dcpl = None
+        if early_alloc:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         f.create_dataset(name, shape=shape, dtype=DTYPES[name], chunks=chunks if n > 0 else None,
-                         fillvalue=fill)
+                         fillvalue=fill, dcpl=dcpl, track_times=False)
     if image_ids is not None:
         f["image_id"][:] = np.asarray(image_ids, dtype=np.int64)
     return f
