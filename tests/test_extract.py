@@ -278,3 +278,15 @@ def test_require_boxes_refuses_missing_boxes(tmp_path):
         assert not reg.has_boxes
     with pytest.raises(BoxesMissingError, match=r"blocks needs region boxes.*imported without boxes"):
         require_boxes(p, "blocks")
+
+
+def test_more_shards_than_images(image_set, tmp_path):
+    pq, root = image_set
+    t = pd.read_parquet(pq).head(3)
+    small = tmp_path / "images.parquet"
+    t.to_parquet(small)
+    shards = [ex.extract_shard(small, root, tmp_path / f"{i + 1}-of-5.h5", i, 5, "unused", CFG, _opts(),
+                               backend=FAKE) for i in range(5)]
+    ex.gather_shards(shards, small, tmp_path / "r.h5", tmp_path / "r.parquet")
+    with open_regions(tmp_path / "r.h5") as reg:
+        assert reg.n == 3 and (reg["num_regions"][:] > 0).all()
