@@ -1,0 +1,145 @@
+"""Checkpoints: our own trained detector (``model.pt``) and published bottom-up-attention weights.
+
+Published weights: the detectron2-format conversion of the caffe bottom-up-attention ResNet-101 model
+with attributes (e.g. ``bua-caffe-frcn-r101_with_attributes.pth`` of MILVLG/bottom-up-attention.pytorch):
+a ``.pth`` (torch) or ``.pkl`` (pickled numpy, optionally under ``"model"``) state dict with
+
+published key (shape for R-101, 1601/401)                      our module
+---------------------------------------------------------------  ----------------------------------
+backbone.stem.conv1.weight [64,3,7,7], .norm.* [64]              same name
+backbone.res{2,3,4}.{i}.{conv1,conv2,conv3,shortcut}.weight/.norm same name
+roi_heads.res5.{i}.… (res5 blocks, 2048 out)                     same name
+proposal_generator.rpn_head.conv.* [512,1024,3,3]                rpn.rpn_head.conv
+proposal_generator.rpn_head.objectness_logits.* [2A,512,1,1]     rpn.rpn_head.objectness_logits
+proposal_generator.rpn_head.anchor_deltas.* [4A,512,1,1]         rpn.rpn_head.anchor_deltas
+roi_heads.box_predictor.cls_score.* [1601,2048]                  same name
+roi_heads.box_predictor.bbox_pred.* [6404,2048]                  same name
+roi_heads.box_predictor.cls_embed.weight [1602,256]              roi_heads.attribute_head.cls_embed
+roi_heads.box_predictor.attr_linear1.* [512,2304]                roi_heads.attribute_head.fc
+roi_heads.box_predictor.attr_linear2.* [401,512]                 roi_heads.attribute_head.score
+
+(A = 12 anchors: 4 sizes × 3 ratios.)
+
+``.norm.*`` = ``weight, bias, running_mean, running_var``. Keys that carry no weights are skipped by
+name: BN ``num_batches_tracked`` counters and stored anchors/pixel statistics (``anchor_generator.*``,
+``pixel_mean``, ``pixel_std``; ours come from the config). Any other missing, unexpected or mis-shaped key
+stops loading with a message naming it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from itmatch.features.detector.model import BottomUpDetector, build_model
+from itmatch.utils.hashing import sha256_file
+from itmatch.utils.io import atomic_path
+
+FORMAT = "itmatch-bottom-up-detector"
+# (our prefix, published prefix): applied in order, first match wins; unlisted prefixes keep their name.
+KEY_MAP: list[tuple[str, str]] = [
+    ("rpn.rpn_head.", "proposal_generator.rpn_head."),
+    ("roi_heads.attribute_head.cls_embed.", "roi_heads.box_predictor.cls_embed."),
+    ("roi_heads.attribute_head.fc.", "roi_heads.box_predictor.attr_linear1."),
+    ("roi_heads.attribute_head.score.", "roi_heads.box_predictor.attr_linear2."),
+    ("backbone.", "backbone."),
+    ("roi_heads.res5.", "roi_heads.res5."),
+    ("roi_heads.box_predictor.", "roi_heads.box_predictor."),
+]
+IGNORED = re.compile(r"(\.num_batches_tracked$|(^|\.)anchor_generator\.|(^|\.)pixel_(mean|std)$)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the architecture (names the keys)."""
+
+
+def published_name(ours: str) -> str:
+    for mine, theirs in KEY_MAP:
+        if ours.startswith(mine):
+            return theirs + ours[len(mine):]
+    raise CheckpointError(f"no published name for model key {ours!r} (extend KEY_MAP)")
+
+
+def key_mapping(model: BottomUpDetector) -> dict[str, str]:
+    """published key → our state-dict key, for every weight of ``model``."""
+    return {published_name(k): k for k in model.state_dict() if not IGNORED.search(k)}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.pkl`` (detectron2 pickle of numpy arrays) or ``.pth`` / ``.pt`` file."""
+    path = Path(path)
+    if path.suffix == ".pkl":
+        with open(path, "rb") as fh:
+            obj = pickle.load(fh, encoding="latin1")  # noqa: S301 (a user-supplied checkpoint)
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a state dict (got {type(obj).__name__})")
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(np.ascontiguousarray(v))
+        if isinstance(v, torch.Tensor):
+            out[k] = v
+        elif not IGNORED.search(k):
+            raise CheckpointError(f"{path}: key {k!r} holds a {type(v).__name__}, not an array")
+    return out
+
+
+def load_published(model: BottomUpDetector, path: str | Path) -> None:
+    """Copy published weights into ``model`` through :data:`KEY_MAP`; raise naming every bad key."""
+    state = read_state_dict(path)
+    mapping = key_mapping(model)
+    ours = model.state_dict()
+    missing = sorted(k for k in mapping if k not in state)
+    unexpected = sorted(k for k in state if k not in mapping and not IGNORED.search(k))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[mapping[k]].shape)}"
+                    for k in mapping if k in state and tuple(state[k].shape) != tuple(ours[mapping[k]].shape))
+    problems = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", shapes)):
+        if items:
+            shown = "\n    ".join(items[:25]) + (f"\n    … and {len(items) - 25} more" if len(items) > 25 else "")
+            problems.append(f"  {title} ({len(items)}):\n    {shown}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match the detector architecture "
+                              "(config detector.published):\n" + "\n".join(problems))
+    new = {mapping[k]: state[k].to(ours[mapping[k]].dtype) for k in mapping}
+    model.load_state_dict(new, strict=False)  # only skipped counters remain unset
+
+
+def is_own_checkpoint(path: str | Path) -> bool:
+    if Path(path).suffix == ".pkl":
+        return False
+    obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def save_own(path: str | Path, model: BottomUpDetector, input_cfg: dict, object_names: list[str],
+             attribute_names: list[str], extra: dict[str, Any] | None = None) -> None:
+    """Write our self-describing checkpoint atomically (architecture, input normalisation, class names)."""
+    payload = {"format": FORMAT, "version": 1, "arch": model.arch, "input": dict(input_cfg),
+               "object_names": list(object_names), "attribute_names": list(attribute_names),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **(extra or {})}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_own(path: str | Path) -> tuple[BottomUpDetector, dict]:
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(obj["arch"])
+    missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
+    missing = [k for k in missing if not IGNORED.search(k)]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path}: missing keys {missing}, unexpected keys {unexpected}")
+    return model, obj
+
+
+def weights_sha256(path: str | Path) -> str:
+    return sha256_file(path)
