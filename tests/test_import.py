@@ -95,6 +95,10 @@ def test_import_tsv(dataset, tmp_path, by):
     im.import_tsv(files, p, out, outp, max_regions=6, object_names=im.read_names(vocab),
                   attribute_names=["red", "big", "old"])
     _check_regions(out, outp, t, truth, with_tags=True)
+    im.import_tsv(files, p, out, outp, max_regions=6)  # ids but no vocabulary: ids kept, names null
+    with open_regions(out) as reg:
+        np.testing.assert_array_equal(reg["object_id"][0, :len(truth[500]["object_id"])], truth[500]["object_id"])
+    assert pd.read_parquet(outp).object.isna().all()
 
 
 def test_import_tsv_six_fields_and_errors(dataset, tmp_path):

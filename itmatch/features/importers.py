@@ -364,7 +364,7 @@ def import_scan_npy(splits: dict[str, dict[str, str]], images_parquet: str | Pat
                     b = min(n, a + block)
                     tgt = rows[a:b]
                     keep = tgt >= 0
-                    if seen[tgt[keep]].any():
+                    if seen[tgt[keep]].any() or len(np.unique(tgt[keep])) != int(keep.sum()):
                         raise FeatureImportError(f"{splits[split]['features']}: image id of images.parquet row "
                                            f"{int(tgt[keep][seen[tgt[keep]]][0])} imported twice")
                     feats = np.asarray(arr[a * stride:b * stride:stride], np.float16)[keep]
@@ -432,7 +432,7 @@ def import_pfan_boxes(splits: dict[str, dict[str, str]], images_parquet: str | P
             w = np.where(s > 0, w / np.where(s > 0, s, 1), 0).astype(np.float32)
             tgt = rows[a:a + block]
             keep = tgt >= 0
-            if seen[tgt[keep]].any():
+            if seen[tgt[keep]].any() or len(np.unique(tgt[keep])) != int(keep.sum()):
                 raise FeatureImportError(f"{src}: an image appears twice")
             index[tgt[keep]] = idx[keep]
             weight[tgt[keep]] = w[keep]

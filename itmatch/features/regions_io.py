@@ -267,6 +267,9 @@ def write_regions_parquet(h5_path: str | Path, parquet_path: str | Path, block: 
                 oid = reg["object_id"][start:stop][img, reg_i].astype(np.int64)
                 aid = reg["attribute_id"][start:stop][img, reg_i].astype(np.int64)
                 for name, ids_, names in (("object", oid, obj_names), ("attribute", aid, att_names)):
+                    if len(names) == 1:  # no class names in the file (e.g. an import without vocabulary)
+                        ids_[:] = -1
+                        continue
                     bad = (ids_ >= len(names) - 1) | (ids_ < -1)
                     if bad.any():
                         raise RegionsError(f"{h5_path}: {name}_id {ids_[bad][0]} outside the "
