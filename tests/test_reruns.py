@@ -88,7 +88,7 @@ def laid_out(tmp_path_factory) -> tuple[Path, list[str], set[str]]:
             else:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.touch()
-    touch = snakemake(workdir, "--touch", *targets)
+    touch = snakemake(workdir, *targets, "--touch", "--forceall")  # records params, code, inputs
     assert touch.returncode == 0, touch.stderr[-3000:]
     again = snakemake(workdir, "-n", *targets, *TRIGGERS)
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]

@@ -1,4 +1,4 @@
-# Shared helpers for all rule files: config validation, wildcard constraints, per-dataset settings.
+# Shared helpers of all the .smk files (config validation, wildcard constraints, per-dataset settings).
 from snakemake.utils import validate
 
 from itmatch.config import DATASETS, MODELS, deep_update, validate_config

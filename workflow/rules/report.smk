@@ -2,28 +2,9 @@
 # Covers every model in config report.models trained on every dataset in report.datasets.
 import os
 
+from itmatch.report.targets import report_metrics, report_targets
+
 PUBLISHED = os.path.join(workflow.basedir, "workflow", "report", "published.yaml")
-
-
-def report_runs(dataset=None):
-    """(model, dataset) pairs the report covers, optionally those of one dataset."""
-    rep = config.get("report", {})
-    return [(m, d) for d in rep.get("datasets", ["shapes"]) for m in rep.get("models", [])
-            if dataset is None or d == dataset]
-
-
-def report_metrics(dataset=None):
-    return [f"results/{m}/{d}/metrics.json" for m, d in report_runs(dataset)]
-
-
-def report_targets():
-    runs = report_runs()
-    datasets = sorted({d for _, d in runs})
-    targets = ["results/report/results_table.md", "results/report/results.csv"]
-    targets += [f"results/report/curves/{m}_{d}.png" for m, d in runs]
-    targets += [f"results/report/recall_{d}.png" for d in datasets]
-    targets += [f"results/report/pfan_figure6_{d}.png" for m, d in runs if m == "pfan"]
-    return targets
 
 
 localrules:
@@ -32,12 +13,12 @@ localrules:
 
 rule report_all:
     input:
-        report_targets(),
+        report_targets(config),
 
 
 rule results_table:
     input:
-        metrics=report_metrics(),
+        metrics=report_metrics(config),
         published=PUBLISHED,
     output:
         markdown="results/report/results_table.md",
@@ -88,7 +69,7 @@ rule training_curves:
 
 rule recall_plot:
     input:
-        metrics=lambda wc: report_metrics(wc.dataset),
+        metrics=lambda wc: report_metrics(config, wc.dataset),
         published=PUBLISHED,
     output:
         report(

@@ -1,0 +1,27 @@
+"""Which files the report covers, from the config's ``report`` section (used by workflow/rules/report.smk)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def report_runs(config: dict[str, Any], dataset: str | None = None) -> list[tuple[str, str]]:
+    """(model, dataset) pairs the report covers (``report.models`` × ``report.datasets``), optionally one dataset's."""
+    rep = config.get("report") or {}
+    return [(m, d) for d in rep.get("datasets", ["shapes"]) for m in rep.get("models", [])
+            if dataset is None or d == dataset]
+
+
+def report_metrics(config: dict[str, Any], dataset: str | None = None) -> list[str]:
+    """The metrics.json files of those runs."""
+    return [f"results/{m}/{d}/metrics.json" for m, d in report_runs(config, dataset)]
+
+
+def report_targets(config: dict[str, Any]) -> list[str]:
+    """Everything rule report_all builds: tables, training curves, recall plots, PFAN figures."""
+    runs = report_runs(config)
+    datasets = sorted({d for _, d in runs})
+    return (["results/report/results_table.md", "results/report/results.csv"]
+            + [f"results/report/curves/{m}_{d}.png" for m, d in runs]
+            + [f"results/report/recall_{d}.png" for d in datasets]
+            + [f"results/report/pfan_figure6_{d}.png" for m, d in runs if m == "pfan"])
