@@ -30,7 +30,7 @@ ATTRS = ["red", "blue"]
 
 
 def _preprocess(image: np.ndarray, cfg: dict) -> tuple[torch.Tensor, float]:
-    scale = cfg["size"] / max(image.shape[:2])
+    scale = cfg["inference"]["size"] / max(image.shape[:2])
     t = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
     t = torch.nn.functional.interpolate(t[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
     return t, scale
@@ -59,7 +59,7 @@ def _load(path, cfg, device="cpu"):
 
 
 FAKE = types.SimpleNamespace(load_detector=_load, preprocess=_preprocess, detect=_detect)
-CFG = {"size": 32}
+CFG = {"inference": {"size": 32}}
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,8 @@ def test_partial_from_other_config_is_restarted(image_set, tmp_path):
         ex.extract_shard(pq, root, out, 0, 1, "unused", CFG, _opts(), backend=FAKE,
                          on_batch=lambda d: (_ for _ in ()).throw(_Stop()))
     seen = []
-    ex.extract_shard(pq, root, out, 0, 1, "unused", {"size": 24}, _opts(), backend=FAKE, on_batch=seen.append)
+    ex.extract_shard(pq, root, out, 0, 1, "unused", {"inference": {"size": 24}}, _opts(), backend=FAKE,
+                     on_batch=seen.append)
     assert seen[0] == 4  # started over: the partial belonged to another detector config
 
 

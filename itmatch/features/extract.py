@@ -151,7 +151,8 @@ def _fingerprint(meta: RegionsMeta, detector_cfg: dict[str, Any], opts: ExtractO
                  image_ids: np.ndarray) -> str:
     """What a partial shard must match to be resumed: weights, detector settings, R, batch size, rows."""
     h = hashlib.sha256()
-    h.update(json.dumps([asdict(meta), detector_cfg, opts.max_regions, opts.batch_size],
+    relevant = {k: detector_cfg.get(k) for k in ("input", "inference", "architecture", "published", "vocab")}
+    h.update(json.dumps([asdict(meta), relevant, opts.max_regions, opts.batch_size],
                         sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(image_ids, dtype=np.int64).tobytes())
     return h.hexdigest()
