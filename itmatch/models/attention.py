@@ -78,7 +78,7 @@ def _shards(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def _shard_sizes(I: int, C: int, R: int, W: int, max_elems: int) -> tuple[int, int]:
-    """Image and caption shard sizes with Ib·Cb·R·W <= max_elems (captions first, then images)."""
+    """Shard sizes of the two sets with Ib·Cb·R·W <= max_elems."""
     per_pair = max(1, R * W)
     pairs = max(1, max_elems // per_pair)
     cb = min(C, max(1, int(math.sqrt(pairs))))
@@ -93,44 +93,9 @@ def t2i_scores(regions: torch.Tensor, num_regions: torch.Tensor | None, words: t
                max_elems: int = 1 << 23, eps: float = 1e-8) -> torch.Tensor:
     """Text-to-image stacked cross attention scores [I, C] (see the module docstring)."""
     num_regions = _check(regions, num_regions, words, lengths, agg, raw_norm)
-    I, R, _ = regions.shape
-    C, W, _ = words.shape
-    if I == 0 or C == 0:
-        return regions.new_zeros(I, C)
-    ib, cb = _shard_sizes(I, C, R, W, max_elems)
-    rows = []
-    for i0, i1 in _shards(I, ib):
-        cols = [_t2i_shard(regions[i0:i1], num_regions[i0:i1], words[c0:c1], lengths[c0:c1], lambda_softmax,
-                           agg, lambda_lse, raw_norm, max_term, eps) for c0, c1 in _shards(C, cb)]
-        rows.append(torch.cat(cols, 1))
-    return torch.cat(rows, 0)
-
-
-def _t2i_shard(V, nreg, E, lens, lam, agg, lam_lse, raw_norm, max_term, eps) -> torch.Tensor:
-    I, R, d = V.shape
-    C, W, _ = E.shape
-    W = max(1, int(lens.max()))  # drop all-padding columns
-    E = E[:, :W]
-    rmask = torch.arange(R, device=V.device)[None, :] < nreg[:, None]  # [I, R]
-    wmask = torch.arange(W, device=E.device)[None, :] < lens[:, None]  # [C, W]
-    S = (E.reshape(C * W, d) @ V.reshape(I * R, d).t()).view(C, W, I, R)  # word–region logits
-    X = S
-    if raw_norm == "clipped_l2norm":
-        X = F.leaky_relu(S, 0.1) * wmask[:, :, None, None]
-        X = X / (_sqrt(X.pow(2).sum(dim=1, keepdim=True)) + eps)  # over words
-    A = torch.softmax((lam * X).masked_fill(~rmask[None, None], float("-inf")), dim=3)  # over regions
-    num = (A * S).sum(3)  # [C, W, I]  = e_w · a_w
-    G = V @ V.transpose(1, 2)  # [I, R, R]
-    At = A.permute(2, 0, 1, 3).reshape(I, C * W, R)
-    ctx_sq = ((At @ G) * At).sum(2).view(I, C, W).permute(1, 2, 0)  # [C, W, I] = ‖a_w‖²
-    e_norm = _sqrt(E.pow(2).sum(2))[:, :, None]  # [C, W, 1]
-    cos = num / (e_norm * _sqrt(ctx_sq)).clamp(min=eps)
-    m = wmask[:, :, None]
-    out = _aggregate(cos, m, 1, agg, lam_lse, lens[:, None].to(cos.dtype))  # [C, I]
-    if max_term:
-        best = S.masked_fill(~rmask[None, None], float("-inf")).amax(3)  # [C, W, I]
-        out = out + max_term * _aggregate(best, m, 1, agg, lam_lse, lens[:, None].to(cos.dtype))
-    return out.t()
+    # context = regions (attended), queries = words (aggregated) → [I, C]
+    return _xattn(regions, num_regions, words, lengths, lambda_softmax, agg, lambda_lse, raw_norm, max_term,
+                  max_elems, eps)
 
 
 def i2t_scores(regions: torch.Tensor, num_regions: torch.Tensor | None, words: torch.Tensor,
@@ -139,40 +104,65 @@ def i2t_scores(regions: torch.Tensor, num_regions: torch.Tensor | None, words: t
                max_elems: int = 1 << 23, eps: float = 1e-8) -> torch.Tensor:
     """Image-to-text stacked cross attention scores [I, C] (see the module docstring); ``max_term`` unused."""
     num_regions = _check(regions, num_regions, words, lengths, agg, raw_norm)
-    I, R, _ = regions.shape
-    C, W, _ = words.shape
-    if I == 0 or C == 0:
-        return regions.new_zeros(I, C)
-    ib, cb = _shard_sizes(I, C, R, W, max_elems)
+    # context = words, queries = regions → [C, I]
+    return _xattn(words, lengths, regions, num_regions, lambda_softmax, agg, lambda_lse, raw_norm, 0.0,
+                  max_elems, eps).t()
+
+
+def _xattn(K: torch.Tensor, klens: torch.Tensor, Q: torch.Tensor, qlens: torch.Tensor, lam: float, agg: str,
+           lam_lse: float, raw_norm: str, max_term: float, max_elems: int, eps: float) -> torch.Tensor:
+    """Context sets K [Nk, Lk, d] (attended) × query sets Q [Nq, Lq, d] (aggregated) → [Nk, Nq].
+
+    Both directions are this one computation: t2i has context = regions, queries = words; i2t the reverse.
+    Padding rows are zeroed first, so their logits are exactly 0 (no masking needed in the norms)."""
+    Nk, Lk, _ = K.shape
+    Nq, Lq, _ = Q.shape
+    if Nk == 0 or Nq == 0:
+        return K.new_zeros(Nk, Nq)
+    Lk = max(1, int(klens.max()))  # drop all-padding columns
+    Lq = max(1, int(qlens.max()))
+    kmask = torch.arange(Lk, device=K.device)[None, :] < klens[:, None]  # [Nk, Lk]
+    qmask = torch.arange(Lq, device=Q.device)[None, :] < qlens[:, None]  # [Nq, Lq]
+    K = K[:, :Lk] * kmask[..., None].to(K.dtype)
+    Q = Q[:, :Lq] * qmask[..., None].to(Q.dtype)
+    G = K @ K.transpose(1, 2)  # [Nk, Lk, Lk] context Gram matrices
+    q_norm = _sqrt(Q.pow(2).sum(2))  # [Nq, Lq]
+    kb, qb = _shard_sizes(Nk, Nq, Lk, Lq, max_elems)
     rows = []
-    for i0, i1 in _shards(I, ib):
-        cols = [_i2t_shard(regions[i0:i1], num_regions[i0:i1], words[c0:c1], lengths[c0:c1], lambda_softmax,
-                           agg, lambda_lse, raw_norm, eps) for c0, c1 in _shards(C, cb)]
+    for k0, k1 in _shards(Nk, kb):
+        cols = [_xattn_shard(K[k0:k1], kmask[k0:k1], klens[k0:k1], G[k0:k1], Q[q0:q1], qmask[q0:q1], qlens[q0:q1],
+                             q_norm[q0:q1], lam, agg, lam_lse, raw_norm, max_term, eps)
+                for q0, q1 in _shards(Nq, qb)]
         rows.append(torch.cat(cols, 1))
     return torch.cat(rows, 0)
 
 
-def _i2t_shard(V, nreg, E, lens, lam, agg, lam_lse, raw_norm, eps) -> torch.Tensor:
-    I, R, d = V.shape
-    C, W, _ = E.shape
-    W = max(1, int(lens.max()))
-    E = E[:, :W]
-    rmask = torch.arange(R, device=V.device)[None, :] < nreg[:, None]  # [I, R]
-    wmask = torch.arange(W, device=E.device)[None, :] < lens[:, None]  # [C, W]
-    S = (E.reshape(C * W, d) @ V.reshape(I * R, d).t()).view(C, W, I, R)
-    X = S
-    if raw_norm == "clipped_l2norm":
-        X = F.leaky_relu(S, 0.1) * rmask[None, None]
-        X = X / (_sqrt(X.pow(2).sum(dim=3, keepdim=True)) + eps)  # over regions
-    B = torch.softmax((lam * X).masked_fill(~wmask[:, :, None, None], float("-inf")), dim=1)  # over words
-    num = (B * S).sum(1)  # [C, I, R] = v_r · a_r
-    H = E @ E.transpose(1, 2)  # [C, W, W]
-    Bt = B.permute(0, 2, 3, 1).reshape(C, I * R, W)
-    ctx_sq = ((Bt @ H) * Bt).sum(2).view(C, I, R)
-    v_norm = _sqrt(V.pow(2).sum(2))[None]  # [1, I, R]
-    cos = num / (v_norm * _sqrt(ctx_sq)).clamp(min=eps)
-    out = _aggregate(cos, rmask[None], 2, agg, lam_lse, nreg[None].to(cos.dtype))  # [C, I]
-    return out.t()
+def _xattn_shard(K, kmask, klens, G, Q, qmask, qlens, q_norm, lam, agg, lam_lse, raw_norm, max_term, eps
+                 ) -> torch.Tensor:
+    nk, Lk, d = K.shape
+    nq, Lq, _ = Q.shape
+    # logits, context-major: S[k, l, q, m] = K[k, l] · Q[q, m]; one GEMM, the only O(d) work
+    S = (K.reshape(nk * Lk, d) @ Q.reshape(nq * Lq, d).t()).view(nk, Lk, nq, Lq)
+    if raw_norm == "clipped_l2norm":  # leaky ReLU, l2-normalised over the queries of each context item
+        X = F.leaky_relu(S, 0.1)
+        scale = lam / (torch.linalg.vector_norm(X, dim=3, keepdim=True) + eps)  # [nk, Lk, nq, 1]
+        X = X * scale
+    else:
+        X = S * lam
+    if not bool(kmask.all()):
+        X = X.masked_fill(~kmask[:, :, None, None], float("-inf"))
+    A = torch.softmax(X, dim=1)  # attention over the context items
+    num = (A * S).sum(1)  # [nk, nq, Lq] = q · attended context
+    GA = torch.bmm(G, A.reshape(nk, Lk, nq * Lq))  # [nk, Lk, nq*Lq]
+    ctx_sq = (GA.view(nk, Lk, nq, Lq) * A).sum(1)  # ‖attended context‖²
+    cos = num / (q_norm[None] * _sqrt(ctx_sq)).clamp(min=eps)  # [nk, nq, Lq]
+    m = qmask[None]
+    count = qlens[None].to(cos.dtype)
+    out = _aggregate(cos, m, 2, agg, lam_lse, count)  # [nk, nq]
+    if max_term:
+        best = S.masked_fill(~kmask[:, :, None, None], float("-inf")).amax(1)  # [nk, nq, Lq]
+        out = out + max_term * _aggregate(best, m, 2, agg, lam_lse, count)
+    return out
 
 
 def xattn_scores(direction: str, regions: torch.Tensor, num_regions: torch.Tensor | None, words: torch.Tensor,
