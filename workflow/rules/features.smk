@@ -32,7 +32,10 @@ def _detector_cfg(dataset):
 def _detector_checkpoint(dataset):
     from itmatch.features.detector import checkpoint_path
 
-    return checkpoint_path(config["detector"], dataset, must_exist=False)
+    try:
+        return checkpoint_path(config["detector"], dataset, must_exist=False)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; or import existing features with extraction.import.{dataset}") from None
 
 
 def _import_sources(dataset, key="features"):
