@@ -95,8 +95,8 @@ def _check_complete(seen: np.ndarray, ids: IdMap, source: str) -> None:
     if not seen.all():
         miss = ids.table.loc[~seen, ["image_id", "file"]].head(5)
         raise FeatureImportError(f"{source}: {int((~seen).sum())} of {len(seen)} images of images.parquet have no "
-                           f"features, e.g. " + ", ".join(f"{r.image_id} ({r.file})" for r in miss.itertuples())
-                           + f" (ids matched by {ids.id_field}; set extraction.import.<dataset>.id_field)")
+                                 f"features, e.g. " + ", ".join(f"{r.image_id} ({r.file})" for r in miss.itertuples())
+                                 + f" (ids matched by {ids.id_field}; set extraction.import.<dataset>.id_field)")
 
 
 def read_names(path: str | Path | None) -> list[str]:
@@ -124,7 +124,7 @@ def _b64(value: str, dtype, n: int, path: str, line: int, field: str) -> np.ndar
     arr = np.frombuffer(raw, dtype=dtype)
     if n == 0 or arr.size % n:
         raise FeatureImportError(f"{path}:{line}: field {field!r} has {arr.size} values, not a multiple of "
-                           f"num_boxes={n}")
+                                 f"num_boxes={n}")
     return arr.reshape(n, -1) if arr.size != n else arr
 
 
@@ -148,7 +148,7 @@ def iter_tsv(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             if len(row) not in (6, 10):
                 raise FeatureImportError(f"{path}:{line}: {len(row)} tab-separated fields, expected 6 "
-                                   f"({', '.join(TSV_FIELDS)}) or 10 (+ {', '.join(TSV_EXTRA)})")
+                                         f"({', '.join(TSV_FIELDS)}) or 10 (+ {', '.join(TSV_EXTRA)})")
             try:
                 image_id, w, h, n = int(row[0]), int(float(row[1])), int(float(row[2])), int(row[3])
             except ValueError as e:
@@ -211,7 +211,7 @@ def _write_random_access(rows, ids: IdMap, meta: RegionsMeta, r: int, out_h5, ou
                     raise FeatureImportError(f"{where}: image id {d['image_id']} appears twice")
                 if d["features"].shape[1] != meta.feature_dim:
                     raise FeatureImportError(f"{where}: feature dim {d['features'].shape[1]}, earlier rows have "
-                                       f"{meta.feature_dim}")
+                                             f"{meta.feature_dim}")
                 row = pad_regions(d, r, d["hw"], what=where)
                 for name, v in row.items():
                     f[name][i] = v
@@ -254,7 +254,7 @@ def import_npz(folder: str | Path, images_parquet: str | Path, out_h5: str | Pat
             if p.exists():
                 return p
         raise FeatureImportError(f"{folder}: no {Path(t['file'].iat[i]).stem}.npz or {t['image_id'].iat[i]}.npz for "
-                           f"images.parquet row {i} ({t['file'].iat[i]})")
+                                 f"images.parquet row {i} ({t['file'].iat[i]})")
 
     def rows():
         for i in range(len(t)):
@@ -323,7 +323,7 @@ def _split_rows(ids: IdMap, split: str, n_rows: int, src: np.ndarray | None, ids
     rows = np.flatnonzero(ids.table["split"].to_numpy() == split)
     if n_rows != len(rows):
         raise FeatureImportError(f"{source}: {n_rows} rows but images.parquet has {len(rows)} {split} images; "
-                           f"give an ids file to map rows to image ids")
+                                 f"give an ids file to map rows to image ids")
     return rows
 
 
@@ -366,7 +366,7 @@ def import_scan_npy(splits: dict[str, dict[str, str]], images_parquet: str | Pat
                     keep = tgt >= 0
                     if seen[tgt[keep]].any() or len(np.unique(tgt[keep])) != int(keep.sum()):
                         raise FeatureImportError(f"{splits[split]['features']}: image id of images.parquet row "
-                                           f"{int(tgt[keep][seen[tgt[keep]]][0])} imported twice")
+                                                 f"{int(tgt[keep][seen[tgt[keep]]][0])} imported twice")
                     feats = np.asarray(arr[a * stride:b * stride:stride], np.float16)[keep]
                     order = np.argsort(tgt[keep])  # h5py fancy indexing needs increasing rows
                     dst = tgt[keep][order]
@@ -424,7 +424,7 @@ def import_pfan_boxes(splits: dict[str, dict[str, str]], images_parquet: str | P
             bad = (idx < 0) | (idx > K * K)
             if bad.any():
                 raise FeatureImportError(f"{src}: block index {int(idx[bad][0])} outside 0..{K * K} (K={K}: "
-                                   f"set blocks.K to the grid PFAN used)")
+                                         f"set blocks.K to the grid PFAN used)")
             if (w < 0).any() or not np.isfinite(w).all():
                 raise FeatureImportError(f"{src}: negative or non-finite block weights")
             w = np.where(idx == K * K, 0, w)
