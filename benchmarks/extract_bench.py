@@ -125,6 +125,7 @@ def main() -> None:
            "precision": cfg["inference"].get("precision"), "torch_threads": torch.get_num_threads(),
            "images_per_s": round(ips, 3), "wall_s_incl_load": round(total, 2),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "peak_rss_worker_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
            "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
            "checkpoint": str(args.checkpoint or f"random {args.random}"), "dataset_cfg": args.dataset}
     print(json.dumps(out, indent=1))
