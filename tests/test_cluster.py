@@ -131,7 +131,7 @@ def test_slurm_dry_run_plans_pfan_on_coco_with_gpus(tmp_path):
         res = dict(re.findall(r"(\w+)=([^,\n]+)", re.search(r"resources: (.*)", body).group(1)))
         assert res["slurm_account"] == "<account>"
         if name in gpu:
-            assert res["gpu"] == "1" and res["cpus_per_gpu"] == "8" and res["slurm_partition"] == "<gpu-partition>"
+            assert res["gpu"] == "1" and int(res["cpus_per_gpu"]) >= 1 and res["slurm_partition"] == "<gpu-partition>"
         else:
             assert res.get("gpu", "0") == "0" and res["slurm_partition"] == "<partition>"
         assert int(res["mem_mb"]) > 0 and int(res["runtime"]) > 0
