@@ -13,7 +13,10 @@ For a pair (image i, caption with words t¹..t^L, 300-d embeddings):
   ``Y' = mean_j y'_j`` over the objects (eq. 14).
 - **Eq. 8**: during training the attention of a *negative* pair is uniform (α = 1/D over the D valid
   regions; β = 1/L over the L words, as the paper does for O2W "as Eq. (8)"); positives and every
-  pair at evaluation use the softmax.
+  pair at evaluation use the softmax. Caveat (measured): the model can learn to tell uniform from
+  softmax attention, a cue that does not exist at test time; on a toy set with 3-word captions O2W's
+  training loss fell to 0 while test retrieval stayed at chance (``uniform_negative_attention: false``
+  learned). On the synthetic corpus of ``itmatch.training.synthetic`` both settings reach the same rSum.
 - **Loss** (eq. 7, 17, 18), in :meth:`BSSAN.loss`: per image one negative caption sampled from the batch
   (a caption of another image), ``L1 = Σ_i [M - Y_i + Y_i⁻]₊``, ``L2`` the same on Y', total
   ``L1 + λ·L2 + δ·Σ‖W‖²`` (λ = 0.6, δ = 0.01). The shared ``criterion`` is not used: BSSAN has its own
