@@ -115,6 +115,11 @@ def test_figures_are_real_pngs(tmp_path):
     assert_real_png(tmp_path / "curves.png")
     with pytest.raises(ValueError, match="no metrics for dataset 'coco'"):
         plot_recalls(files, {}, tmp_path / "x.png", "coco")
+    fused = tmp_path / "fused.csv"  # SCAN/PFAN: one log per direction
+    fused.write_text("part,epoch,step,loss,rsum\n" + "".join(f"{p},{e},{e * 5},{3 - e},{50 + 20 * e + k}\n"
+                                                            for k, p in enumerate(["t2i", "i2t"]) for e in range(3)))
+    plot_training_curves(fused, tmp_path / "fused.png", "pfan")
+    assert_real_png(tmp_path / "fused.png")
     bad = tmp_path / "log.csv"
     bad.write_text("epoch,lr\n0,0.1\n")
     with pytest.raises(ValueError, match=r"log.csv: missing column\(s\) loss, rsum"):

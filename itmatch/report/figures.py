@@ -45,25 +45,32 @@ def read_train_log(path: str | Path) -> pd.DataFrame:
 
 
 def plot_training_curves(log_csv: str | Path, out_png: str | Path, title: str) -> None:
-    """Two panels: training loss and validation rSum (with its R@K columns, if logged) per epoch."""
+    """Two panels: training loss and validation rSum per epoch (per step if validated more often), one line
+    per part for fused models (a ``part`` column: t2i, i2t); circles mark each part's best rSum."""
     df = read_train_log(log_csv)
     x = _column(df, "epoch", "step")
-    if "step" in [c.lower() for c in df.columns] and df[x].duplicated().any():
+    part_col = _column(df, "part")
+    keys = [part_col, x] if part_col else [x]
+    if _column(df, "step") and df.duplicated(subset=keys).any():  # several validations per epoch
         x = _column(df, "step")
     loss = _column(df, "loss", "train_loss", contains="loss")
     rsum = _column(df, "rsum", "val_rsum", contains="rsum")
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
-    a.plot(df[x], df[loss], marker="o", color="tab:red")
+    groups = list(df.groupby(part_col, sort=False)) if part_col else [(None, df)]
+    for part, g in groups:  # fused models (SCAN, PFAN) log one curve per direction
+        label = f"{part}" if part is not None else None
+        a.plot(g[x], g[loss], marker="o", label=label)
+        b.plot(g[x], g[rsum], marker="o", label=f"rSum {part}" if part is not None else "rSum")
+        best = g[rsum].idxmax()
+        b.scatter([g[x][best]], [g[rsum][best]], s=120, facecolors="none", edgecolors="k", zorder=3)
+    b.scatter([], [], s=120, facecolors="none", edgecolors="k", label="best (checkpoint)")
     a.set(xlabel=x, ylabel="training loss", title="loss")
-    for ax in (a, b):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    b.plot(df[x], df[rsum], marker="o", color="tab:blue", label="rSum")
-    best = df[rsum].idxmax()
-    b.scatter([df[x][best]], [df[rsum][best]], s=120, facecolors="none", edgecolors="k", zorder=3,
-              label=f"best {df[rsum][best]:.1f} (checkpoint)")
     b.set(xlabel=x, ylabel="validation rSum", title="validation rSum")
     b.legend(loc="lower right", fontsize=8)
+    if part_col:
+        a.legend(fontsize=8)
     for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     _save(fig, out_png)
