@@ -151,3 +151,37 @@ rule import_pfan_blocks:
         "logs/import_pfan_blocks/{dataset}.log",
     script:
         "../scripts/import_pfan_blocks.py"
+
+
+# ---- Demo detector: trained on the boxes, categories and attributes of `shapes` ---------------------------
+# Resumable: each epoch's state goes to results/detector/{dataset}/train_state.pt (written atomically); a re-run
+# after an interruption continues from the last finished epoch. metrics.json: object/attribute mAP@0.5 on val.
+
+
+def _train_detector_cfg(dataset):
+    from itmatch.features.detector import detector_config
+
+    return detector_config(config["detector"], dataset)
+
+
+rule train_detector:
+    input:
+        json=lambda wc: dataset_cfg(wc.dataset)["json"],
+        images=lambda wc: dataset_cfg(wc.dataset)["images"],
+        table="results/data/{dataset}/images.parquet",
+    output:
+        model="results/detector/{dataset}/model.pt",
+        metrics="results/detector/{dataset}/metrics.json",
+    params:
+        detector=lambda wc: _train_detector_cfg(wc.dataset),
+        code=code_version("itmatch.features.detector"),
+    wildcard_constraints:
+        dataset="shapes",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    log:
+        "logs/train_detector/{dataset}.log",
+    script:
+        "../scripts/train_detector.py"
