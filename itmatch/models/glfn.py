@@ -16,6 +16,8 @@ Text side (eq. 15–27): frozen per-token BERT features (768, from the text stag
 bi-GRU (D), the directions averaged, l2-normalised. Table 3 ablations: ``text: gru`` (Only-GRU: word
 embeddings 300 from the vocabulary instead of BERT) and ``text: bert`` (Only-BERT: BERT features → one
 linear layer to D, no GRU).
+The paper's bi-GRU dropout of 0.5 is not applied: on a one-layer GRU (as here and in SCAN's code the
+release builds on) PyTorch's GRU dropout has no effect.
 
 Similarity (eq. 28–33): SCAN's stacked cross attention (``itmatch.models.attention``) in both
 directions, each averaged over the query fragments (eq. 31–32, SCAN's AVG aggregation), fused as
