@@ -143,18 +143,30 @@ def _xattn_shard(K, kmask, klens, G, Q, qmask, qlens, q_norm, lam, agg, lam_lse,
     nq, Lq, _ = Q.shape
     # logits, context-major: S[k, l, q, m] = K[k, l] · Q[q, m]; one GEMM, the only O(d) work
     S = (K.reshape(nk * Lk, d) @ Q.reshape(nq * Lq, d).t()).view(nk, Lk, nq, Lq)
-    if raw_norm == "clipped_l2norm":  # leaky ReLU, l2-normalised over the queries of each context item
-        X = F.leaky_relu(S, 0.1)
-        scale = lam / (torch.linalg.vector_norm(X, dim=3, keepdim=True) + eps)  # [nk, Lk, nq, 1]
-        X = X * scale
+    pad = not bool(kmask.all())
+    if not (torch.is_grad_enabled() and (K.requires_grad or Q.requires_grad or G.requires_grad)):
+        # inference: the same operations in place on two buffers (no large temporaries)
+        X = F.leaky_relu(S, 0.1) if raw_norm == "clipped_l2norm" else S * lam
+        if raw_norm == "clipped_l2norm":
+            X.mul_(lam / (torch.linalg.vector_norm(X, dim=3, keepdim=True) + eps))
+        if pad:
+            X.masked_fill_(~kmask[:, :, None, None], float("-inf"))
+        A = X.softmax(dim=1)
+        num = torch.mul(A, S, out=X).sum(1)  # X reused as the buffer of A·S
+        GA = torch.bmm(G, A.reshape(nk, Lk, nq * Lq)).view(nk, Lk, nq, Lq)
+        ctx_sq = GA.mul_(A).sum(1)
     else:
-        X = S * lam
-    if not bool(kmask.all()):
-        X = X.masked_fill(~kmask[:, :, None, None], float("-inf"))
-    A = torch.softmax(X, dim=1)  # attention over the context items
-    num = (A * S).sum(1)  # [nk, nq, Lq] = q · attended context
-    GA = torch.bmm(G, A.reshape(nk, Lk, nq * Lq))  # [nk, Lk, nq*Lq]
-    ctx_sq = (GA.view(nk, Lk, nq, Lq) * A).sum(1)  # ‖attended context‖²
+        if raw_norm == "clipped_l2norm":  # leaky ReLU, l2-normalised over the queries of each context item
+            X = F.leaky_relu(S, 0.1)
+            X = X * (lam / (torch.linalg.vector_norm(X, dim=3, keepdim=True) + eps))  # [nk, Lk, nq, Lq]
+        else:
+            X = S * lam
+        if pad:
+            X = X.masked_fill(~kmask[:, :, None, None], float("-inf"))
+        A = torch.softmax(X, dim=1)  # attention over the context items
+        num = (A * S).sum(1)  # [nk, nq, Lq] = q · attended context
+        GA = torch.bmm(G, A.reshape(nk, Lk, nq * Lq)).view(nk, Lk, nq, Lq)
+        ctx_sq = (GA * A).sum(1)  # ‖attended context‖²
     cos = num / (q_norm[None] * _sqrt(ctx_sq)).clamp(min=eps)  # [nk, nq, Lq]
     m = qmask[None]
     count = qlens[None].to(cos.dtype)
