@@ -117,7 +117,10 @@ def load_published(model: BottomUpDetector, path: str | Path) -> None:
 def is_own_checkpoint(path: str | Path) -> bool:
     if Path(path).suffix == ".pkl":
         return False
-    obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=False)
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
