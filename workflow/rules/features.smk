@@ -158,12 +158,6 @@ rule import_pfan_blocks:
 # after an interruption continues from the last finished epoch. metrics.json: object/attribute mAP@0.5 on val.
 
 
-def _train_detector_cfg(dataset):
-    from itmatch.features.detector import detector_config
-
-    return detector_config(config["detector"], dataset)
-
-
 rule train_detector:
     input:
         json=lambda wc: dataset_cfg(wc.dataset)["json"],
@@ -173,7 +167,7 @@ rule train_detector:
         model="results/detector/{dataset}/model.pt",
         metrics="results/detector/{dataset}/metrics.json",
     params:
-        detector=lambda wc: _train_detector_cfg(wc.dataset),
+        detector=lambda wc: _detector_cfg(wc.dataset),  # detector section + per_dataset overrides
         code=code_version("itmatch.features.detector"),
     wildcard_constraints:
         dataset="shapes",
@@ -183,5 +177,7 @@ rule train_detector:
         runtime=60,
     log:
         "logs/train_detector/{dataset}.log",
+    conda:
+        "../../envs/features.yaml"
     script:
         "../scripts/train_detector.py"
