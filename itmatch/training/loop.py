@@ -35,7 +35,7 @@ from itmatch.models.registry import build_model
 from itmatch.training.data import Corpus, PairDataset, collate_pairs, epoch_batches, loader
 from itmatch.training.loss import ContrastiveLoss
 from itmatch.utils.io import atomic_path
-from itmatch.utils.logs import log
+from itmatch.utils.logs import log, progress
 
 LOG_COLUMNS = ["epoch", "step", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "lr",
                "seconds"]
@@ -189,8 +189,11 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
             batches = epoch_batches(len(dataset), int(t["batch_size"]), int(t["seed"]), epoch)
             model.train()
             if st["batch"] < len(batches):
-                for images, captions in loader(dataset, batches[st["batch"]:], num_workers=int(t["num_workers"]),
-                                               collate=collate_pairs):
+                rest = batches[st["batch"]:]
+                for images, captions in progress(loader(dataset, rest, num_workers=int(t["num_workers"]),
+                                                        collate=collate_pairs),
+                                                 desc=f"{part or model_name} epoch {epoch}", total=len(rest),
+                                                 unit="batch"):
                     loss, _ = model.loss(to_device(images, device), to_device(captions, device), criterion)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
