@@ -125,16 +125,27 @@ def _xattn(K: torch.Tensor, klens: torch.Tensor, Q: torch.Tensor, qlens: torch.T
     qmask = torch.arange(Lq, device=Q.device)[None, :] < qlens[:, None]  # [Nq, Lq]
     K = K[:, :Lk] * kmask[..., None].to(K.dtype)
     Q = Q[:, :Lq] * qmask[..., None].to(Q.dtype)
+    # sort both sets by length so that each shard is trimmed to its own longest item (real captions have a
+    # long tail of lengths; padding would otherwise cost as much as words)
+    kperm = torch.argsort(klens, descending=True, stable=True)
+    qperm = torch.argsort(qlens, descending=True, stable=True)
+    K, kmask, klens = K[kperm], kmask[kperm], klens[kperm]
+    Q, qmask, qlens = Q[qperm], qmask[qperm], qlens[qperm]
     G = K @ K.transpose(1, 2)  # [Nk, Lk, Lk] context Gram matrices
     q_norm = _sqrt(Q.pow(2).sum(2))  # [Nq, Lq]
     kb, qb = _shard_sizes(Nk, Nq, Lk, Lq, max_elems)
     rows = []
     for k0, k1 in _shards(Nk, kb):
-        cols = [_xattn_shard(K[k0:k1], kmask[k0:k1], klens[k0:k1], G[k0:k1], Q[q0:q1], qmask[q0:q1], qlens[q0:q1],
-                             q_norm[q0:q1], lam, agg, lam_lse, raw_norm, max_term, eps)
-                for q0, q1 in _shards(Nq, qb)]
+        lk = max(1, int(klens[k0]))
+        cols = []
+        for q0, q1 in _shards(Nq, qb):
+            lq = max(1, int(qlens[q0]))
+            cols.append(_xattn_shard(K[k0:k1, :lk], kmask[k0:k1, :lk], klens[k0:k1], G[k0:k1, :lk, :lk],
+                                     Q[q0:q1, :lq], qmask[q0:q1, :lq], qlens[q0:q1], q_norm[q0:q1, :lq], lam, agg,
+                                     lam_lse, raw_norm, max_term, eps))
         rows.append(torch.cat(cols, 1))
-    return torch.cat(rows, 0)
+    out = torch.cat(rows, 0)  # rows / columns in sorted order
+    return out[torch.argsort(kperm)][:, torch.argsort(qperm)]
 
 
 def _xattn_shard(K, kmask, klens, G, Q, qmask, qlens, q_norm, lam, agg, lam_lse, raw_norm, max_term, eps
