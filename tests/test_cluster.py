@@ -157,3 +157,32 @@ def test_slurm_dry_run_plans_pfan_on_coco_with_gpus(tmp_path):
         assert int(res["mem_mb"]) > 0 and int(res["runtime"]) > 0
     planned = {name for name, _ in jobs}
     assert {"ingest"} <= planned and planned & gpu, planned
+    # The sbatch lines the SLURM plugin builds for these jobs (its own functions, no sbatch needed).
+    for name, body in jobs:
+        line = sbatch_line(name, body)
+        assert re.search(r"--mem \d+", line) and re.search(r" -t \d+", line), line
+        if name in gpu:
+            assert "--gpus=1" in line and re.search(r"--cpus-per-gpu=\d+", line), line
+        else:
+            assert "--gpus" not in line and re.search(r"--cpus-per-task=\d+", line), line
+
+
+class _Resources(dict):
+    def __getattr__(self, key):
+        return self[key]
+
+
+def sbatch_line(rule: str, plan_body: str) -> str:
+    """The plugin's submit command for one planned job (its resources and threads as the dry-run shows them)."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    raw = dict(re.findall(r"(\w+)=([^,\n]+)", re.search(r"resources: (.*)", plan_body).group(1)))
+    res = _Resources({k: int(v) if v.isdigit() else v for k, v in raw.items() if v != "<TBD>"})
+    threads = int(m.group(1)) if (m := re.search(r"threads: (\d+)", plan_body)) else 1
+    job = SimpleNamespace(name=rule, resources=res, threads=threads)
+    params = {"run_uuid": "uuid", "slurm_logfile": "log", "comment_str": f"rule_{rule}",
+              "account": f"-A {res['slurm_account']}", "partition": f"-p {res['slurm_partition']}", "workdir": "."}
+    return get_submit_command(job, params) + set_gres_string(job)
