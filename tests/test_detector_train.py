@@ -114,7 +114,7 @@ TRAINED = REPO / "results" / "detector" / "shapes" / "model.pt"
 
 @pytest.mark.skipif(not TRAINED.exists(), reason="needs the workflow's trained detector "
                     "(snakemake results/detector/shapes/model.pt)")
-def test_region_tags_of_the_trained_detector():
+def test_region_tags_of_the_trained_detector(one_thread):
     """Rate at which the top regions' tags (shape + colour) are true of shapes test images.
 
     For an image with m objects the top m regions are checked; measured with the default config
