@@ -46,7 +46,9 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint_every_steps": 100, "num_workers": 0, "threads": 1, "optimizer": "adam", "momentum": 0.9,
     "weight_decay": 0.0, "device": "cpu",
 }
-RESOURCE_KEYS = ("num_workers", "threads", "mem_mb", "runtime", "device")
+# keys that do not change the trajectory of the steps already taken: a saved state stays valid when they change
+# (e.g. more epochs continue a finished-early run's state)
+RESOURCE_KEYS = ("num_workers", "threads", "mem_mb", "runtime", "device", "epochs", "checkpoint_every_steps")
 
 
 def make_optimizer(params: list[torch.nn.Parameter], t: dict[str, Any]) -> torch.optim.Optimizer:
