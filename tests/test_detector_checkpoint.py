@@ -162,3 +162,15 @@ def test_missing_checkpoint_names_the_config_key(cfg):
     c["checkpoints"]["coco"] = "/nonexistent/bua.pth"
     with pytest.raises(FileNotFoundError, match="detector.checkpoints.coco: file /nonexistent/bua.pth"):
         checkpoint_path(c, "coco")
+
+
+def test_adaptive_mode_tops_up_to_min_regions(loaded, cfg):
+    """Random weights: no region reaches confidence 0.2, so adaptive mode returns the 10 best (min_regions)."""
+    model, _ = loaded
+    c = copy.deepcopy(cfg)
+    c["inference"].update({"num_regions": "adaptive", "min_regions": 10, "max_regions": 100})
+    im = np.random.default_rng(2).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    x, s = preprocess(im, c)
+    r = detect(model, [x], [s], [(128, 128)], c)[0]
+    assert (r["object_conf"] < 0.2).all()
+    assert r["features"].shape == (10, 2048) and r["boxes"].shape == (10, 4)
