@@ -65,10 +65,10 @@ rule train_part:
     wildcard_constraints:
         model=_alt(_FUSED),
         part="t2i|i2t",
-    threads: _T["threads"]
+    threads: lambda wc: _training(wc)["threads"]
     resources:
-        mem_mb=_T["mem_mb"],
-        runtime=_T["runtime"],
+        mem_mb=lambda wc: _training(wc)["mem_mb"],
+        runtime=lambda wc: _training(wc)["runtime"],
         **_gpu(_T),
     log:
         "logs/train/{model}/{dataset}.{part}.log",
@@ -88,10 +88,10 @@ rule train_model:
         code=lambda wc: _model_code(wc.model),
     wildcard_constraints:
         model=_alt(_SINGLE),
-    threads: _T["threads"]
+    threads: lambda wc: _training(wc)["threads"]
     resources:
-        mem_mb=_T["mem_mb"],
-        runtime=_T["runtime"],
+        mem_mb=lambda wc: _training(wc)["mem_mb"],
+        runtime=lambda wc: _training(wc)["runtime"],
         **_gpu(_T),
     log:
         "logs/train/{model}/{dataset}.log",
