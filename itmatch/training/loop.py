@@ -2,7 +2,8 @@
 
 Adam; step-decay learning rate ``lr · lr_decay^(epoch // lr_decay_epochs)``; gradient norm clipped at
 ``grad_clip``; loss = the model's ``loss`` (default: hardest-negative bidirectional triplet loss, margin
-``margin``); validation (rSum on up to ``val_max_images`` images of the val split) after every epoch and
+``margin``; the first ``warmup_epochs`` epochs sum over all negatives instead); validation (rSum on up to
+``val_max_images`` images of the val split) after every epoch and
 every ``val_every_steps`` steps; the best model by val rSum is kept; one ``train_log.csv`` row per
 validation (epoch, step, loss, val R@K both ways, rSum, lr, seconds).
 
@@ -42,7 +43,8 @@ LOG_COLUMNS = ["epoch", "step", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0, "epochs": 30, "batch_size": 128, "lr": 2e-4, "lr_decay": 0.1, "lr_decay_epochs": 15,
-    "grad_clip": 2.0, "margin": 0.2, "max_violation": True, "val_every_steps": 0, "val_max_images": 1000,
+    "grad_clip": 2.0, "margin": 0.2, "max_violation": True, "warmup_epochs": 0, "val_every_steps": 0,
+    "val_max_images": 1000,
     "checkpoint_every_steps": 100, "num_workers": 0, "threads": 1, "optimizer": "adam", "momentum": 0.9,
     "weight_decay": 0.0, "device": "cpu",
 }
@@ -129,6 +131,8 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, t)
     criterion = ContrastiveLoss(margin=float(t["margin"]), max_violation=bool(t["max_violation"]))
+    # warm-up: sum over all negatives for the first epochs (hardest negatives from a random start can collapse)
+    warmup = ContrastiveLoss(margin=float(t["margin"]), max_violation=False)
     train_rows = corpus.rows("train", "captions")
     dataset = PairDataset(corpus, train_rows)
     st: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_rsum": -1.0, "best": None, "best_at": None,
@@ -196,7 +200,8 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
                                                         collate=collate_pairs),
                                                  desc=f"{part or model_name} epoch {epoch}", total=len(rest),
                                                  unit="batch"):
-                    loss, _ = model.loss(to_device(images, device), to_device(captions, device), criterion)
+                    crit = warmup if epoch < int(t["warmup_epochs"]) else criterion
+                    loss, _ = model.loss(to_device(images, device), to_device(captions, device), crit)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if float(t["grad_clip"]) > 0:
