@@ -120,8 +120,7 @@ class CAAN(MatchingModel):
         self.normalize_embeddings = normalize_embeddings
         self.pair_chunk = pair_chunk
         self.checkpoint = checkpoint
-        # l2-normalisation done here with F.normalize: encoders.l2norm's sqrt has a NaN gradient on the
-        # all-zero rows that zero-padded regions give at init (fc bias = 0)
+        # l2-normalisation here with F.normalize (finite gradient on the all-zero padding rows)
         self.normalize_fragments = normalize_fragments
         self.img_enc = RegionEncoder(feature_dim, embed_dim, normalize=False)
         self.txt_enc = GRUTextEncoder(vocab_size, embed_dim, word_dim, normalize=normalize_fragments)
