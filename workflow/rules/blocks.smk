@@ -19,5 +19,7 @@ rule blocks:
         runtime=30,
     log:
         "logs/blocks/{dataset}.log",
+    conda:
+        "../../envs/features.yaml"
     script:
         "../scripts/blocks.py"

@@ -14,6 +14,8 @@ rule generate_shapes:
         runtime=30,
     log:
         "logs/generate_shapes/shapes.log",
+    conda:
+        "../../envs/data.yaml"
     script:
         "../scripts/generate_shapes.py"
 
@@ -35,5 +37,7 @@ rule ingest:
         runtime=60,
     log:
         "logs/ingest/{dataset}.log",
+    conda:
+        "../../envs/data.yaml"
     script:
         "../scripts/ingest.py"

@@ -38,5 +38,7 @@ for _ds in download_datasets():
             runtime=24 * 60,
         log:
             f"logs/download/{_ds}.log",
+        conda:
+            "../../envs/download.yaml"
         script:
             "../scripts/download_dataset.py"

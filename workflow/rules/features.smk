@@ -1,5 +1,7 @@
 # Region features: detector training on shapes, bottom-up extraction (sharded), feature import.
 
+include: "features_functions.smk"
+
 
 # ---- Region extraction (sharded, resumable) and feature import -------------------------------------------
 # Datasets listed under extraction.import.<dataset> are imported from existing features; the others are
@@ -8,54 +10,9 @@
 scattergather:
     extract=config["extraction"]["shards"],
 
-
-def _import_spec(dataset):
-    return (config["extraction"].get("import") or {}).get(dataset)
-
-
-def _datasets_where(pred):
-    names = [d for d in config["datasets"] if pred(d)]
-    return "|".join(names) if names else "(?!x)x"  # a pattern that never matches
-
-
 _EXTRACTED = _datasets_where(lambda d: not _import_spec(d))
 _IMPORTED = _datasets_where(lambda d: bool(_import_spec(d)))
 _PFAN_IMPORTED = _datasets_where(lambda d: bool((_import_spec(d) or {}).get("pfan_boxes")))
-
-
-def _detector_cfg(dataset):
-    from itmatch.features.detector import detector_config
-
-    return detector_config(config["detector"], dataset)
-
-
-def _detector_checkpoint(dataset):
-    from itmatch.features.detector import checkpoint_path
-
-    try:
-        return checkpoint_path(config["detector"], dataset, must_exist=False)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; or import existing features with extraction.import.{dataset}") from None
-
-
-def _import_sources(dataset, key="features"):
-    """Input files of an import (so Snakemake checks they exist and reruns when they change)."""
-    spec = _import_spec(dataset) or {}
-    if key == "pfan":
-        return [p for s in (spec.get("pfan_boxes") or {}).values() for p in (s.get("boxes"), s.get("ids")) if p]
-    fmt = spec.get("format")
-    if fmt == "tsv":
-        return list(spec["files"])
-    if fmt == "npz":
-        return [spec["folder"]]
-    if fmt == "scan_npy":
-        return [p for s in spec["splits"].values() for p in (s.get("features"), s.get("ids")) if p]
-    return []
-
-
-def _shard_output(path):
-    return path if config["extraction"]["keep_shards"] else temp(path)
-
 
 _GPU = {"gpu": 1} if config["extraction"]["device"] == "cuda" else {}
 
@@ -81,6 +38,8 @@ rule extract_regions_shard:
         **_GPU,
     log:
         "logs/extract_regions/{dataset}.{scatteritem}.log",
+    conda:
+        "../../envs/features.yaml"
     script:
         "../scripts/extract_regions_shard.py"
 
@@ -103,6 +62,8 @@ rule gather_regions:
         runtime=120,
     log:
         "logs/gather_regions/{dataset}.log",
+    conda:
+        "../../envs/features.yaml"
     script:
         "../scripts/extract_gather.py"
 
@@ -125,6 +86,8 @@ rule import_regions:
         runtime=240,
     log:
         "logs/import_regions/{dataset}.log",
+    conda:
+        "../../envs/features.yaml"
     script:
         "../scripts/import_regions.py"
 
@@ -149,6 +112,8 @@ rule import_pfan_blocks:
         runtime=120,
     log:
         "logs/import_pfan_blocks/{dataset}.log",
+    conda:
+        "../../envs/features.yaml"
     script:
         "../scripts/import_pfan_blocks.py"
 

@@ -2,6 +2,9 @@
 # Generic over {model}: the inputs come from INPUTS[model] (itmatch/models/base.py). Models with
 # models.<model>.fuse (SCAN, PFAN: [t2i, i2t]) train one model per direction under
 # results/{model}/{dataset}/{part}/ and rule fuse_parts combines them (evaluation averages their scores).
+
+include: "models_functions.smk"
+
 from itmatch.models.base import INPUTS
 from itmatch.training.settings import (evaluation_settings, fused_parts, model_settings, part_config,
                                        training_settings)
@@ -12,41 +15,6 @@ _COMMON_CODE = ("itmatch.models.base", "itmatch.models.encoders", "itmatch.model
                 "itmatch.models.registry", "itmatch.training")
 _MODEL_CODE = {"pfan": ("itmatch.models.pfan", "itmatch.models.scan"),
                "smfea": ("itmatch.models.smfea", "itmatch.models.tree_lstm")}
-
-
-def _alt(names):
-    return "|".join(names) if names else "(?!x)x"
-
-
-def _model_code(model):
-    return code_version(*_COMMON_CODE, *_MODEL_CODE.get(model, (f"itmatch.models.{model}",)))
-
-
-def _model_inputs(wc):
-    d = wc.dataset
-    inp = {"images": f"results/data/{d}/images.parquet", "captions": f"results/data/{d}/captions.parquet",
-           "tokens": f"results/text/{d}/tokens.parquet", "vocab": f"results/text/{d}/vocab.json",
-           "regions": f"results/features/{d}/regions.h5"}
-    req = INPUTS[wc.model]
-    if "blocks" in req:
-        inp["blocks"] = f"results/features/{d}/blocks.h5"
-    if "tags" in req:
-        inp["tags"] = f"results/features/{d}/tags.h5"
-    if "bert" in req:
-        inp["bert"] = f"results/text/{d}/bert.h5"
-    if "trees" in req:
-        inp["trees"] = f"results/text/{d}/trees.parquet"
-        inp["tree_vocab"] = f"results/text/{d}/tree_vocab.json"
-    return inp
-
-
-def _training(wc):
-    return training_settings(config, wc.model, wc.dataset)
-
-
-def _gpu(settings):
-    return {"gpu": 1} if settings.get("device") == "cuda" else {}
-
 
 _T = config["training"]
 _E = config["evaluation"]
@@ -72,6 +40,8 @@ rule train_part:
         **_gpu(_T),
     log:
         "logs/train/{model}/{dataset}.{part}.log",
+    conda:
+        "../../envs/models.yaml"
     script:
         "../scripts/train.py"
 
@@ -95,13 +65,10 @@ rule train_model:
         **_gpu(_T),
     log:
         "logs/train/{model}/{dataset}.log",
+    conda:
+        "../../envs/models.yaml"
     script:
         "../scripts/train.py"
-
-
-def _parts(wc):
-    return fused_parts(model_settings(config, wc.model, wc.dataset))
-
 
 rule fuse_parts:
     input:
@@ -112,6 +79,7 @@ rule fuse_parts:
         log="results/{model}/{dataset}/train_log.csv",
     params:
         parts=_parts,
+        code=code_version("itmatch.training.loop"),
     wildcard_constraints:
         model=_alt(_FUSED),
     threads: 1
@@ -120,6 +88,8 @@ rule fuse_parts:
         runtime=30,
     log:
         "logs/fuse/{model}/{dataset}.log",
+    conda:
+        "../../envs/models.yaml"
     script:
         "../scripts/fuse_parts.py"
 
@@ -143,5 +113,7 @@ rule evaluate:
         **_gpu(_E),
     log:
         "logs/evaluate/{model}/{dataset}.log",
+    conda:
+        "../../envs/models.yaml"
     script:
         "../scripts/evaluate.py"

@@ -1,19 +1,7 @@
 # Text stages: tokens + vocabulary, referral trees, BERT features, tag vectors.
 # Settings: config key `text` (see the README section "Text stages").
 
-
-def _text_parser(dataset):
-    return config["text"]["trees"]["parser"].get(dataset, "stanza")
-
-
-def _bert_model(dataset):
-    b = config["text"]["bert"]
-    return (b.get("dataset_model") or {}).get(dataset, b["model"])
-
-
-def _local_model(spec):
-    """The model folder as an input (so fetch_bert_model can make it); nothing for package: models."""
-    return [] if spec.startswith("package:") else [spec]
+include: "text_functions.smk"
 
 
 rule tokenize:
@@ -31,6 +19,8 @@ rule tokenize:
         runtime=30,
     log:
         "logs/text/tokenize_{dataset}.log",
+    conda:
+        "../../envs/text.yaml"
     script:
         "../scripts/text_tokenize.py"
 
@@ -54,6 +44,8 @@ rule referral_trees:
         gpu=lambda wc: int(_text_parser(wc.dataset) == "stanza" and config["text"]["trees"]["device"] != "cpu"),
     log:
         "logs/text/referral_trees_{dataset}.log",
+    conda:
+        "../../envs/text.yaml"
     script:
         "../scripts/text_trees.py"
 
@@ -76,6 +68,8 @@ rule bert_features:
         **({"gpu": 1} if config["text"]["bert"]["device"] != "cpu" else {}),
     log:
         "logs/text/bert_features_{dataset}.log",
+    conda:
+        "../../envs/text.yaml"
     script:
         "../scripts/text_bert.py"
 
@@ -99,6 +93,8 @@ rule tag_vectors:
         **({"gpu": 1} if config["text"]["bert"]["device"] != "cpu" else {}),
     log:
         "logs/text/tag_vectors_{dataset}.log",
+    conda:
+        "../../envs/text.yaml"
     script:
         "../scripts/text_tags.py"
 
@@ -117,6 +113,8 @@ rule fetch_stanza_models:
         runtime=30,
     log:
         "logs/text/fetch_stanza_models.log",
+    conda:
+        "../../envs/text.yaml"
     script:
         "../scripts/text_fetch_models.py"
 
@@ -132,5 +130,7 @@ rule fetch_bert_model:
         runtime=30,
     log:
         "logs/text/fetch_bert_model.log",
+    conda:
+        "../../envs/text.yaml"
     script:
         "../scripts/text_fetch_models.py"

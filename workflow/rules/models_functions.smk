@@ -1,0 +1,38 @@
+# Helper functions of models.smk (kept apart from its rules: `snakemake --lint`).
+
+def _alt(names):
+    return "|".join(names) if names else "(?!x)x"
+
+
+def _model_code(model):
+    return code_version(*_COMMON_CODE, *_MODEL_CODE.get(model, (f"itmatch.models.{model}",)))
+
+
+def _model_inputs(wc):
+    d = wc.dataset
+    inp = {"images": f"results/data/{d}/images.parquet", "captions": f"results/data/{d}/captions.parquet",
+           "tokens": f"results/text/{d}/tokens.parquet", "vocab": f"results/text/{d}/vocab.json",
+           "regions": f"results/features/{d}/regions.h5"}
+    req = INPUTS[wc.model]
+    if "blocks" in req:
+        inp["blocks"] = f"results/features/{d}/blocks.h5"
+    if "tags" in req:
+        inp["tags"] = f"results/features/{d}/tags.h5"
+    if "bert" in req:
+        inp["bert"] = f"results/text/{d}/bert.h5"
+    if "trees" in req:
+        inp["trees"] = f"results/text/{d}/trees.parquet"
+        inp["tree_vocab"] = f"results/text/{d}/tree_vocab.json"
+    return inp
+
+
+def _training(wc):
+    return training_settings(config, wc.model, wc.dataset)
+
+
+def _gpu(settings):
+    return {"gpu": 1} if settings.get("device") == "cuda" else {}
+
+
+def _parts(wc):
+    return fused_parts(model_settings(config, wc.model, wc.dataset))
