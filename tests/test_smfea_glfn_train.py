@@ -65,10 +65,7 @@ def corpus_paths(tmp_path_factory) -> DataPaths:
 
 @pytest.mark.parametrize("name,cfg", [
     ("smfea", {"embed_dim": 16, "word_dim": 8, "node_input_dim": 8, "hidden_dim": 8}),
-    pytest.param("glfn", {"embed_dim": 16, "block_dim": 8, "word_dim": 8}, marks=pytest.mark.xfail(
-        raises=TypeError, strict=False,
-        reason="itmatch/training/data.py Corpus.image_item reads tags.h5 vectors with an h5py fancy index that "
-               "must be strictly increasing; real tags.h5 indices repeat (shared phrases, -1 padding)")),
+    ("glfn", {"embed_dim": 16, "block_dim": 8, "word_dim": 8}),
 ])
 def test_train_two_epochs_then_evaluate(tmp_path, corpus_paths, name, cfg):
     from itmatch.models.registry import model_class

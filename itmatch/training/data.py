@@ -123,8 +123,9 @@ class Corpus:
                                      f"[{self.n_images}, {self.R}, L]")
         if "tags" in requires:
             self.tags = LazyH5(self._need(paths.tags, "tags"))
-            with h5py.File(paths.tags, "r") as f:
-                self.info["tag_dim"] = int(f["vectors"].shape[1])
+            with h5py.File(paths.tags, "r") as f:  # one vector per distinct phrase: small, kept in memory
+                self.tag_table = f["vectors"][:].astype(np.float32)
+                self.info["tag_dim"] = int(self.tag_table.shape[1])
         if "bert" in requires:
             self.bert = LazyH5(self._need(paths.bert, "bert"))
             with h5py.File(paths.bert, "r") as f:
@@ -166,7 +167,7 @@ class Corpus:
         if self.tags is not None:
             t = self.tags.file()
             idx = t["index"][row]
-            vec = t["vectors"][np.clip(idx, 0, None)].astype(np.float32)
+            vec = self.tag_table[np.clip(idx, 0, None)]  # fancy indexing copies
             vec[idx < 0] = 0
             item["tag_vectors"] = vec
         return item

@@ -14,7 +14,8 @@ _SINGLE = [m for m in MODELS if m not in _FUSED]
 _COMMON_CODE = ("itmatch.models.base", "itmatch.models.encoders", "itmatch.models.attention",
                 "itmatch.models.registry", "itmatch.training")
 _MODEL_CODE = {"pfan": ("itmatch.models.pfan", "itmatch.models.scan"),
-               "smfea": ("itmatch.models.smfea", "itmatch.models.tree_lstm")}
+               "smfea": ("itmatch.models.smfea", "itmatch.models.tree_lstm"),
+               "glfn": ("itmatch.models.glfn", "itmatch.models.pfan", "itmatch.models.scan")}
 
 _T = config["training"]
 _E = config["evaluation"]
