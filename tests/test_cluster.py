@@ -29,11 +29,15 @@ SUBMIT = r"""#!/usr/bin/env bash
 # Fake scheduler: `submit.sh --rule R --gpus G --mem M --time T --cpus C <jobscript>`
 set -eu
 dir="$(cd "$(dirname "$0")" && pwd)"
-id=$(( $(ls "$dir/jobs" | wc -l) + 1000 ))
-touch "$dir/jobs/$id"
+exec 9>"$dir/lock" && flock 9           # job ids from a counter, one submission at a time
+id=$(cat "$dir/counter" 2>/dev/null || echo 1000)
+echo $(( id + 1 )) > "$dir/counter"
+flock -u 9
 printf '%s\t%s\n' "$id" "$*" >> "$dir/submissions.tsv"
 jobscript="${@: -1}"
-( bash "$jobscript" > "$dir/jobs/$id.out" 2>&1; echo $? > "$dir/jobs/$id.exit" ) </dev/null >/dev/null 2>&1 &
+# own session: a failing Snakemake job kills its process group, which must not take the exit-code writer along
+out="$dir/jobs/$id"
+( setsid --wait bash "$jobscript" > "$out.out" 2>&1; echo $? > "$out.exit" ) </dev/null >/dev/null 2>&1 &
 echo "$id"
 """
 
