@@ -63,7 +63,7 @@ def fake_scheduler(root: Path) -> tuple[Path, Path]:
 
 def digest(path: Path) -> str:
     """Content digest: Parquet by its table, HDF5 by its arrays and attributes (files carry creation times),
-    metrics.json by its test metrics, anything else by its bytes."""
+    JSON without its timings, anything else by its bytes."""
     h = hashlib.sha256()
     if path.suffix == ".parquet":
         h.update(pd.read_parquet(path).to_csv(index=False).encode())
@@ -71,14 +71,22 @@ def digest(path: Path) -> str:
         import h5py
 
         with h5py.File(path, "r") as f:
-            h.update(repr(sorted((k, str(v)) for k, v in f.attrs.items())).encode())
+            # (weights_sha256 hashes the detector's checkpoint file, which also records training times)
+            h.update(repr(sorted((k, str(v)) for k, v in f.attrs.items() if "sha256" not in k)).encode())
             f.visititems(lambda name, obj: h.update(name.encode() + (obj[()].tobytes() if hasattr(obj, "dtype")
                                                                      else b"")))
-    elif path.name == "metrics.json":
-        h.update(json.dumps(json.loads(path.read_text())["protocols"], sort_keys=True).encode())
+    elif path.suffix == ".json":
+        h.update(json.dumps(_untimed(json.loads(path.read_text())), sort_keys=True).encode())
     else:
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def _untimed(obj):
+    """A JSON value without its timing entries (keys like seconds, time, elapsed, load_average)."""
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if not re.search(r"second|time|elapsed|load_average", k)}
+    return [_untimed(v) for v in obj] if isinstance(obj, list) else obj
 
 
 COMPARED = (".parquet", ".h5", ".json", ".jpg", ".png")  # model.pt / train_log.csv hold timings
