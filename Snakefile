@@ -19,3 +19,14 @@ include: "workflow/rules/blocks.smk"
 include: "workflow/rules/text.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/report.smk"
+
+
+localrules:
+    all,
+
+
+rule all:
+    # `snakemake` with no target: the demo, PFAN on the embedded shapes dataset.
+    input:
+        "results/pfan/shapes/metrics.json",
+    default_target: True
