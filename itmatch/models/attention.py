@@ -232,21 +232,15 @@ def t2i_scores_reference(regions, num_regions, words, lengths, *, lambda_softmax
                          lambda_lse=6.0, raw_norm="clipped_l2norm", max_term=0.0, eps=1e-8, **_) -> torch.Tensor:
     """Per-caption loop of SCAN's xattn_score_t2i (images batched per caption, grouped by region count)."""
     num_regions = _check(regions, num_regions, words, lengths, agg, raw_norm)
-    I, C = regions.shape[0], words.shape[0]
-    out = regions.new_zeros(I, C)
-    groups = [(n, (num_regions == n).nonzero().flatten()) for n in num_regions.unique().tolist()]
-    for c in range(C):
-        cap = words[c, : int(lengths[c])][None]
-        for n, idx in groups:
-            img = regions[idx, :n]
-            cap_e = cap.expand(len(idx), -1, -1)
-            ctx = _func_attention_ref(cap_e, img, lambda_softmax, raw_norm, eps)
-            row = _cosine_ref(cap_e, ctx, 2, eps)  # [n_img, n_word]
-            s = _agg_ref(row, agg, lambda_lse)
-            if max_term:
-                best = torch.bmm(cap_e, img.transpose(1, 2)).max(2).values
-                s = s + max_term * _agg_ref(best, agg, lambda_lse)
-            out[idx, c] = s
+    out = regions.new_zeros(regions.shape[0], words.shape[0])
+    for c, idx, img, cap_e in _per_caption_groups(regions, num_regions, words, lengths):
+        ctx = _func_attention_ref(cap_e, img, lambda_softmax, raw_norm, eps)
+        row = _cosine_ref(cap_e, ctx, 2, eps)  # [n_img, n_word]
+        s = _agg_ref(row, agg, lambda_lse)
+        if max_term:
+            best = torch.bmm(cap_e, img.transpose(1, 2)).max(2).values
+            s = s + max_term * _agg_ref(best, agg, lambda_lse)
+        out[idx, c] = s
     return out
 
 
@@ -254,15 +248,19 @@ def i2t_scores_reference(regions, num_regions, words, lengths, *, lambda_softmax
                          lambda_lse=6.0, raw_norm="clipped_l2norm", eps=1e-8, **_) -> torch.Tensor:
     """Per-caption loop of SCAN's xattn_score_i2t (images batched per caption, grouped by region count)."""
     num_regions = _check(regions, num_regions, words, lengths, agg, raw_norm)
-    I, C = regions.shape[0], words.shape[0]
-    out = regions.new_zeros(I, C)
+    out = regions.new_zeros(regions.shape[0], words.shape[0])
+    for c, idx, img, cap_e in _per_caption_groups(regions, num_regions, words, lengths):
+        ctx = _func_attention_ref(img, cap_e, lambda_softmax, raw_norm, eps)
+        row = _cosine_ref(img, ctx, 2, eps)  # [n_img, n_region]
+        out[idx, c] = _agg_ref(row, agg, lambda_lse)
+    return out
+
+
+def _per_caption_groups(regions, num_regions, words, lengths):
+    """The reference loop: per caption c, per group of images with the same region count n, yield
+    (c, image rows, their regions [n_img, n, d], the caption expanded to [n_img, len, d])."""
     groups = [(n, (num_regions == n).nonzero().flatten()) for n in num_regions.unique().tolist()]
-    for c in range(C):
+    for c in range(words.shape[0]):
         cap = words[c, : int(lengths[c])][None]
         for n, idx in groups:
-            img = regions[idx, :n]
-            cap_e = cap.expand(len(idx), -1, -1)
-            ctx = _func_attention_ref(img, cap_e, lambda_softmax, raw_norm, eps)
-            row = _cosine_ref(img, ctx, 2, eps)  # [n_img, n_region]
-            out[idx, c] = _agg_ref(row, agg, lambda_lse)
-    return out
+            yield c, idx, regions[idx, :n], cap.expand(len(idx), -1, -1)
