@@ -4,9 +4,11 @@ exists, else its t2i attention from itmatch/models/attention.py on random embedd
 Random inputs shaped like the real ones (``--regions`` bottom-up regions of 2048-d, captions of
 ``--min-len``..``--max-len`` tokens); models built from ``config/config.yaml`` (the papers' sizes) with
 random weights, in eval mode under ``torch.inference_mode``. Encoding is timed apart from scoring;
-``pairs/s`` is I·C / scoring seconds (best of ``--repeat``). Example::
+``pairs/s`` is I·C / scoring seconds (best of ``--repeat``). With ``--train-batch B`` it also times one
+training step per model (``model.loss`` on B aligned pairs with the shared hardest-negative criterion,
+forward + backward, train mode; best of ``--repeat``). Example::
 
-    .venv/bin/python benchmarks/pairwise_bench.py --images 32 --captions 160 --threads 2
+    .venv/bin/python benchmarks/pairwise_bench.py --images 32 --captions 160 --threads 2 --train-batch 64
 """
 
 from __future__ import annotations
@@ -70,6 +72,26 @@ def bench(name: str, cfg: dict, images: dict, captions: dict, data_info: dict, r
             "pair_chunk": cfg.get("pair_chunk"), "device": str(device)}
 
 
+def bench_train_step(name: str, cfg: dict, batch: int, regions: int, feat: int, vocab: int, min_len: int,
+                     max_len: int, data_info: dict, repeat: int, device: torch.device) -> float:
+    """Seconds of one training step (loss forward + backward, no optimizer step) on ``batch`` aligned pairs."""
+    from itmatch.training.loss import ContrastiveLoss
+    images, captions = make_inputs(batch, batch, regions, feat, vocab, min_len, max_len, device, seed=2)
+    torch.manual_seed(0)
+    model = build_model(name, cfg, data_info).to(device).train()
+    criterion = ContrastiveLoss(margin=0.2, max_violation=True)
+    best = float("inf")
+    for _ in range(repeat + 1):                       # the first pass is a warm-up
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        t0 = time.perf_counter()
+        loss, _ = model.loss(images, captions, criterion)
+        loss.backward()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return round(best, 4)
+
+
 def bench_scan_attention(images: dict, captions: dict, repeat: int, device: torch.device, dim: int = 1024) -> dict:
     """SCAN's t2i stacked cross attention (itmatch/models/attention.py) on random l2-normalised region and
     word embeddings of ``dim`` (used when itmatch/models/scan.py does not exist yet; no encoders)."""
@@ -103,6 +125,7 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--train-batch", type=int, default=0, help="also time a training step on B pairs (0: off)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
@@ -128,6 +151,11 @@ def main() -> None:
     for name in args.models:
         try:
             row = bench(name, dict(cfg_all.get(name, {})), images, captions, data_info, args.repeat, device)
+            if args.train_batch:
+                row["train_batch"] = args.train_batch
+                row["train_step_s"] = bench_train_step(name, dict(cfg_all.get(name, {})), args.train_batch,
+                                                       args.regions, args.feature_dim, args.vocab, args.min_len,
+                                                       args.max_len, data_info, args.repeat, device)
         except (ImportError, ModuleNotFoundError, AttributeError) as e:   # e.g. scan.py not written yet
             if name == "scan":
                 row = bench_scan_attention(images, captions, args.repeat, device)
@@ -135,13 +163,13 @@ def main() -> None:
                 row = {"model": name, "skipped": f"{type(e).__name__}: {e}"}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'model':8} {'pairs':>8} {'pairs/s':>12} {'score s':>9} {'encode s':>9} {'params M':>9}")
+    print(f"\n{'model':8} {'pairs':>8} {'pairs/s':>12} {'score s':>9} {'encode s':>9} {'params M':>9} {'step s':>8}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['model']:8} skipped ({r['skipped']})")
         else:
             print(f"{r['model']:8} {r['pairs']:8d} {r['pairs_per_s']:12.1f} {r['score_s']:9.3f} "
-                  f"{r['encode_s']:9.3f} {r['params_M']:9.2f}")
+                  f"{r['encode_s']:9.3f} {r['params_M']:9.2f} {r.get('train_step_s', float('nan')):8.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 
