@@ -2,13 +2,14 @@
 exists, else its t2i attention from itmatch/models/attention.py on random embeddings).
 
 Random inputs shaped like the real ones (``--regions`` bottom-up regions of 2048-d, captions of
-``--min-len``..``--max-len`` tokens); models built from ``config/config.yaml`` (the papers' sizes) with
-random weights, in eval mode under ``torch.inference_mode``. Encoding is timed apart from scoring;
-``pairs/s`` is I·C / scoring seconds (best of ``--repeat``). With ``--train-batch B`` it also times one
-training step per model (``model.loss`` on B aligned pairs with the shared hardest-negative criterion,
-forward + backward, train mode; best of ``--repeat``). Example::
+``--min-len``..``--max-len`` tokens); models built from ``config/config.yaml`` (the papers' sizes, or a
+dataset's overrides with ``--dataset``) with random weights, in eval mode under ``torch.inference_mode``.
+Encoding is timed apart from scoring; ``pairs/s`` is I·C / scoring seconds (best of ``--repeat``).
+With ``--train-batch B`` it also times one training step per model (``model.loss`` on B aligned pairs with
+the shared hardest-negative criterion, forward + backward, train mode; best of ``--repeat``). Example::
 
     .venv/bin/python benchmarks/pairwise_bench.py --images 32 --captions 160 --threads 2 --train-batch 64
+    .venv/bin/python benchmarks/pairwise_bench.py --dataset shapes --feature-dim 256 --vocab 60 --train-batch 64
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from itmatch.config import load_config
 from itmatch.models.registry import build_model
+from itmatch.training.settings import model_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,6 +131,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
+    ap.add_argument("--dataset", help="apply models.<model>.datasets.<DATASET> (e.g. shapes: the demo's sizes)")
     ap.add_argument("--set", nargs="*", default=[], metavar="MODEL.KEY=VALUE",
                     help="override a model config value, e.g. caan.pair_chunk=1024 (parsed as JSON when possible)")
     ap.add_argument("--out", help="also write the rows as JSON here")
@@ -136,7 +139,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg_all = load_config(args.config)["models"]
+    config = load_config(args.config)
+    cfg_all = {m: (model_settings(config, m, args.dataset) if args.dataset else dict(c))
+               for m, c in config["models"].items()}
     for s in args.set:
         key, val = s.split("=", 1)
         model, k = key.split(".", 1)
