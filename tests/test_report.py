@@ -14,7 +14,7 @@ from PIL import Image
 from itmatch.report.figures import plot_recalls, plot_training_curves, read_train_log
 from itmatch.report.published import PUBLISHED_PATH, load_published, published_rsum
 from itmatch.report.readme import END, START, splice
-from itmatch.report.table import read_metrics, results_frame, to_markdown
+from itmatch.report.table import read_metrics, results_frame, to_markdown, train_minutes
 from tests.conftest import REPO, run_snakemake
 
 MODELS = ["scan", "pfan", "caan", "smfea", "glfn", "bssan"]
@@ -33,7 +33,7 @@ def fake_run(root: Path, model: str, dataset: str, seed: int, protocols=("1k",))
         protos[p] = sides | {"rsum": round(sum(sides[s][k] for s in sides for k in ("r1", "r5", "r10")), 1),
                              "folds": 1}
     (d / "metrics.json").write_text(json.dumps({"model": model, "dataset": dataset, "protocols": protos,
-                                                "n_images": 20, "n_captions": 100}))
+                                                "n_images": 20, "n_captions": 100, "seconds": 90.0}))
     with open(d / "train_log.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["epoch", "step", "loss", "val_i2t_r1", "val_t2i_r1", "rsum", "lr", "seconds"])
@@ -98,6 +98,19 @@ def test_results_table_puts_ours_next_to_the_paper(tmp_path):
     assert len(lines) == 2 + len(df)
     assert "| PFAN | Flickr30K | 1k | *paper: PFAN paper (pfan.txt) Table 1" in md and "*70.0*" in md
     assert f"| {ours['i2t']['r1']:.1f} |" in lines[2]
+    # Timing columns: the log's last cumulative seconds (4.5 s) and metrics.json's evaluation seconds (90 s).
+    assert df.iloc[0]["train_min"] == pytest.approx(4.5 / 60) and df.iloc[0]["eval_min"] == pytest.approx(1.5)
+    assert lines[0].endswith("| rSum | train min | eval min |") and lines[2].endswith("| 0.1 | 1.5 |")
+    assert lines[3].endswith("| – | – |")                       # the paper's row has no timings
+
+
+def test_train_minutes_sums_the_parts_of_a_fused_model(tmp_path):
+    log = tmp_path / "train_log.csv"
+    log.write_text("part,epoch,seconds\nt2i,0,60\nt2i,1,600\ni2t,0,90\ni2t,1,300\n")
+    assert train_minutes(log) == pytest.approx(15.0)           # (600 + 300) s
+    log.write_text("epoch,seconds\n0,60\n1,150\n")
+    assert train_minutes(log) == pytest.approx(2.5)
+    assert train_minutes(tmp_path / "missing.csv") is None
 
 
 def test_bad_metrics_file_is_named(tmp_path):

@@ -1,4 +1,6 @@
-"""The results table: every trained (model, dataset)'s test metrics next to the papers' numbers."""
+"""The results table: every trained (model, dataset)'s test metrics next to the papers' numbers, with the
+run's training and evaluation wall time (minutes; from ``train_log.csv`` beside ``metrics.json`` and from
+``metrics.json``'s ``seconds``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pandas as pd
 from itmatch.report.published import DIRECTIONS, RECALLS, published_rsum
 
 COLUMNS = ["model", "dataset", "protocol", "source",
-           "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+           "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "train_min", "eval_min"]
 MODEL_NAMES = {"scan": "SCAN", "pfan": "PFAN", "caan": "CAAN", "smfea": "SMFEA", "glfn": "GLFN", "bssan": "BSSAN"}
 DATASET_NAMES = {"coco": "MS-COCO", "f30k": "Flickr30K", "shapes": "shapes"}
 
@@ -34,6 +36,19 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     return m
 
 
+def train_minutes(train_log: str | Path) -> float | None:
+    """Training wall time of a run in minutes: the last ``seconds`` of its ``train_log.csv`` (cumulative over
+    resumes), summed over the parts of a fused model (``part`` column); None when there is no log."""
+    path = Path(train_log)
+    if not path.exists():
+        return None
+    log = pd.read_csv(path)
+    if log.empty or "seconds" not in log:
+        return None
+    per_part = log.groupby("part")["seconds"].max() if "part" in log else log["seconds"].iloc[[-1]]
+    return float(per_part.sum()) / 60
+
+
 def results_frame(metrics_files: list[str | Path], published: dict) -> pd.DataFrame:
     """One row per (model, dataset, protocol) measured here ("ours"), each followed by the paper's row."""
     rows: list[dict[str, Any]] = []
@@ -44,6 +59,8 @@ def results_frame(metrics_files: list[str | Path], published: dict) -> pd.DataFr
             ours |= {f"{d}_{k}": float(p[d][k]) for d in DIRECTIONS for k in RECALLS}
             ours["rsum"] = float(p["rsum"]) if "rsum" in p else sum(ours[f"{d}_{k}"] for d in DIRECTIONS
                                                                      for k in RECALLS)
+            ours["train_min"] = train_minutes(Path(f).with_name("train_log.csv"))
+            ours["eval_min"] = float(m["seconds"]) / 60 if m.get("seconds") is not None else None
             rows.append(ours)
             paper = published.get(m["model"], {}).get(m["dataset"], {}).get(proto)
             if paper:
@@ -60,14 +77,14 @@ def _fmt(v: Any) -> str:
 
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub-markdown table (README); the papers' rows in italics with their source table."""
-    head = ("| model | dataset | protocol | source | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum |\n"
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| model | dataset | protocol | source | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum "
+            "| train min | eval min |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in df.itertuples(index=False):
         ours = r.source == "ours"
         nums = [_fmt(getattr(r, c)) for c in COLUMNS[4:]]
         if not ours:
-            nums = [f"*{n}*" for n in nums]
+            nums = [n if n == "–" else f"*{n}*" for n in nums]
         src = "this repository" if ours else f"*paper: {r.source}*"
         lines.append(f"| {MODEL_NAMES.get(r.model, r.model)} | {DATASET_NAMES.get(r.dataset, r.dataset)} | "
                      f"{r.protocol} | {src} | " + " | ".join(nums) + " |")
