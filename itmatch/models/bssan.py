@@ -98,6 +98,12 @@ def attention_weights(logits: torch.Tensor, mask: torch.Tensor, uniform: torch.T
     return torch.where(uniform, flat, soft)
 
 
+def pair_rows(t: torch.Tensor, cidx: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """Caption rows of the pairs: ``t`` [C, ...] → t[cidx] [G, K, ...]; with ``cidx`` None (each of the
+    ``groups`` images with every caption) the view t[None] expanded to [G, C, ...], no copy."""
+    return t[cidx] if cidx is not None else t.unsqueeze(0).expand(groups, *t.shape)
+
+
 def lstm_last_state(gx: torch.Tensor, lengths: torch.Tensor, lstm: nn.LSTM) -> torch.Tensor:
     """Final hidden state of a 1-layer unidirectional ``lstm`` run over sequences whose input
     projections ``W_ih x_t + b_ih + b_hh`` are given: gx [N, L, 4H], lengths [N] → h [N, H] (the state
@@ -219,44 +225,46 @@ class BSSAN(MatchingModel):
         tp = cap["T"] @ lstm.weight_ih_l0[:, self.feature_dim:].t() + lstm.bias_ih_l0 + lstm.bias_hh_l0
         return {**cap, "TP": tp}                                            # [C, L, 4H]
 
-    # ---- the two branches on groups of pairs: image g with captions cidx[g, k] ----
-    def w2r_attention(self, img: dict, cap: dict, cidx: torch.Tensor, uniform: torch.Tensor | None = None
+    # ---- the two branches on groups of pairs: image g with captions cidx[g, k] (cidx None: with every caption) ----
+    def w2r_attention(self, img: dict, cap: dict, cidx: torch.Tensor | None, uniform: torch.Tensor | None = None
                       ) -> torch.Tensor:
         """α [G, K, L, n] (eq. 1–2; eq. 8 where ``uniform`` [G, K])."""
-        e = torch.tanh(torch.einsum("gkle,gne->gkln", cap["T"][cidx], img["RW"]) + self.w2r_b)
+        G = img["mask"].shape[0]
+        e = torch.tanh(torch.einsum("gkle,gne->gkln", pair_rows(cap["T"], cidx, G), img["RW"]) + self.w2r_b)
         u = None if uniform is None else uniform[:, :, None, None]
         return attention_weights(e, img["mask"][:, None, None, :], u)
 
-    def o2w_attention(self, img: dict, cap: dict, cidx: torch.Tensor, uniform: torch.Tensor | None = None
+    def o2w_attention(self, img: dict, cap: dict, cidx: torch.Tensor | None, uniform: torch.Tensor | None = None
                       ) -> torch.Tensor:
         """β [G, K, P, L] (eq. 9–10; eq. 8 where ``uniform`` [G, K])."""
-        e = torch.tanh(torch.einsum("gpb,gklb->gkpl", img["OW"], cap["S"][cidx]) + self.o2w_b)
+        G = img["mask"].shape[0]
+        e = torch.tanh(torch.einsum("gpb,gklb->gkpl", img["OW"], pair_rows(cap["S"], cidx, G)) + self.o2w_b)
         u = None if uniform is None else uniform[:, :, None, None]
-        return attention_weights(e, cap["mask"][cidx][:, :, None, :], u)
+        return attention_weights(e, pair_rows(cap["mask"], cidx, G)[:, :, None, :], u)
 
-    def w2r_score(self, img: dict, cap: dict, cidx: torch.Tensor, uniform: torch.Tensor | None = None
+    def w2r_score(self, img: dict, cap: dict, cidx: torch.Tensor | None, uniform: torch.Tensor | None = None
                   ) -> torch.Tensor:
         """Y [G, K] (eq. 3–6): LSTM over c^k = [Σ_j α_j^k r_j; t^k], last state → MLP."""
         img, cap = self._with_region_proj(img), self._with_word_proj(cap)
         alpha = self.w2r_attention(img, cap, cidx, uniform)                 # [G, K, L, n]
         G, K, L, n = alpha.shape
-        gx = (alpha.reshape(G, K * L, n) @ img["RP"]).view(G, K, L, -1) + cap["TP"][cidx]   # [G, K, L, 4H]
-        h = lstm_last_state(gx.view(G * K, L, -1), cap["lengths"][cidx].reshape(-1), self.w2r_lstm)
+        gx = (alpha.reshape(G, K * L, n) @ img["RP"]).view(G, K, L, -1) + pair_rows(cap["TP"], cidx, G)  # [G,K,L,4H]
+        h = lstm_last_state(gx.view(G * K, L, -1), pair_rows(cap["lengths"], cidx, G).reshape(-1), self.w2r_lstm)
         return self.w2r_mlp(h).view(G, K)
 
-    def o2w_score(self, img: dict, cap: dict, cidx: torch.Tensor, uniform: torch.Tensor | None = None
+    def o2w_score(self, img: dict, cap: dict, cidx: torch.Tensor | None, uniform: torch.Tensor | None = None
                   ) -> torch.Tensor:
         """Y' [G, K] (eq. 11–16): per object MLP([o_j; Σ_k β_j^k s^k]), averaged over the valid objects."""
         beta = self.o2w_attention(img, cap, cidx, uniform)                  # [G, K, P, L]
         G, K, P, L = beta.shape
-        h1 = img["O1"][:, None] + torch.einsum("gkpl,gklh->gkph", beta, cap["S1"][cidx])    # [G, K, P, h1]
+        h1 = img["O1"][:, None] + torch.einsum("gkpl,gklh->gkph", beta, pair_rows(cap["S1"], cidx, G))  # [G,K,P,h1]
         valid = img["omask"][:, None, :].expand(G, K, P)                    # [G, K, P]
         y = h1.new_zeros(G, K, P)
         y[valid] = self.o2w_mlp.net[1:](h1[valid]).squeeze(-1)              # padding objects stay out of BN
         vf = valid.to(y.dtype)
         return (y * vf).sum(-1) / vf.sum(-1).clamp(min=1)                   # eq. 14
 
-    def grouped_scores(self, img: dict, cap: dict, cidx: torch.Tensor, uniform: torch.Tensor | None = None
+    def grouped_scores(self, img: dict, cap: dict, cidx: torch.Tensor | None, uniform: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(Y, Y') [G, K] for the pairs (image g of ``img``, caption cidx[g, k] of ``cap``)."""
         y = self.w2r_score(img, cap, cidx, uniform) if self.use_w2r else None
@@ -287,11 +295,10 @@ class BSSAN(MatchingModel):
         rows = []
         for i0 in range(0, n_img, ci):
             sub = self._with_region_proj({k: v[i0:i0 + ci] for k, v in img.items()})
-            g = sub["mask"].shape[0]
             cols = []
             for c0 in range(0, n_cap, cc):
-                cidx = torch.arange(c0, min(c0 + cc, n_cap), device=img["mask"].device).expand(g, -1)
-                cols.append(self.combine(*self.grouped_scores(sub, cap, cidx)))
+                block = {k: v[c0:c0 + cc] for k, v in cap.items()}         # views: every image × every caption
+                cols.append(self.combine(*self.grouped_scores(sub, block, None)))
             rows.append(torch.cat(cols, dim=1))
         return torch.cat(rows, dim=0)
 
