@@ -1,5 +1,4 @@
-"""Pairs/s of batched pairwise scoring: CAAN, BSSAN and SCAN (the model when itmatch/models/scan.py
-exists, else its t2i attention from itmatch/models/attention.py on random embeddings).
+"""Pairs/s of batched pairwise scoring: CAAN, BSSAN and SCAN (any registered model with ``--models``).
 
 Random inputs shaped like the real ones (``--regions`` bottom-up regions of 2048-d, captions of
 ``--min-len``..``--max-len`` tokens); models built from ``config/config.yaml`` (the papers' sizes, or a
@@ -94,28 +93,6 @@ def bench_train_step(name: str, cfg: dict, batch: int, regions: int, feat: int, 
     return round(best, 4)
 
 
-def bench_scan_attention(images: dict, captions: dict, repeat: int, device: torch.device, dim: int = 1024) -> dict:
-    """SCAN's t2i stacked cross attention (itmatch/models/attention.py) on random l2-normalised region and
-    word embeddings of ``dim`` (used when itmatch/models/scan.py does not exist yet; no encoders)."""
-    from itmatch.models.attention import t2i_scores
-    g = torch.Generator().manual_seed(1)
-    V = torch.nn.functional.normalize(torch.randn(*images["features"].shape[:2], dim, generator=g), dim=-1)
-    E = torch.nn.functional.normalize(torch.randn(*captions["tokens"].shape, dim, generator=g), dim=-1)
-    V, E = V.to(device), E.to(device)
-    with torch.inference_mode():
-        t2i_scores(V, images["num_regions"], E, captions["lengths"])
-        best = float("inf")
-        for _ in range(repeat):
-            sync(device)
-            t0 = time.perf_counter()
-            sim = t2i_scores(V, images["num_regions"], E, captions["lengths"])
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
-    n_pairs = sim.shape[0] * sim.shape[1]
-    return {"model": "scan_t2i_attention", "pairs": n_pairs, "score_s": round(best, 4),
-            "pairs_per_s": round(n_pairs / best, 1), "encode_s": 0.0, "params_M": 0.0, "device": str(device)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["scan", "caan", "bssan"])
@@ -140,8 +117,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     config = load_config(args.config)
-    cfg_all = {m: (model_settings(config, m, args.dataset) if args.dataset else dict(c))
-               for m, c in config["models"].items()}
+    cfg_all = {m: model_settings(config, m, args.dataset) for m in config["models"]}
     for s in args.set:
         key, val = s.split("=", 1)
         model, k = key.split(".", 1)
@@ -154,27 +130,18 @@ def main() -> None:
                                    args.min_len, args.max_len, device)
     rows = []
     for name in args.models:
-        try:
-            row = bench(name, dict(cfg_all.get(name, {})), images, captions, data_info, args.repeat, device)
-            if args.train_batch:
-                row["train_batch"] = args.train_batch
-                row["train_step_s"] = bench_train_step(name, dict(cfg_all.get(name, {})), args.train_batch,
-                                                       args.regions, args.feature_dim, args.vocab, args.min_len,
-                                                       args.max_len, data_info, args.repeat, device)
-        except (ImportError, ModuleNotFoundError, AttributeError) as e:   # e.g. scan.py not written yet
-            if name == "scan":
-                row = bench_scan_attention(images, captions, args.repeat, device)
-            else:
-                row = {"model": name, "skipped": f"{type(e).__name__}: {e}"}
+        row = bench(name, dict(cfg_all[name]), images, captions, data_info, args.repeat, device)
+        if args.train_batch:
+            row["train_batch"] = args.train_batch
+            row["train_step_s"] = bench_train_step(name, dict(cfg_all[name]), args.train_batch, args.regions,
+                                                   args.feature_dim, args.vocab, args.min_len, args.max_len,
+                                                   data_info, args.repeat, device)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'model':8} {'pairs':>8} {'pairs/s':>12} {'score s':>9} {'encode s':>9} {'params M':>9} {'step s':>8}")
     for r in rows:
-        if "skipped" in r:
-            print(f"{r['model']:8} skipped ({r['skipped']})")
-        else:
-            print(f"{r['model']:8} {r['pairs']:8d} {r['pairs_per_s']:12.1f} {r['score_s']:9.3f} "
-                  f"{r['encode_s']:9.3f} {r['params_M']:9.2f} {r.get('train_step_s', float('nan')):8.3f}")
+        print(f"{r['model']:8} {r['pairs']:8d} {r['pairs_per_s']:12.1f} {r['score_s']:9.3f} "
+              f"{r['encode_s']:9.3f} {r['params_M']:9.2f} {r.get('train_step_s', float('nan')):8.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pairwise_bench import REPO, bench, make_inputs  # noqa: E402
 
 from itmatch.config import load_config  # noqa: E402
+from itmatch.training.settings import model_settings  # noqa: E402
 
 
 def main() -> None:
@@ -48,9 +49,9 @@ def main() -> None:
     captions["tree_labels"] = torch.randint(-1, 50, (C, 7), generator=g).to(device)
     data_info = {"vocab_size": 10000, "feature_dim": 2048, "tag_dim": args.bert_dim, "bert_dim": args.bert_dim,
                  "blocks_K": args.K, "n_entities": 1440, "n_relations": 247}
-    cfg_all = load_config(REPO / "config" / "config.yaml")["models"]
+    config = load_config(REPO / "config" / "config.yaml")
     for name in args.models:
-        cfg = {k: v for k, v in cfg_all[name].items() if k != "datasets"}
+        cfg = model_settings(config, name, None)
         print(json.dumps(bench(name, cfg, images, captions, data_info, args.repeat, device)), flush=True)
 
 
