@@ -345,9 +345,7 @@ def import_scan_npy(splits: dict[str, dict[str, str]], images_parquet: str | Pat
             raise FeatureImportError(f"{spec['features']}: shape {arr.shape}, expected [images, regions, dim]")
         n_split = int((ids.table["split"] == SCAN_SPLITS[split]).sum())
         src = read_ids(spec["ids"]) if spec.get("ids") else None
-        stride = _stride(arr.shape[0], n_split, src)
-        if src is not None and stride == 5:
-            src = src[::5]
+        stride = _stride(arr.shape[0], n_split, src)   # _split_rows keeps one id of 5 per-caption ids
         arrays[split] = (arr, stride, _split_rows(ids, SCAN_SPLITS[split], arr.shape[0] // stride, src,
                                                   spec.get("ids"), spec["features"]))
     dims = {a.shape[1:] for a, _, _ in arrays.values()}

@@ -80,7 +80,6 @@ def word_features(batch: Sequence[Sequence[str]], tok, model, max_length: int = 
     """Per-word features ([n_words, H] float32) of pre-split captions: mean of each word's pieces."""
     import torch
 
-    out: list[np.ndarray] = []
     nonempty = [i for i, w in enumerate(batch) if len(w)]
     H = model.config.hidden_size
     res = {i: np.zeros((0, H), np.float32) for i in range(len(batch)) if not len(batch[i])}
@@ -111,8 +110,7 @@ def word_features(batch: Sequence[Sequence[str]], tok, model, max_length: int = 
                 log.warning("caption %d: %d word(s) without word-pieces (truncated at %d) get zero vectors",
                             i, int((counts[b, :n] == 0).sum()), max_length)
             res[i] = feats[b, :n]
-    out = [res[i] for i in range(len(batch))]
-    return out
+    return [res[i] for i in range(len(batch))]
 
 
 def _fingerprint(words: Sequence[Sequence[str]], spec: str, max_length: int) -> str:

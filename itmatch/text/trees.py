@@ -460,10 +460,6 @@ def tree_nodes(ptb: str, lemmas: Sequence[str] | None = None) -> list[Item | Non
     return layout(parse_ptb(ptb, lemmas))
 
 
-def node_words(nodes: list[Item | None]) -> list[str]:
-    return [it.words if it is not None else "" for it in nodes]
-
-
 # ----------------------------------------------------------------------------------------------
 # the rule
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from itmatch.utils.logs import log
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+UNK_ID = SPECIALS.index(UNK)   # 3: the id of every word outside the vocabulary
 
 
 @dataclass
@@ -47,13 +48,9 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.idx2word)
 
-    @property
-    def unk(self) -> int:
-        return 3
-
     def encode(self, words: Sequence[str]) -> list[int]:
         get = self.word2idx.get
-        return [get(w, 3) for w in words]
+        return [get(w, UNK_ID) for w in words]
 
     def decode(self, ids: Sequence[int]) -> list[str]:
         return [self.idx2word[int(i)] for i in ids]
@@ -87,7 +84,7 @@ def encode_table(caption_ids: np.ndarray, tokens: Sequence[Sequence[str]], vocab
     offsets = np.zeros(len(tokens) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     get = vocab.word2idx.get
-    flat = np.fromiter(map(get, chain.from_iterable(tokens), repeat(3)), dtype=np.int32, count=int(offsets[-1]))
+    flat = np.fromiter(map(get, chain.from_iterable(tokens), repeat(UNK_ID)), dtype=np.int32, count=int(offsets[-1]))
     lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int32()))
     return pa.table({"caption_id": pa.array(np.asarray(caption_ids, dtype=np.int64)), "tokens": lists})
 
@@ -115,7 +112,7 @@ def make_tokens(captions_path: str | Path, vocab_out: str | Path, tokens_out: st
     vocab = build_vocab([t for t, keep in zip(tokens, train, strict=True) if keep], min_count)
     table = encode_table(caps["caption_id"].to_numpy(), tokens, vocab)
     n_tok = sum(len(t) for t in tokens)
-    n_unk = int(np.sum(np.asarray(table.column("tokens").combine_chunks().flatten()) == 3))
+    n_unk = int(np.sum(np.asarray(table.column("tokens").combine_chunks().flatten()) == UNK_ID))
     log.info("tokens: %d captions, %d tokens, vocabulary %d (min count %d), <unk> rate %.3f%%",
              len(caps), n_tok, len(vocab), min_count, 100 * n_unk / max(n_tok, 1))
     write_json(vocab_out, vocab.to_json(), indent=None)

@@ -30,12 +30,6 @@ class BottomUpDetector(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
-    def freeze_batchnorm(self) -> None:
-        """Inference-style BN everywhere (running statistics, no updates)."""
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
-
 
 def build_model(arch: dict) -> BottomUpDetector:
     required = ["num_object_classes", "num_attribute_classes", "anchor_sizes", "anchor_ratios", "rpn_channels",
