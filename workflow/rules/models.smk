@@ -105,8 +105,7 @@ rule evaluate:
         evaluation=lambda wc: evaluation_settings(config, wc.dataset),
         model_cfg=lambda wc: model_settings(config, wc.model, wc.dataset),
         training=_training,
-        code=lambda wc: code_version(*_COMMON_CODE, "itmatch.evaluation",
-                                     *_MODEL_CODE.get(wc.model, (f"itmatch.models.{wc.model}",))),
+        code=lambda wc: _model_code(wc.model, "itmatch.evaluation"),
     threads: _E["threads"]
     resources:
         mem_mb=lambda wc: evaluation_settings(config, wc.dataset)["mem_mb"],

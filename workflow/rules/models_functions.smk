@@ -4,8 +4,9 @@ def _alt(names):
     return "|".join(names) if names else "(?!x)x"
 
 
-def _model_code(model):
-    return code_version(*_COMMON_CODE, *_MODEL_CODE.get(model, (f"itmatch.models.{model}",)))
+def _model_code(model, *extra):
+    """Code hash of a model's modules (+ the shared ones and ``extra``)."""
+    return code_version(*_COMMON_CODE, *extra, *_MODEL_CODE.get(model, (f"itmatch.models.{model}",)))
 
 
 def _model_inputs(wc):

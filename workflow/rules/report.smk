@@ -1,10 +1,9 @@
 # Results table, figures and the HTML report (`snakemake --report report.html report_all`).
 # Covers every model in config report.models trained on every dataset in report.datasets.
-import os
-
+from itmatch.report.published import PUBLISHED_PATH
 from itmatch.report.targets import report_metrics, report_targets
 
-PUBLISHED = os.path.join(workflow.basedir, "workflow", "report", "published.yaml")
+PUBLISHED = str(PUBLISHED_PATH)
 
 
 localrules:
