@@ -19,6 +19,7 @@ from itmatch.evaluation.metrics import protocols
 from itmatch.models.base import MatchingModel
 from itmatch.models.registry import build_model
 from itmatch.training.data import Corpus, RowDataset, collate_captions, collate_images, loader
+from itmatch.utils.device import resolve_device, to_device
 from itmatch.utils.logs import log, progress
 
 
@@ -29,15 +30,12 @@ def similarity(model: MatchingModel, corpus: Corpus, image_rows: np.ndarray, cap
     """[len(image_rows), len(caption_rows)] float32 similarities."""
     model.eval()
     dev = next(iter(model.parameters())).device
-
-    def mv(b):
-        return b if dev.type == "cpu" else {k: v.to(dev) for k, v in b.items()}
-
-    imgs = [model.encode_images(mv(b)) for b in loader(RowDataset(corpus, image_rows, "images"), batch_size=image_batch,
-                                                    num_workers=num_workers, collate=collate_images)]
-    caps = [model.encode_captions(mv(b)) for b in loader(RowDataset(corpus, caption_rows, "captions"),
-                                                     batch_size=caption_batch, num_workers=num_workers,
-                                                     collate=collate_captions)]
+    image_batches = loader(RowDataset(corpus, image_rows, "images"), batch_size=image_batch,
+                           num_workers=num_workers, collate=collate_images)
+    caption_batches = loader(RowDataset(corpus, caption_rows, "captions"), batch_size=caption_batch,
+                             num_workers=num_workers, collate=collate_captions)
+    imgs = [model.encode_images(to_device(b, dev)) for b in image_batches]
+    caps = [model.encode_captions(to_device(b, dev)) for b in caption_batches]
     sim = np.zeros((len(image_rows), len(caption_rows)), dtype=np.float32)
     i0 = 0
     for img in progress(imgs, desc=desc, unit="image chunk"):
@@ -67,7 +65,7 @@ def split_rows(corpus: Corpus, split: str, max_images: int | None = None) -> tup
     return image_rows, caption_rows, cap_image
 
 
-def load_parts(checkpoint: str, device: str = "cpu") -> tuple[str, list[MatchingModel]]:
+def load_parts(checkpoint: str, device: str | torch.device = "cpu") -> tuple[str, list[MatchingModel]]:
     """Models of every part of a checkpoint written by :func:`itmatch.training.loop.write_checkpoint`."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if ck.get("format") != "itmatch-checkpoint":
@@ -85,9 +83,7 @@ def evaluate_checkpoint(checkpoint: str, corpus: Corpus, split: str = "test", fo
                         image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, device: str = "cpu"
                         ) -> tuple[dict[str, Any], int, int]:
     """(protocols block, n_images, n_captions) of a checkpoint on a split; fused parts averaged."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    _, models = load_parts(checkpoint, device)
+    _, models = load_parts(checkpoint, resolve_device(device))
     image_rows, caption_rows, cap_image = split_rows(corpus, split)
     sim = None
     for k, m in enumerate(models):

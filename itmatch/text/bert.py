@@ -55,11 +55,9 @@ def resolve_model_dir(spec: str, key: str = "text.bert.model") -> Path:
 
 
 def pick_device(device: str = "auto") -> str:
-    import torch
+    from itmatch.utils.device import resolve_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return str(resolve_device(device))
 
 
 def load_bert(spec: str, device: str = "cpu"):

@@ -35,6 +35,7 @@ from itmatch.evaluation.metrics import retrieval_metrics
 from itmatch.models.registry import build_model
 from itmatch.training.data import Corpus, PairDataset, collate_pairs, epoch_batches, loader
 from itmatch.training.loss import ContrastiveLoss
+from itmatch.utils.device import resolve_device, to_device
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 
@@ -60,16 +61,6 @@ def make_optimizer(params: list[torch.nn.Parameter], t: dict[str, Any]) -> torch
         return torch.optim.SGD(params, lr=float(t["lr"]), momentum=float(t["momentum"]),
                                weight_decay=float(t["weight_decay"]))
     raise ValueError(f"training.optimizer must be 'adam' or 'sgd', got {t['optimizer']!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _settings_hash(*objs: Any) -> str:

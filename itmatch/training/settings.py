@@ -15,15 +15,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from itmatch.config import deep_update
+
 
 def _merge(base: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+    """``over`` merged into a copy of ``base`` (neither is modified)."""
+    return deep_update(copy.deepcopy(base), copy.deepcopy(over or {}))
 
 
 def training_settings(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
