@@ -73,7 +73,7 @@ def plot_training_curves(log_csv: str | Path, out_png: str | Path, title: str) -
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def plot_recalls(metrics_files: list[str | Path], published: dict[str, Any], out_png: str | Path,
@@ -105,10 +105,11 @@ def plot_recalls(metrics_files: list[str | Path], published: dict[str, Any], out
     axes[0].set_ylabel("R@K (%)")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Recall@K on {dataset} ({protocol} test protocol)")
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
-def _save(fig, out_png: str | Path) -> None:
+def save_figure(fig, out_png: str | Path) -> None:
+    """Write ``fig`` atomically (format from the suffix, PNG by default) and close it."""
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=110, format=Path(out_png).suffix.lstrip(".") or "png")
     plt.close(fig)

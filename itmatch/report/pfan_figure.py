@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from itmatch.utils.io import atomic_path  # noqa: E402
+from itmatch.report.figures import save_figure  # noqa: E402
 
 
 @torch.no_grad()
@@ -89,9 +89,9 @@ def draw(ax, image: np.ndarray, caption: str, picks: list[dict[str, Any]], K: in
     ax.set_yticks([])
 
 
-def pfan_figure(checkpoint: str | Path, corpus, images_parquet: str | Path, image_dir: str | Path,
-                vocab_words: list[str], out_png: str | Path, n_images: int = 2, n_regions: int = 3,
-                n_blocks: int = 6) -> list[dict[str, Any]]:
+def pfan_figure(checkpoint: str | Path, corpus, image_dir: str | Path, vocab_words: list[str],
+                out_png: str | Path, n_images: int = 2, n_regions: int = 3, n_blocks: int = 6
+                ) -> list[dict[str, Any]]:
     """Figure 6 for the first ``n_images`` test images (first caption each); returns what was drawn."""
     from itmatch.evaluation.evaluate import load_parts
     from itmatch.training.data import collate_captions, collate_images
@@ -100,10 +100,10 @@ def pfan_figure(checkpoint: str | Path, corpus, images_parquet: str | Path, imag
     if name != "pfan":
         raise ValueError(f"{checkpoint}: a {name!r} checkpoint, not PFAN")
     model = next((m for m in parts if getattr(m, "direction", None) == "t2i"), parts[0])
-    files = pd.read_parquet(images_parquet, columns=["file"])["file"].tolist()
+    files = pd.read_parquet(corpus.paths.images, columns=["file"])["file"].tolist()
     rows = corpus.rows("test", "images")[:n_images]
     if len(rows) == 0:
-        raise ValueError(f"{images_parquet}: no test images")
+        raise ValueError(f"{corpus.paths.images}: no test images")
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 4.8), squeeze=False, constrained_layout=True)
     drawn = []
     for ax, row in zip(axes[0], rows, strict=True):
@@ -117,7 +117,5 @@ def pfan_figure(checkpoint: str | Path, corpus, images_parquet: str | Path, imag
         drawn.append({"image_row": int(row), "caption_row": cap_row, "regions": picks})
     fig.suptitle("PFAN: most-attended regions (green, with their word) and the blocks they attend (red)",
                  fontsize=9)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, out_png)
     return drawn

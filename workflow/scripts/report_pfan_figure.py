@@ -15,6 +15,6 @@ corpus = Corpus(DataPaths(images=inp.images, captions=inp.captions, tokens=inp.t
 with open(inp.vocab, encoding="utf-8") as fh:
     words = json.load(fh)["idx2word"]
 fig = sm.params.figure
-drawn = pfan_figure(inp.checkpoint, corpus, inp.images, inp.image_dir, words, sm.output[0],
+drawn = pfan_figure(inp.checkpoint, corpus, inp.image_dir, words, sm.output[0],
                     n_images=fig["n_images"], n_regions=fig["n_regions"], n_blocks=fig["n_blocks"])
 log.info("figure 6: %s", json.dumps(drawn, default=float))
