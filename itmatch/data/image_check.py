@@ -9,14 +9,12 @@ unless ``on_bad="drop"`` (then ingest drops them and their captions, see ``inges
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from pathlib import Path
 
-from PIL import Image
-
-from itmatch.data.ingest import read_karpathy_json
+from itmatch.data.ingest import map_images, probe_image, read_karpathy_json
+from itmatch.data.ingest import read_report as read_report  # the report format is shared with ingest
 from itmatch.utils.io import atomic_path
-from itmatch.utils.logs import log, progress
+from itmatch.utils.logs import log
 
 REPORT_HEADER = "# images referenced by the dataset JSON that are missing or cannot be decoded: file<TAB>reason\n"
 
@@ -37,36 +35,15 @@ def image_files(json_path: str | Path) -> list[str]:
 
 def probe(path: str, mode: str = "decode") -> str | None:
     """None if ``path`` is a usable image, else the reason. ``mode``: decode | header | exists."""
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         return "missing image file"
     if mode == "exists":
         return None
-    try:
-        with Image.open(p) as im:
-            im.size  # noqa: B018 (header parsed)
-            if mode == "decode":
-                im.convert("RGB").load()
-        return None
-    except Exception as e:  # noqa: BLE001 (any decoder failure is reported by name)
-        return f"cannot decode image ({type(e).__name__}: {e})"
+    return probe_image(path, mode)[2]
 
 
 def _probe(args: tuple[str, str]) -> str | None:
     return probe(*args)
-
-
-def read_report(path: str | Path) -> dict[str, str]:
-    """``{file: reason}`` from a report written by :func:`check_images` (empty if there is none)."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line and not line.startswith("#"):
-            file, _, reason = line.partition("\t")
-            out[file] = reason
-    return out
 
 
 def check_images(json_path: str | Path, image_root: str | Path, report: str | Path, mode: str = "decode",
@@ -77,12 +54,7 @@ def check_images(json_path: str | Path, image_root: str | Path, report: str | Pa
     root = Path(image_root)
     files = image_files(json_path)
     jobs = [(str(root / f), mode) for f in files]
-    if processes > 1 and len(jobs) > 256:
-        with mp.get_context("fork").Pool(processes) as pool:
-            reasons = list(progress(pool.imap(_probe, jobs, chunksize=64), "checking images", len(jobs),
-                                    unit="img"))
-    else:
-        reasons = [_probe(j) for j in progress(jobs, "checking images", len(jobs), unit="img")]
+    reasons = map_images(_probe, jobs, processes, unit="img")
     bad = {f: r for f, r in zip(files, reasons, strict=True) if r}
     with atomic_path(report) as tmp:
         tmp.write_text(REPORT_HEADER + "".join(f"{f}\t{r}\n" for f, r in bad.items()), encoding="utf-8")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -27,6 +28,8 @@ IMAGES_SCHEMA = pa.schema([("image_id", pa.int64()), ("split", pa.string()), ("f
                            ("width", pa.int32()), ("height", pa.int32())])
 CAPTIONS_SCHEMA = pa.schema([("caption_id", pa.int64()), ("image_id", pa.int64()), ("split", pa.string()),
                              ("text", pa.string())])
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class IngestError(ValueError):
@@ -73,8 +76,9 @@ def image_id_of(entry: dict[str, Any]) -> int:
     return int(entry["cocoid"] if "cocoid" in entry else entry["imgid"])
 
 
-def _probe(args: tuple[str, str]) -> tuple[int, int, str | None]:
-    file, mode = args
+def probe_image(file: str | Path, mode: str = "decode") -> tuple[int, int, str | None]:
+    """``(width, height, None)`` if ``file`` is a usable image, else ``(0, 0, reason)``.
+    ``mode``: decode (full decode to RGB) | header (size only)."""
     try:
         with Image.open(file) as im:
             w, h = im.size
@@ -85,6 +89,33 @@ def _probe(args: tuple[str, str]) -> tuple[int, int, str | None]:
         return 0, 0, "missing image file"
     except Exception as e:  # noqa: BLE001 (any decoder failure is reported by name)
         return 0, 0, f"cannot decode image ({type(e).__name__}: {e})"
+
+
+def _probe(args: tuple[str, str]) -> tuple[int, int, str | None]:
+    return probe_image(*args)
+
+
+def map_images(fn: Callable[[T], R], jobs: list[T], processes: int = 1, **progress_kw: Any) -> list[R]:
+    """``[fn(j) for j in jobs]`` with a "checking images" progress bar, in a pool of ``processes`` forked
+    workers when there are enough jobs (``fn`` must be a module-level function)."""
+    if processes > 1 and len(jobs) > 256:
+        with mp.get_context("fork").Pool(processes) as pool:
+            return list(progress(pool.imap(fn, jobs, chunksize=64), "checking images", len(jobs), **progress_kw))
+    return [fn(j) for j in progress(jobs, "checking images", len(jobs), **progress_kw)]
+
+
+def read_report(path: str | Path) -> dict[str, str]:
+    """``{file: reason}`` from an image-check report (``file<TAB>reason`` lines, ``#`` comments; written by
+    :func:`itmatch.data.image_check.check_images`); empty if there is none."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            file, _, reason = line.partition("\t")
+            out[file] = reason
+    return out
 
 
 def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path, captions_out: str | Path,
@@ -176,21 +207,15 @@ def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path
 
 
 def _read_bad_images(path: str | Path | None) -> dict[str, str]:
-    if path is None or not Path(path).exists():
+    if path is None:
         return {}
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return {f: f"listed in {Path(path).name} ({why})" for f, _, why in
-            (ln.partition("\t") for ln in lines if ln and not ln.startswith("#"))}
+    return {f: f"listed in {Path(path).name} ({why})" for f, why in read_report(path).items()}
 
 
 def _check_images(rows: list[dict[str, Any]], root: Path, opt: IngestOptions, processes: int,
                   dropped: Counter, known_bad: dict[str, str] | None = None) -> list[dict[str, Any]]:
     jobs = [(str(root / r["file"]), opt.verify_images) for r in rows]
-    if processes > 1 and len(jobs) > 256:
-        with mp.get_context("fork").Pool(processes) as pool:
-            probes = list(progress(pool.imap(_probe, jobs, chunksize=64), "checking images", len(jobs)))
-    else:
-        probes = [_probe(j) for j in progress(jobs, "checking images", len(jobs))]
+    probes = map_images(_probe, jobs, processes)
     if known_bad:
         probes = [(w, h, err or known_bad.get(r["file"])) for r, (w, h, err) in zip(rows, probes, strict=True)]
     bad = [(r, err) for r, (_, _, err) in zip(rows, probes, strict=True) if err]
