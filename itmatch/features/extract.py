@@ -262,12 +262,10 @@ def gather_shards(shards: list[str | Path], images_parquet: str | Path, out_h5: 
         order = sorted(range(len(files)), key=lambda i: int(files[i].attrs.get("row_start", -1)))
         files = [files[i] for i in order]
         names = [str(shards[i]) for i in order]
-        meta = RegionsMeta.read(files[0])
-        _, r, _ = check_layout(files[0])
+        layouts = [check_layout(f) for f in files]
+        _, r, _, meta = layouts[0]
         expect = 0
-        for name, f in zip(names, files, strict=True):
-            n, r_, _ = check_layout(f)
-            m = RegionsMeta.read(f)
+        for name, f, (n, r_, _, m) in zip(names, files, layouts, strict=True):
             if m != meta or r_ != r:
                 raise RegionsError(f"{name}: detector, class names or R differ from {names[0]} ({m.detector}/"
                                    f"{m.weights_sha256[:12]} vs {meta.detector}/{meta.weights_sha256[:12]})")

@@ -103,6 +103,13 @@ class RegionsMeta:
                    attribute_names=list(meta.get("attribute_names", [])))
 
 
+def dataset_shapes(n: int, r: int, d: int) -> dict[str, tuple[int, ...]]:
+    """The contract shape of every dataset (in :data:`DATASETS` order) for N images, R regions, D dims."""
+    return {"image_id": (n,), "features": (n, r, d), "boxes": (n, r, 4), "image_hw": (n, 2),
+            "object_id": (n, r), "attribute_id": (n, r), "object_conf": (n, r), "attribute_conf": (n, r),
+            "num_regions": (n,)}
+
+
 def create_regions(path: str | Path, n: int, r: int, meta: RegionsMeta, image_ids: np.ndarray | None = None,
                    block: int = 256, early_alloc: bool = False) -> h5py.File:
     """Create an empty contract file (all zeros, ``object_id`` -1) opened for writing; caller closes it.
@@ -114,9 +121,7 @@ def create_regions(path: str | Path, n: int, r: int, meta: RegionsMeta, image_id
     d = meta.feature_dim
     f = h5py.File(path, "w")
     meta.write(f)
-    shapes = {"image_id": (n,), "features": (n, r, d), "boxes": (n, r, 4), "image_hw": (n, 2),
-              "object_id": (n, r), "attribute_id": (n, r), "object_conf": (n, r), "attribute_conf": (n, r),
-              "num_regions": (n,)}
+    shapes = dataset_shapes(n, r, d)
     rows = max(1, min(block, n))
     for name in DATASETS:
         shape = shapes[name]
@@ -169,8 +174,8 @@ def write_rows(f: h5py.File, start: int, rows: list[dict[str, np.ndarray]]) -> N
         f[name][start:stop] = np.stack([row[name] for row in rows]).astype(DTYPES[name], copy=False)
 
 
-def check_layout(f: h5py.File) -> tuple[int, int, int]:
-    """Check datasets, dtypes and shapes against the contract; return (N, R, D)."""
+def check_layout(f: h5py.File) -> tuple[int, int, int, RegionsMeta]:
+    """Check datasets, dtypes, shapes and file attributes against the contract; return (N, R, D, meta)."""
     for name in DATASETS:
         if name not in f:
             raise RegionsError(f"{f.filename}: missing dataset '{name}'")
@@ -180,12 +185,10 @@ def check_layout(f: h5py.File) -> tuple[int, int, int]:
     meta = RegionsMeta.read(f)
     if d != meta.feature_dim:
         raise RegionsError(f"{f.filename}: features have D={d}, attribute feature_dim={meta.feature_dim}")
-    expect = {"image_id": (n,), "boxes": (n, r, 4), "image_hw": (n, 2), "object_id": (n, r),
-              "attribute_id": (n, r), "object_conf": (n, r), "attribute_conf": (n, r), "num_regions": (n,)}
-    for name, shape in expect.items():
+    for name, shape in dataset_shapes(n, r, d).items():
         if f[name].shape != shape:
             raise RegionsError(f"{f.filename}: dataset '{name}' has shape {f[name].shape}, expected {shape}")
-    return n, r, d
+    return n, r, d, meta
 
 
 class Regions:
@@ -197,8 +200,7 @@ class Regions:
             raise FileNotFoundError(f"{self.path}: regions file not found")
         self.file = h5py.File(self.path, "r")
         try:
-            self.n, self.r, self.d = check_layout(self.file)
-            self.meta = RegionsMeta.read(self.file)
+            self.n, self.r, self.d, self.meta = check_layout(self.file)
         except BaseException:
             self.file.close()
             raise
