@@ -15,7 +15,13 @@ from pathlib import Path
 
 from torch import nn
 
-from itmatch.features.detector.checkpoint import is_own_checkpoint, load_own, load_published, weights_sha256
+from itmatch.features.detector.checkpoint import (
+    is_own_object,
+    load_own,
+    load_published,
+    read_checkpoint,
+    weights_sha256,
+)
 from itmatch.features.detector.inference import detect, preprocess
 from itmatch.features.detector.model import BottomUpDetector, build_model
 
@@ -45,11 +51,13 @@ def checkpoint_path(section: dict, dataset: str, must_exist: bool = True) -> str
 
 
 def _read_vocab(path: str | None, key: str, n: int, prefix: str) -> list[str]:
+    from itmatch.features.importers import read_names  # here: keeps pandas/h5py out of the detector's import
+
     if not path:
         return [f"{prefix}{i}" for i in range(n)]
     if not Path(path).is_file():
         raise FileNotFoundError(f"config key detector.vocab.{key}: file {path} does not exist")
-    names = [line.strip().split(",")[0] for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = read_names(path)
     if len(names) != n:
         raise ValueError(f"config key detector.vocab.{key}: {path} has {len(names)} names, the checkpoint has "
                          f"{n} classes (without background)")
@@ -63,8 +71,9 @@ def load_detector(path: str, cfg: dict, device: str = "cpu") -> tuple[nn.Module,
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"detector checkpoint {path} does not exist")
-    if is_own_checkpoint(path):
-        model, obj = load_own(path)
+    loaded = read_checkpoint(path)  # read once, for the format check and the weights
+    if is_own_object(path, loaded):
+        model, obj = load_own(path, loaded)
         if obj["input"] != cfg["input"]:
             raise ValueError(f"{path} was trained with input normalisation {obj['input']}, but config "
                              f"detector.input is {cfg['input']}: they must agree")
@@ -74,7 +83,7 @@ def load_detector(path: str, cfg: dict, device: str = "cpu") -> tuple[nn.Module,
     else:
         arch = cfg["published"]
         model = build_model(arch)
-        load_published(model, path)
+        load_published(model, path, loaded)
         vocab = cfg.get("vocab") or {}
         objects = _read_vocab(vocab.get("objects"), "objects", arch["num_object_classes"] - 1, "object_")
         attrs = _read_vocab(vocab.get("attributes"), "attributes", arch["num_attribute_classes"] - 1, "attribute_")

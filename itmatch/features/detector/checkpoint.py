@@ -70,14 +70,22 @@ def key_mapping(model: BottomUpDetector) -> dict[str, str]:
     return {published_name(k): k for k in model.state_dict() if not IGNORED.search(k)}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.pkl`` (detectron2 pickle of numpy arrays) or ``.pth`` / ``.pt`` file."""
+def read_checkpoint(path: str | Path) -> Any:
+    """The object stored in a checkpoint file: a ``.pkl`` is unpickled (detectron2 pickle of numpy arrays),
+    anything else ``torch.load``-ed on the CPU. Pass it to :func:`load_own` / :func:`load_published` as
+    ``loaded=`` to read the file only once."""
     path = Path(path)
     if path.suffix == ".pkl":
         with open(path, "rb") as fh:
-            obj = pickle.load(fh, encoding="latin1")  # noqa: S301 (a user-supplied checkpoint)
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+            return pickle.load(fh, encoding="latin1")  # noqa: S301 (a user-supplied checkpoint)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_state_dict(path: str | Path, loaded: Any = None) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.pkl`` (detectron2 pickle of numpy arrays) or ``.pth`` / ``.pt`` file.
+    ``loaded``: the file's :func:`read_checkpoint` object, when already read (``path`` then names it)."""
+    path = Path(path)
+    obj = read_checkpoint(path) if loaded is None else loaded
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict):
@@ -93,9 +101,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_published(model: BottomUpDetector, path: str | Path) -> None:
-    """Copy published weights into ``model`` through :data:`KEY_MAP`; raise naming every bad key."""
-    state = read_state_dict(path)
+def load_published(model: BottomUpDetector, path: str | Path, loaded: Any = None) -> None:
+    """Copy published weights into ``model`` through :data:`KEY_MAP`; raise naming every bad key.
+    ``loaded``: the file's :func:`read_checkpoint` object, when already read."""
+    state = read_state_dict(path, loaded)
     mapping = key_mapping(model)
     ours = model.state_dict()
     missing = sorted(k for k in mapping if k not in state)
@@ -121,7 +130,12 @@ def is_own_checkpoint(path: str | Path) -> bool:
         obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    return isinstance(obj, dict) and obj.get("format") == FORMAT
+    return is_own_object(path, obj)
+
+
+def is_own_object(path: str | Path, obj: Any) -> bool:
+    """Whether ``obj``, read from ``path`` by :func:`read_checkpoint`, is our own checkpoint."""
+    return Path(path).suffix != ".pkl" and isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
 def save_own(path: str | Path, model: BottomUpDetector, input_cfg: dict, object_names: list[str],
@@ -134,8 +148,10 @@ def save_own(path: str | Path, model: BottomUpDetector, input_cfg: dict, object_
         torch.save(payload, tmp)
 
 
-def load_own(path: str | Path) -> tuple[BottomUpDetector, dict]:
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+def load_own(path: str | Path, loaded: Any = None) -> tuple[BottomUpDetector, dict]:
+    """Our checkpoint's model and payload; ``loaded``: the file's :func:`read_checkpoint` object, when already
+    read."""
+    obj = torch.load(path, map_location="cpu", weights_only=False) if loaded is None else loaded
     model = build_model(obj["arch"])
     missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
     missing = [k for k in missing if not IGNORED.search(k)]
