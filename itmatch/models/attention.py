@@ -37,6 +37,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from itmatch.models.encoders import length_mask
+
 AGGS = ("LogSumExp", "Mean", "Max", "Sum")
 RAW_NORMS = ("clipped_l2norm", "none")
 
@@ -121,8 +123,8 @@ def _xattn(K: torch.Tensor, klens: torch.Tensor, Q: torch.Tensor, qlens: torch.T
         return K.new_zeros(Nk, Nq)
     Lk = max(1, int(klens.max()))  # drop all-padding columns
     Lq = max(1, int(qlens.max()))
-    kmask = torch.arange(Lk, device=K.device)[None, :] < klens[:, None]  # [Nk, Lk]
-    qmask = torch.arange(Lq, device=Q.device)[None, :] < qlens[:, None]  # [Nq, Lq]
+    kmask = length_mask(klens, Lk)  # [Nk, Lk]
+    qmask = length_mask(qlens, Lq)  # [Nq, Lq]
     K = K[:, :Lk] * kmask[..., None].to(K.dtype)
     Q = Q[:, :Lq] * qmask[..., None].to(Q.dtype)
     # sort both sets by length so that each shard is trimmed to its own longest item (real captions have a

@@ -37,6 +37,7 @@ Caption batch keys (C captions, W = longest caption in the batch):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,21 +45,11 @@ from torch import nn
 
 Batch = dict[str, torch.Tensor]
 
-# Which optional artifacts each model reads (beyond regions.h5 and tokens.parquet).
-INPUTS: dict[str, frozenset[str]] = {
-    "scan": frozenset(),
-    "pfan": frozenset({"blocks"}),
-    "caan": frozenset(),
-    "bssan": frozenset(),
-    "smfea": frozenset({"trees"}),
-    "glfn": frozenset({"blocks", "tags", "bert"}),
-}
-
 
 class MatchingModel(nn.Module):
     """Base class: subclasses implement the three methods below; ``loss`` has a default."""
 
-    #: optional inputs this model needs (see ``INPUTS``)
+    #: optional inputs this model needs, beyond regions.h5 and tokens.parquet (``registry.INPUTS``)
     requires: frozenset[str] = frozenset()
 
     def encode_images(self, images: Batch) -> Any:
@@ -76,3 +67,24 @@ class MatchingModel(nn.Module):
         sim = self.score(self.encode_images(images), self.encode_captions(captions))
         loss = criterion(sim)
         return loss, {"rank_loss": float(loss.detach())}
+
+
+def chunked_pair_scores(img: dict[str, torch.Tensor], cap: dict[str, torch.Tensor], pair_chunk: int,
+                        block_fn: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor],
+                        prep_img: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+                        ) -> torch.Tensor:
+    """[I, C] scores of every image of ``img`` with every caption of ``cap`` (dicts of tensors with the
+    leading dim I / C, both holding a ``mask``), ``block_fn(img_block, cap_block)`` → [i, c] on blocks of
+    ≤ ``pair_chunk`` pairs: whole caption blocks of min(C, pair_chunk) captions, as many images as fit.
+    Blocks are slices (views, no copies); ``prep_img`` is applied to each image block once."""
+    n_img, n_cap = img["mask"].shape[0], cap["mask"].shape[0]
+    cc = min(n_cap, pair_chunk)
+    ci = max(1, pair_chunk // cc)
+    rows = []
+    for i0 in range(0, n_img, ci):
+        ib = {k: v[i0:i0 + ci] for k, v in img.items()}
+        if prep_img is not None:
+            ib = prep_img(ib)
+        cols = [block_fn(ib, {k: v[c0:c0 + cc] for k, v in cap.items()}) for c0 in range(0, n_cap, cc)]
+        rows.append(torch.cat(cols, dim=1))
+    return torch.cat(rows, dim=0)

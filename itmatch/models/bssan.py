@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from itmatch.models.base import Batch, MatchingModel
-from itmatch.models.encoders import length_mask
+from itmatch.models.base import Batch, MatchingModel, chunked_pair_scores
+from itmatch.models.encoders import length_mask, masked_softmax
 
 BRANCHES = ("both", "w2r", "o2w")
 
@@ -91,7 +91,7 @@ def attention_weights(logits: torch.Tensor, mask: torch.Tensor, uniform: torch.T
     where ``uniform`` (bool, broadcastable to logits[..., :1]) is set, 1/(number of valid positions)
     instead (eq. 8)."""
     mask = mask.expand_as(logits)
-    soft = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    soft = masked_softmax(logits, mask)
     if uniform is None or not bool(uniform.any()):
         return soft
     flat = mask.to(logits.dtype) / mask.sum(-1, keepdim=True).clamp(min=1)
@@ -288,19 +288,11 @@ class BSSAN(MatchingModel):
 
     def score(self, img: dict[str, torch.Tensor], cap: dict[str, torch.Tensor]) -> torch.Tensor:
         """[I, C]: blocks of ≤ ``pair_chunk`` pairs, each one batched LSTM / MLP pass."""
-        n_img, n_cap = img["mask"].shape[0], cap["mask"].shape[0]
-        cap = self._with_word_proj(cap)
-        cc = min(n_cap, self.pair_chunk)
-        ci = max(1, self.pair_chunk // cc)
-        rows = []
-        for i0 in range(0, n_img, ci):
-            sub = self._with_region_proj({k: v[i0:i0 + ci] for k, v in img.items()})
-            cols = []
-            for c0 in range(0, n_cap, cc):
-                block = {k: v[c0:c0 + cc] for k, v in cap.items()}         # views: every image × every caption
-                cols.append(self.combine(*self.grouped_scores(sub, block, None)))
-            rows.append(torch.cat(cols, dim=1))
-        return torch.cat(rows, dim=0)
+        def block_fn(sub: dict, block: dict) -> torch.Tensor:   # cidx None: every image × every caption (views)
+            return self.combine(*self.grouped_scores(sub, block, None))
+
+        return chunked_pair_scores(img, self._with_word_proj(cap), self.pair_chunk, block_fn,
+                                   prep_img=self._with_region_proj)
 
     # ---- training ----
     def sample_negatives(self, images: Batch, captions: Batch) -> torch.Tensor:

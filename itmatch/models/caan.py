@@ -50,6 +50,7 @@ val rSum; the loss is the default (shared ``ContrastiveLoss``, hardest negatives
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -57,8 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from itmatch.models.base import Batch, MatchingModel
-from itmatch.models.encoders import GRUTextEncoder, RegionEncoder, length_mask
+from itmatch.models.base import Batch, MatchingModel, chunked_pair_scores
+from itmatch.models.encoders import GRUTextEncoder, RegionEncoder, length_mask, masked_mean, masked_softmax
 
 INTRA_CHOICES = ("none", "fa", "sa")
 
@@ -77,17 +78,6 @@ def semantic_intra_attention(Huv: torch.Tensor, Hvu: torch.Tensor, eps: float = 
     rows = F.normalize(Huv, dim=-1, eps=eps)   # [..., n, m]
     cols = F.normalize(Hvu, dim=-2, eps=eps)   # [..., n, m]
     return rows @ rows.transpose(-1, -2), cols.transpose(-1, -2) @ cols
-
-
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim with ``mask`` (bool, broadcastable) False positions excluded."""
-    return logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x [B, L, D], mask [B, L] → [B, D]."""
-    m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 def _per_image(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -239,19 +229,7 @@ class CAAN(MatchingModel):
     def score(self, img: dict[str, torch.Tensor], cap: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self.pairwise:
             return img["emb"] @ cap["emb"].t()
-        n_img, n_cap = img["V"].shape[0], cap["U"].shape[0]
-        cc = min(n_cap, self.pair_chunk)
-        ci = max(1, self.pair_chunk // cc)
-        use_ckpt = self.checkpoint and torch.is_grad_enabled()
-        rows = []
-        for i0 in range(0, n_img, ci):
-            ic = {k: v[i0:i0 + ci] for k, v in img.items()}
-            cols = []
-            for c0 in range(0, n_cap, cc):
-                cs = {k: v[c0:c0 + cc] for k, v in cap.items()}
-                if use_ckpt:
-                    cols.append(torch_checkpoint(self._pair_scores, ic, cs, use_reentrant=False))
-                else:
-                    cols.append(self._pair_scores(ic, cs))
-            rows.append(torch.cat(cols, dim=1))
-        return torch.cat(rows, dim=0)
+        block_fn = self._pair_scores
+        if self.checkpoint and torch.is_grad_enabled():
+            block_fn = partial(torch_checkpoint, self._pair_scores, use_reentrant=False)
+        return chunked_pair_scores(img, cap, self.pair_chunk, block_fn)

@@ -22,6 +22,17 @@ def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim with ``mask`` (bool, broadcastable) False positions excluded."""
+    return logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D], mask [B, L] → [B, D]."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 class RegionEncoder(nn.Module):
     """[B, R, D] region features → [B, R, d] (Xavier-uniform init as SCAN)."""
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itmatch.models.base import Batch, MatchingModel
-from itmatch.models.encoders import GRUTextEncoder, RegionEncoder, l2norm, length_mask
+from itmatch.models.encoders import GRUTextEncoder, RegionEncoder, l2norm, length_mask, masked_mean, masked_softmax
 from itmatch.models.tree_lstm import ENTITY_NODES, RELATION_NODES, StructuredTreeEncoder
 
 DEFAULTS: dict[str, Any] = {
@@ -65,11 +65,11 @@ DEFAULTS: dict[str, Any] = {
 def attention_pool(x: torch.Tensor, lengths: torch.Tensor, scaled: bool = True) -> torch.Tensor:
     """Self-attention pooling with the mean as query (eq. 1–3). x [B, N, D], lengths [B] → [B, D]."""
     mask = length_mask(lengths.clamp(min=1), x.shape[1])                         # [B, N]
-    q = (x * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).to(x.dtype)  # eq. 1
+    q = masked_mean(x, mask)                                                     # eq. 1
     logits = torch.einsum("bd,bnd->bn", q, x)                                    # q · v_i
     if scaled:
         logits = logits / math.sqrt(x.shape[-1])
-    alpha = logits.masked_fill(~mask, float("-inf")).softmax(dim=1)              # eq. 2
+    alpha = masked_softmax(logits, mask)                                         # eq. 2
     return torch.einsum("bn,bnd->bd", alpha, x)                                  # eq. 3
 
 
