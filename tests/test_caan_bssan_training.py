@@ -7,7 +7,7 @@ import json
 import pytest
 
 from itmatch.evaluation.evaluate import run_evaluation
-from itmatch.models.base import INPUTS
+from itmatch.models.registry import INPUTS
 from itmatch.training.data import Corpus
 from itmatch.training.loop import train_model
 from itmatch.training.synthetic import write_synthetic_corpus

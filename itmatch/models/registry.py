@@ -24,6 +24,10 @@ def model_class(name: str) -> type[MatchingModel]:
     return getattr(importlib.import_module(module), cls)
 
 
+# Which optional artifacts each model reads (beyond regions.h5 and tokens.parquet): its class's ``requires``.
+INPUTS: dict[str, frozenset[str]] = {name: model_class(name).requires for name in MODEL_CLASSES}
+
+
 def build_model(name: str, cfg: dict[str, Any], data_info: dict[str, Any]) -> MatchingModel:
     """``cfg`` is ``config['models'][name]`` (merged with overrides); ``data_info`` holds the data's
     dimensions: vocab_size, feature_dim, and where relevant blocks_K, bert_dim, tag_dim, n_entities,

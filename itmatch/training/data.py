@@ -7,7 +7,7 @@ token ids (one flat int32 array + offsets), the caption → image row map, split
 
 Inputs (see the artifact contract): images.parquet (row order = regions.h5 rows), captions.parquet,
 tokens.parquet (same row order as captions.parquet), vocab.json, and the optional blocks.h5, tags.h5,
-bert.h5, trees.parquet named by the model's ``INPUTS``.
+bert.h5, trees.parquet named by the model's ``INPUTS`` (:mod:`itmatch.models.registry`).
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ class Corpus:
 
     def __init__(self, paths: DataPaths, requires: frozenset[str] = frozenset()):
         self.paths = paths
-        self.requires = requires
         img = _read_column(paths.images, ["image_id", "split"])
         cap = _read_column(paths.captions, ["caption_id", "image_id", "split"])
         self.image_split = img["split"].astype(str)

@@ -1,7 +1,7 @@
 """Rule evaluate: test-split metrics of results/{model}/{dataset}/model.pt → metrics.json."""
 
 from itmatch.evaluation.evaluate import run_evaluation
-from itmatch.models.base import INPUTS
+from itmatch.models.registry import INPUTS
 from itmatch.training.data import Corpus, DataPaths
 from itmatch.utils.logs import setup_job_logging
 

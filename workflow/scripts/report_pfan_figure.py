@@ -2,7 +2,7 @@
 
 import json
 
-from itmatch.models.base import INPUTS
+from itmatch.models.registry import INPUTS
 from itmatch.report.pfan_figure import pfan_figure
 from itmatch.training.data import Corpus, DataPaths
 from itmatch.utils.logs import log, setup_job_logging

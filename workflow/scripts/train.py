@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from itmatch.models.base import INPUTS
+from itmatch.models.registry import INPUTS
 from itmatch.training.data import Corpus, DataPaths
 from itmatch.training.loop import train_model
 from itmatch.utils.logs import setup_job_logging
