@@ -210,14 +210,21 @@ def _cosine_ref(x1: torch.Tensor, x2: torch.Tensor, dim: int, eps: float) -> tor
     return (x1 * x2).sum(dim) / (x1.norm(2, dim) * x2.norm(2, dim)).clamp(min=eps)
 
 
-def _func_attention_ref(query: torch.Tensor, context: torch.Tensor, lam: float, raw_norm: str, eps: float
-                        ) -> torch.Tensor:
-    """query [n, Lq, d], context [n, Ls, d] (no padding) → weighted context [n, Lq, d] (SCAN's func_attention)."""
+def attention_weights(query: torch.Tensor, context: torch.Tensor, lam: float, raw_norm: str = "clipped_l2norm",
+                      eps: float = 1e-8) -> torch.Tensor:
+    """SCAN's attention of each query item over the context: query [n, Lq, d], context [n, Ls, d] (no
+    padding) → weights [n, Lq, Ls] (leaky-ReLU 0.1 logits l2-normalised over the queries, softmax of λ·logits
+    over the context). Per pair, unsharded: the reference loop and the PFAN figure."""
     attn = torch.bmm(context, query.transpose(1, 2))  # [n, Ls, Lq]
     if raw_norm == "clipped_l2norm":
         attn = _l2norm_ref(F.leaky_relu(attn, 0.1), 2, eps)
-    attn = torch.softmax(attn.transpose(1, 2) * lam, dim=2)  # [n, Lq, Ls]
-    return torch.bmm(attn, context)
+    return torch.softmax(attn.transpose(1, 2) * lam, dim=2)  # [n, Lq, Ls]
+
+
+def _func_attention_ref(query: torch.Tensor, context: torch.Tensor, lam: float, raw_norm: str, eps: float
+                        ) -> torch.Tensor:
+    """query [n, Lq, d], context [n, Ls, d] (no padding) → weighted context [n, Lq, d] (SCAN's func_attention)."""
+    return torch.bmm(attention_weights(query, context, lam, raw_norm, eps), context)
 
 
 def _agg_ref(row: torch.Tensor, agg: str, lam_lse: float) -> torch.Tensor:

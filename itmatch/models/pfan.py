@@ -50,6 +50,12 @@ class PositionAttention(nn.Module):
 
     def forward(self, feats: torch.Tensor, block_index: torch.Tensor, block_weight: torch.Tensor
                 ) -> torch.Tensor:
+        gamma, b = self.weights(feats, block_index, block_weight)
+        return (gamma.unsqueeze(-1) * b).sum(2)  # [B, R, ι]   eq. 7
+
+    def weights(self, feats: torch.Tensor, block_index: torch.Tensor, block_weight: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """γ [B, R, L] (eq. 5–6, 8) and the block embeddings b [B, R, L, ι] they weight."""
         b = self.embed(block_index.long().clamp(0, self.K * self.K))  # [B, R, L, ι]
         vm = feats @ self.M  # [B, R, ι]
         beta = torch.tanh((b * vm.unsqueeze(2)).sum(-1))  # [B, R, L]   eq. 5–6
@@ -58,7 +64,7 @@ class PositionAttention(nn.Module):
             gamma = g0 / g0.sum(-1, keepdim=True).clamp(min=1e-12)
         else:
             gamma = torch.softmax(g0, dim=-1)
-        return (gamma.unsqueeze(-1) * b).sum(2)  # [B, R, ι]   eq. 7
+        return gamma, b
 
 
 class PFAN(SCAN):

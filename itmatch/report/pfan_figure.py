@@ -2,10 +2,10 @@
 
 For a test image and its first caption, with the trained PFAN (its t2i part when fused):
 
-* position attention γ_ij of every region i over its L blocks (eq. 5–8, recomputed from the model's
-  block embedding and M, exactly as :class:`itmatch.models.pfan.PositionAttention`);
-* word→region attention α_wr of SCAN's t2i cross attention (leaky-ReLU 0.1 logits, l2-normalised over
-  words, softmax over regions with the model's λ — see :mod:`itmatch.models.attention`).
+* position attention γ_ij of every region i over its L blocks (eq. 5–8:
+  :meth:`itmatch.models.pfan.PositionAttention.weights`);
+* word→region attention α_wr of SCAN's t2i cross attention with the model's λ and raw-logit
+  normalisation (:func:`itmatch.models.attention.attention_weights`).
 
 Shown, as in the paper's figure: the ``n_regions`` regions with the largest attention from any word
 (green boxes), each labelled with the word that attends to it most, and per region its ``n_blocks``
@@ -25,10 +25,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from itmatch.models.attention import attention_weights  # noqa: E402
 from itmatch.report.figures import save_figure  # noqa: E402
 
 
@@ -38,22 +38,15 @@ def pfan_attention(model, image: dict[str, torch.Tensor], caption: dict[str, tor
 
     ``image`` / ``caption``: collated batches of size 1 (``itmatch.training.data``); ``model``: a PFAN.
     """
-    pos = model.position
-    K2 = pos.K * pos.K
-    feats, idx, w = image["features"], image["block_index"], image["block_weight"]
-    b = pos.embed(idx.long().clamp(0, K2))  # [1, R, L, ι]
-    beta = torch.tanh((b * (feats @ pos.M).unsqueeze(2)).sum(-1))  # [1, R, L]
-    g0 = torch.softmax(beta, -1) * w
-    gamma = g0 / g0.sum(-1, keepdim=True).clamp(min=1e-12) if pos.position_norm == "renorm" else torch.softmax(g0, -1)
+    idx = image["block_index"]
+    gamma, _ = model.position.weights(image["features"], idx, image["block_weight"])  # [1, R, L]
     n = int(image["num_regions"][0])
-    V = model.encode_images(image)["V"][0, :n]  # [n, d]
-    length = int(caption["lengths"][0])
-    E = model.encode_captions(caption)["E"][0, :length]  # [W, d]
-    X = F.leaky_relu(E @ V.t(), 0.1)  # [W, n]
-    X = X / (X.pow(2).sum(0, keepdim=True).sqrt() + 1e-8)  # over words
-    alpha = torch.softmax(model.hp.get("lambda_softmax", 9.0) * X, dim=1)  # over regions
+    V = model.encode_images(image)["V"][:, :n]  # [1, n, d]
+    E = model.encode_captions(caption)["E"][:, : int(caption["lengths"][0])]  # [1, W, d]
+    hp = model.hp
+    alpha = attention_weights(E, V, hp["lambda_softmax"], hp["raw_norm"])[0]  # [W, n]
     return {"gamma": gamma[0, :n].numpy(), "index": idx[0, :n].numpy(), "alpha": alpha.numpy(),
-            "boxes": image["boxes"][0, :n].numpy(), "K": np.int64(pos.K)}
+            "boxes": image["boxes"][0, :n].numpy(), "K": np.int64(model.position.K)}
 
 
 def select(att: dict[str, np.ndarray], words: list[str], n_regions: int, n_blocks: int) -> list[dict[str, Any]]:
