@@ -12,7 +12,7 @@ rule blocks:
         L=config["blocks"]["L"],
         code=code_version("itmatch.features.blocks"),
     wildcard_constraints:
-        dataset=_datasets_where(lambda d: not (_import_spec(d) or {}).get("pfan_boxes")),  # features.smk
+        dataset=_datasets_where(lambda d: not _pfan_imported(d)),  # features_functions.smk
     threads: 1
     resources:
         mem_mb=4000,

@@ -30,3 +30,13 @@ def ingest_options(dataset):
 def code_version(*modules):
     """Hash of the given itmatch modules' source: a rule param, so editing that code reruns the rule."""
     return source_hash(*modules)
+
+
+def alternation(names):
+    """A wildcard_constraints pattern matching exactly ``names`` (one that never matches when empty)."""
+    return "|".join(names) if names else "(?!x)x"
+
+
+def gpu_resources(settings):
+    """``resources: gpu=1`` for a stage whose ``device`` setting is ``cuda``."""
+    return {"gpu": 1} if settings.get("device") == "cuda" else {}

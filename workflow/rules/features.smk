@@ -12,9 +12,7 @@ scattergather:
 
 _EXTRACTED = _datasets_where(lambda d: not _import_spec(d))
 _IMPORTED = _datasets_where(lambda d: bool(_import_spec(d)))
-_PFAN_IMPORTED = _datasets_where(lambda d: bool((_import_spec(d) or {}).get("pfan_boxes")))
-
-_GPU = {"gpu": 1} if config["extraction"]["device"] == "cuda" else {}
+_PFAN_IMPORTED = _datasets_where(_pfan_imported)
 
 
 rule extract_regions_shard:
@@ -35,7 +33,7 @@ rule extract_regions_shard:
     resources:
         mem_mb=config["extraction"]["mem_mb"],
         runtime=config["extraction"]["runtime"],
-        **_GPU,
+        **gpu_resources(config["extraction"]),
     log:
         "logs/extract_regions/{dataset}.{scatteritem}.log",
     conda:

@@ -5,8 +5,12 @@ def _import_spec(dataset):
 
 
 def _datasets_where(pred):
-    names = [d for d in config["datasets"] if pred(d)]
-    return "|".join(names) if names else "(?!x)x"  # a pattern that never matches
+    return alternation([d for d in config["datasets"] if pred(d)])
+
+
+def _pfan_imported(dataset):
+    """Whether the dataset's PFAN block files are imported (extraction.import.<dataset>.pfan_boxes)."""
+    return bool((_import_spec(dataset) or {}).get("pfan_boxes"))
 
 
 def _detector_cfg(dataset):

@@ -32,13 +32,13 @@ rule train_part:
         training=_training,
         code=lambda wc: _model_code(wc.model),
     wildcard_constraints:
-        model=_alt(_FUSED),
+        model=alternation(_FUSED),
         part="t2i|i2t",
     threads: lambda wc: _training(wc)["threads"]
     resources:
         mem_mb=lambda wc: _training(wc)["mem_mb"],
         runtime=lambda wc: _training(wc)["runtime"],
-        **_gpu(_T),
+        **gpu_resources(_T),
     log:
         "logs/train/{model}/{dataset}.{part}.log",
     conda:
@@ -58,12 +58,12 @@ rule train_model:
         training=_training,
         code=lambda wc: _model_code(wc.model),
     wildcard_constraints:
-        model=_alt(_SINGLE),
+        model=alternation(_SINGLE),
     threads: lambda wc: _training(wc)["threads"]
     resources:
         mem_mb=lambda wc: _training(wc)["mem_mb"],
         runtime=lambda wc: _training(wc)["runtime"],
-        **_gpu(_T),
+        **gpu_resources(_T),
     log:
         "logs/train/{model}/{dataset}.log",
     conda:
@@ -82,7 +82,7 @@ rule fuse_parts:
         parts=_parts,
         code=code_version("itmatch.training.loop"),
     wildcard_constraints:
-        model=_alt(_FUSED),
+        model=alternation(_FUSED),
     threads: 1
     resources:
         mem_mb=4000,
@@ -110,7 +110,7 @@ rule evaluate:
     resources:
         mem_mb=lambda wc: evaluation_settings(config, wc.dataset)["mem_mb"],
         runtime=_E["runtime"],
-        **_gpu(_E),
+        **gpu_resources(_E),
     log:
         "logs/evaluate/{model}/{dataset}.log",
     conda:

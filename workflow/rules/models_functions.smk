@@ -1,9 +1,5 @@
 # Helper functions of models.smk (kept apart from its rules: `snakemake --lint`).
 
-def _alt(names):
-    return "|".join(names) if names else "(?!x)x"
-
-
 def _model_code(model, *extra):
     """Code hash of a model's modules (+ the shared ones and ``extra``)."""
     return code_version(*_COMMON_CODE, *extra, *_MODEL_CODE.get(model, (f"itmatch.models.{model}",)))
@@ -29,10 +25,6 @@ def _model_inputs(wc):
 
 def _training(wc):
     return training_settings(config, wc.model, wc.dataset)
-
-
-def _gpu(settings):
-    return {"gpu": 1} if settings.get("device") == "cuda" else {}
 
 
 def _parts(wc):
