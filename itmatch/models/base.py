@@ -30,7 +30,7 @@ Caption batch keys (C captions, W = longest caption in the batch):
     tokens         int64   [C, W]      vocabulary ids, 0 = <pad> (tokens.parquet)
     lengths        int64   [C]
     bert           float32 [C, W, H]   per-token BERT features             — when "bert" in requires
-    tree_labels    int64   [C, 7, 2]   (entity-or-relation id, -1 = null) — when "trees" in requires
+    tree_labels    int64   [C, 7]      entity-or-relation id, -1 = null   — when "trees" in requires
     image_index    int64   [C]         row of the caption's image in images.parquet
     index          int64   [C]         row in captions.parquet
 """

@@ -27,9 +27,8 @@ Pieces (equation numbers from the paper):
 Ablations (Tables 5–7) by config: ``use_trees: false`` (w/o trees: V^F = V^D), ``kl_weight: 0``
 (w/o D_KL), ``ce_weight: 0`` (w/o L_CE), ``structure: chain`` (chain-based encoder) or ``linear``.
 
-Referral-tree labels: ``captions['tree_labels']`` int64, either [C, 7] (node 1..7 in in-order,
-entity-dictionary ids at nodes 1,3,5,7 and relation-dictionary ids at 2,4,6, −1 = null) or
-[C, 7, 2] whose first channel is that id (the second is ignored).
+Referral-tree labels: ``captions['tree_labels']`` int64 [C, 7] (node 1..7 in in-order,
+entity-dictionary ids at nodes 1,3,5,7 and relation-dictionary ids at 2,4,6, −1 = null).
 """
 
 from __future__ import annotations
@@ -74,12 +73,10 @@ def attention_pool(x: torch.Tensor, lengths: torch.Tensor, scaled: bool = True) 
 
 
 def node_labels(tree_labels: torch.Tensor) -> torch.Tensor:
-    """Referral-tree labels → [C, 7] int64 (−1 = null); see the module docstring for the layouts."""
-    if tree_labels.dim() == 3 and tree_labels.shape[1:] == (7, 2):
-        return tree_labels[..., 0].long()
+    """Referral-tree labels [C, 7] → int64 (−1 = null); see the module docstring for the layout."""
     if tree_labels.dim() == 2 and tree_labels.shape[1] == 7:
         return tree_labels.long()
-    raise ValueError(f"tree_labels must be [C, 7] or [C, 7, 2], got {tuple(tree_labels.shape)}")
+    raise ValueError(f"tree_labels must be [C, 7], got {tuple(tree_labels.shape)}")
 
 
 def node_cross_entropy(ent_logits: torch.Tensor, rel_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# 0-based node positions of the entity leaves (nodes 1,3,5,7) and relation nodes (2,4,6); re-exported
+from itmatch.text.trees import ENTITY_NODES, RELATION_NODES
+
 N_NODES = 7
-#: 0-based node positions of the entity leaves (nodes 1,3,5,7) and relation nodes (2,4,6)
-ENTITY_NODES = (0, 2, 4, 6)
-RELATION_NODES = (1, 3, 5)
 
 STRUCTURES: dict[str, dict[int, tuple[int, ...]]] = {
     # node (0-based) → children (0-based)

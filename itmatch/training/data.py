@@ -185,8 +185,7 @@ class Corpus:
                                                                                    np.float32)
             item["bert"] = vec
         if self.trees is not None:
-            kinds = np.array([0, 1, 0, 1, 0, 1, 0], dtype=np.int64)
-            item["tree_labels"] = np.stack([self.trees[row], kinds], -1)
+            item["tree_labels"] = self.trees[row]
         return item
 
 
