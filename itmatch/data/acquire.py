@@ -36,12 +36,13 @@ from itmatch.data.download import (
     file_name,
     is_remote,
     local_path,
+    sidecar,
     verified_record,
     verify_local,
 )
 from itmatch.data.image_check import check_images
 from itmatch.data.ingest import read_karpathy_json
-from itmatch.utils.io import atomic_path, write_json
+from itmatch.utils.io import atomic_path, remove_stale, write_json
 from itmatch.utils.logs import log
 
 
@@ -73,21 +74,11 @@ def obtain(entry: dict[str, Any], key: str, cache: Path, policy: RetryPolicy) ->
     return path, False, info
 
 
-def _clean_stale(target: Path) -> None:
-    """Remove temporary siblings left by a killed earlier run (``.{name}.tmp-*``)."""
-    for stale in target.parent.glob(f".{target.stem}.tmp-*"):
-        log.info("removing %s, left by an interrupted run", stale)
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink()
-
-
 def acquire_json(spec: dict[str, Any], out: Path, cache: Path, policy: RetryPolicy, key: str) -> dict[str, Any]:
     """Fetch / extract the Karpathy JSON to ``out``; return its provenance record."""
     src, downloaded, verified = obtain(spec, key, cache, policy)
     member = spec.get("member")
-    _clean_stale(out)
+    remove_stale(out)
     if member:
         extract_member(src, member, out)
     elif src.is_dir():
@@ -111,7 +102,7 @@ def acquire_images(entries: list[dict[str, Any]], out: Path, cache: Path, policy
     sources = []
     for i, entry in enumerate(entries):
         sources.append((entry, *obtain(entry, f"{key}[{i}]", cache, policy)))
-    _clean_stale(out)
+    remove_stale(out)
     if out.is_symlink():
         out.unlink()
     records = []
@@ -168,7 +159,7 @@ def acquire(dataset: str, download: dict[str, Any], json_out: str | Path, images
                 p = Path(rec["path"])
                 log.info("removing %s (keep_archives: false)", p)
                 p.unlink(missing_ok=True)
-                p.with_name(p.name + ".verified").unlink(missing_ok=True)
+                sidecar(p).unlink(missing_ok=True)
     info = {"dataset": dataset, "json": str(json_out), "images": str(images_out), "json_source": rec_json,
             "image_sources": rec_images, "images_in_json": rec_json["images_in_json"], "bad_images": len(bad),
             "bad_images_report": str(report), "on_bad_image": on_bad_image,

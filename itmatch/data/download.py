@@ -83,6 +83,17 @@ class Expected:
         parts = [f"{k} {v}" for k, v in (("size", self.size), ("sha256", self.sha256), ("md5", self.md5)) if v]
         return ", ".join(parts) or "nothing (no size or checksum configured)"
 
+    def mismatch(self, size: int, digests: dict[str, str | None] | None = None) -> str | None:
+        """Why a file of ``size`` bytes (and ``digests``, when given) is not this, or None if it matches."""
+        if self.size is not None and size != self.size:
+            return f"size {size} bytes, expected {self.size}"
+        if digests is not None:
+            for algo in ("sha256", "md5"):
+                want = getattr(self, algo)
+                if want and digests.get(algo) != want.lower():
+                    return f"{algo} {digests.get(algo)}, expected {want.lower()}"
+        return None
+
 
 def is_remote(url: str) -> bool:
     return urllib.parse.urlparse(url).scheme in ("http", "https")
@@ -119,17 +130,16 @@ def digests(path: Path, chunk: int = CHUNK) -> dict[str, str]:
 def check(path: Path, expected: Expected, what: str) -> dict[str, Any]:
     """Raise :class:`ChecksumError` unless ``path`` matches ``expected``; return its size and digests."""
     size = path.stat().st_size
-    if expected.size is not None and size != expected.size:
-        raise ChecksumError(f"{what}: size {size} bytes, expected {expected.size}")
+    if why := expected.mismatch(size):  # before hashing: a wrong size needs no digest
+        raise ChecksumError(f"{what}: {why}")
     got = digests(path)
-    for algo in ("sha256", "md5"):
-        want = getattr(expected, algo)
-        if want and got[algo] != want.lower():
-            raise ChecksumError(f"{what}: {algo} {got[algo]}, expected {want.lower()}")
+    if why := expected.mismatch(size, got):
+        raise ChecksumError(f"{what}: {why}")
     return {"size": size, **got}
 
 
-def _sidecar(dest: Path) -> Path:
+def sidecar(dest: Path) -> Path:
+    """The verification record written next to a downloaded ``dest``."""
     return dest.with_name(dest.name + ".verified")
 
 
@@ -137,7 +147,7 @@ def already_verified(dest: Path, expected: Expected, url: str | None = None) -> 
     """True when ``dest`` carries a sidecar written by a previous verification, is unchanged since
     (size, mtime) and the sidecar's digests satisfy ``expected``. With nothing to check against
     (no size or digest configured) the URL must also be the same."""
-    side = _sidecar(dest)
+    side = sidecar(dest)
     if not dest.is_file() or not side.is_file():
         return False
     try:
@@ -147,12 +157,8 @@ def already_verified(dest: Path, expected: Expected, url: str | None = None) -> 
     st = dest.stat()
     if rec.get("size") != st.st_size or rec.get("mtime_ns") != st.st_mtime_ns:
         return False
-    if expected.size is not None and rec["size"] != expected.size:
+    if expected.mismatch(rec["size"], rec) is not None:
         return False
-    for algo in ("sha256", "md5"):
-        want = getattr(expected, algo)
-        if want and rec.get(algo) != want.lower():
-            return False
     if expected == Expected() and url is not None and rec.get("url") != url:
         return False
     return True
@@ -161,9 +167,9 @@ def already_verified(dest: Path, expected: Expected, url: str | None = None) -> 
 def _write_sidecar(dest: Path, info: dict[str, Any], url: str) -> None:
     st = dest.stat()
     rec = {**info, "mtime_ns": st.st_mtime_ns, "url": url}
-    tmp = _sidecar(dest).with_suffix(".tmp")
+    tmp = sidecar(dest).with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=1) + "\n")
-    os.replace(tmp, _sidecar(dest))
+    os.replace(tmp, sidecar(dest))
 
 
 def verify_local(path: Path, expected: Expected) -> tuple[Path, dict[str, Any] | None]:
@@ -182,7 +188,7 @@ def verify_local(path: Path, expected: Expected) -> tuple[Path, dict[str, Any] |
 def verified_record(dest: Path) -> dict[str, Any] | None:
     """The sidecar record of a downloaded file (size, digests, URL), if any."""
     try:
-        rec = json.loads(_sidecar(dest).read_text())
+        rec = json.loads(sidecar(dest).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return {k: v for k, v in rec.items() if k != "mtime_ns"}

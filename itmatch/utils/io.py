@@ -10,11 +10,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from itmatch.utils.logs import log
+
+
+def _temporary_prefix(path: Path) -> str:
+    """The start of every temporary sibling name of ``path`` (any process id)."""
+    return f".{path.stem}.tmp-"
+
 
 def temporary_name(path: str | os.PathLike) -> Path:
     """The temporary sibling of ``path`` used while it is being written (same folder, same suffix)."""
     path = Path(path)
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    return path.with_name(f"{_temporary_prefix(path)}{os.getpid()}{path.suffix}")
+
+
+def remove_stale(path: str | os.PathLike) -> None:
+    """Remove temporary siblings of ``path`` (see :func:`temporary_name`) left by a killed earlier run."""
+    path = Path(path)
+    for stale in path.parent.glob(f"{_temporary_prefix(path)}*"):
+        log.info("removing %s, left by an interrupted run", stale)
+        _remove(stale)
 
 
 @contextlib.contextmanager
