@@ -198,3 +198,17 @@ def test_scan_npy_row_count_mismatch_needs_ids(dataset, tmp_path):
     np.save(f, np.zeros((3, 2, D), np.float32))
     with pytest.raises(im.FeatureImportError, match="3 rows but images.parquet has 2 test images"):
         im.import_scan_npy({"test": {"features": str(f)}}, p, tmp_path / "r.h5", tmp_path / "r.parquet")
+
+
+@pytest.mark.parametrize("block", [1, 256])
+def test_scan_npy_image_listed_twice_is_named(dataset, tmp_path, block):
+    """The same image id twice (in one block or across blocks) stops the import naming its row."""
+    p, t, _ = dataset
+    test = t[t.split == "test"]
+    f, ids = tmp_path / "test_ims.npy", tmp_path / "test_ids.txt"
+    np.save(f, np.zeros((len(test), 2, D), np.float32))
+    ids.write_text("".join(f"{test.image_id.iloc[0]}\n" for _ in range(len(test))))
+    row = int(test.index[0])
+    with pytest.raises(im.FeatureImportError, match=f"images.parquet row {row} imported twice"):
+        im.import_scan_npy({"test": {"features": str(f), "ids": str(ids)}}, p, tmp_path / "r.h5",
+                           tmp_path / "r.parquet", block=block)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import itertools
 import re
 import sys
 from collections.abc import Iterator
@@ -89,6 +90,16 @@ class IdMap:
 
     def __len__(self) -> int:
         return len(self.table)
+
+
+def _first_repeat(seen: np.ndarray, rows: np.ndarray) -> int | None:
+    """The first of ``rows`` (images.parquet rows) already ``seen`` or occurring earlier in ``rows``; None if
+    there is none."""
+    again = seen[rows].copy()
+    _, first = np.unique(rows, return_index=True)
+    again[np.setdiff1d(np.arange(len(rows)), first)] = True
+    bad = np.flatnonzero(again)
+    return int(rows[bad[0]]) if len(bad) else None
 
 
 def _check_complete(seen: np.ndarray, ids: IdMap, source: str) -> None:
@@ -181,19 +192,12 @@ def import_tsv(tsv_files: list[str | Path], images_parquet: str | Path, out_h5: 
     first = next((d for p in files for _, d in iter_tsv(p)), None)
     if first is None:
         raise FeatureImportError(f"{files}: no rows")
-    sample = [d["image_id"] for _, d in _take(iter_tsv(files[0]), 50)]
+    sample = [d["image_id"] for _, d in itertools.islice(iter_tsv(files[0]), 50)]
     ids.decide(sample)
     meta = RegionsMeta("bottom-up-attention TSV import", "unknown", _peek_dim(first), object_names or [],
                        attribute_names or [])
     _write_random_access(((f"{p}:{line}", d) for p in files for line, d in iter_tsv(p)), ids, meta, max_regions,
                          out_h5, out_parquet, source=", ".join(files))
-
-
-def _take(it, k):
-    for i, x in enumerate(it):
-        if i >= k:
-            return
-        yield x
 
 
 def _write_random_access(rows, ids: IdMap, meta: RegionsMeta, r: int, out_h5, out_parquet, source: str) -> None:
@@ -362,9 +366,9 @@ def import_scan_npy(splits: dict[str, dict[str, str]], images_parquet: str | Pat
                     b = min(n, a + block)
                     tgt = rows[a:b]
                     keep = tgt >= 0
-                    if seen[tgt[keep]].any() or len(np.unique(tgt[keep])) != int(keep.sum()):
+                    if (twice := _first_repeat(seen, tgt[keep])) is not None:
                         raise FeatureImportError(f"{splits[split]['features']}: image id of images.parquet row "
-                                                 f"{int(tgt[keep][seen[tgt[keep]]][0])} imported twice")
+                                                 f"{twice} imported twice")
                     feats = np.asarray(arr[a * stride:b * stride:stride], np.float16)[keep]
                     order = np.argsort(tgt[keep])  # h5py fancy indexing needs increasing rows
                     dst = tgt[keep][order]
@@ -430,7 +434,7 @@ def import_pfan_boxes(splits: dict[str, dict[str, str]], images_parquet: str | P
             w = np.where(s > 0, w / np.where(s > 0, s, 1), 0).astype(np.float32)
             tgt = rows[a:a + block]
             keep = tgt >= 0
-            if seen[tgt[keep]].any() or len(np.unique(tgt[keep])) != int(keep.sum()):
+            if _first_repeat(seen, tgt[keep]) is not None:
                 raise FeatureImportError(f"{src}: an image appears twice")
             index[tgt[keep]] = idx[keep]
             weight[tgt[keep]] = w[keep]
