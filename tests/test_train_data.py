@@ -71,3 +71,14 @@ def test_settings_merge():
     assert m["embed_dim"] == 64 and "training" not in m and "datasets" not in m
     assert part_config(m, "i2t") == {"embed_dim": 64, "direction": "i2t"}
     assert np.isclose(model_settings(cfg, "pfan", "coco")["embed_dim"], 1024)
+
+
+def test_data_paths_from_rule_inputs_takes_the_named_fields_only():
+    from types import SimpleNamespace
+
+    from itmatch.training.data import DataPaths
+
+    inputs = SimpleNamespace(images="i.parquet", captions="c.parquet", tokens="t.parquet", vocab="v.json",
+                             regions="r.h5", blocks="b.h5", tree_vocab="tv.json", checkpoint="m.pt")
+    paths = DataPaths.from_inputs(inputs)
+    assert paths == DataPaths("i.parquet", "c.parquet", "t.parquet", "v.json", "r.h5", blocks="b.h5")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,11 @@ class DataPaths:
     tags: str | None = None
     bert: str | None = None
     trees: str | None = None
+
+    @classmethod
+    def from_inputs(cls, inputs: Any) -> DataPaths:
+        """From a rule's named inputs (Snakemake's ``input``): the fields it names, others None."""
+        return cls(**{f.name: getattr(inputs, f.name) for f in fields(cls) if hasattr(inputs, f.name)})
 
 
 class LazyH5:

@@ -8,8 +8,7 @@ from itmatch.utils.logs import setup_job_logging
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_job_logging(sm.log[0])
 inp = sm.input
-paths = DataPaths(images=inp.images, captions=inp.captions, tokens=inp.tokens, vocab=inp.vocab, regions=inp.regions,
-                  **{k: getattr(inp, k) for k in ("blocks", "tags", "bert", "trees") if hasattr(inp, k)})
+paths = DataPaths.from_inputs(inp)
 model = sm.wildcards.model
 config = {"dataset": sm.wildcards.dataset, "model": sm.params.model_cfg, "training": sm.params.training,
           "evaluation": sm.params.evaluation}

@@ -10,8 +10,7 @@ from itmatch.utils.logs import log, setup_job_logging
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_job_logging(sm.log[0])
 inp = sm.input
-corpus = Corpus(DataPaths(images=inp.images, captions=inp.captions, tokens=inp.tokens, vocab=inp.vocab,
-                          regions=inp.regions, blocks=inp.blocks), INPUTS["pfan"])
+corpus = Corpus(DataPaths.from_inputs(inp), INPUTS["pfan"])
 with open(inp.vocab, encoding="utf-8") as fh:
     words = json.load(fh)["idx2word"]
 fig = sm.params.figure

@@ -10,8 +10,7 @@ from itmatch.utils.logs import setup_job_logging
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_job_logging(sm.log[0])
 inp = sm.input
-paths = DataPaths(images=inp.images, captions=inp.captions, tokens=inp.tokens, vocab=inp.vocab, regions=inp.regions,
-                  **{k: getattr(inp, k) for k in ("blocks", "tags", "bert", "trees") if hasattr(inp, k)})
+paths = DataPaths.from_inputs(inp)
 model = sm.wildcards.model
 part = getattr(sm.wildcards, "part", "")
 training = {**sm.params.training, "threads": sm.threads}
