@@ -291,3 +291,14 @@ def test_more_shards_than_images(image_set, tmp_path):
     ex.gather_shards(shards, small, tmp_path / "r.h5", tmp_path / "r.parquet")
     with open_regions(tmp_path / "r.h5") as reg:
         assert reg.n == 3 and (reg["num_regions"][:] > 0).all()
+
+
+def test_extraction_device_refuses_cuda_without_a_gpu(monkeypatch):
+    import torch
+
+    from itmatch.features.extract import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="extraction.device is 'cuda' but torch sees no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")

@@ -45,6 +45,7 @@ from itmatch.features.regions_io import (
     write_regions_parquet,
     write_rows,
 )
+from itmatch.utils import device as utils_device
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 
@@ -96,11 +97,10 @@ def parse_scatteritem(item: str) -> tuple[int, int]:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """:func:`itmatch.utils.device.resolve_device`, refusing ``cuda`` up front when torch sees no GPU."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("extraction.device is 'cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
-    return torch.device(device)
+    return utils_device.resolve_device(device)
 
 
 def load_image(path: str | Path) -> np.ndarray:
