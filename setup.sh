@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-step, idempotent set-up: a virtual environment at .venv with the CPU torch wheel installed
-# first (so nothing pulls a CUDA build), then this package and its pinned dependencies.
+# One-step, idempotent set-up: a virtual environment at .venv with torch + torchvision installed first
+# (the registry's default wheels: CUDA builds that also run on CPU), then this package and its pinned
+# dependencies.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -11,7 +12,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet torch==2.13.0
+.venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install --quiet -e ".[dev]"
-.venv/bin/python -c "import torch; print('torch', torch.__version__)"
+.venv/bin/python -c "import torch; import torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 echo "$want" > "$stamp"
