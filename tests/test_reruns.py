@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,7 @@ def test_editing_the_tokenizer_reruns_text_and_models(laid_out, tmp_path):
     workdir, targets, rules = laid_out
     copy = snapshot(tmp_path / "repo", src=workdir.parent / "repo")
     tok = copy / "itmatch" / "text" / "tokenize.py"
-    tok.write_text(tok.read_text() + "\n# an edit\n")
+    tok.write_text(tok.read_text() + "\n_AN_EDIT = 1\n")
     proc = snakemake(workdir, "-n", *targets, *TRIGGERS, snakefile=copy / "Snakefile")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = {rule for rule, _ in planned_jobs(proc)}
@@ -165,3 +166,37 @@ def test_editing_the_tokenizer_reruns_text_and_models(laid_out, tmp_path):
                       "referral_trees", "train_detector"}
     outs = {o for _, os_ in planned_jobs(proc) for o in os_}
     assert {t for t in targets if t.endswith("metrics.json")} <= outs  # every model reads tokens.parquet
+
+
+def edited_plan(laid_out, copy: Path, edits: dict[str, Callable[[str], str]]) -> set[tuple[str, str]]:
+    """(rule, output) of the jobs a dry-run plans after applying ``edits`` (path under itmatch/ → new text)."""
+    workdir, targets, _ = laid_out
+    snapshot(copy, src=workdir.parent / "repo")
+    for module, edit in edits.items():
+        f = copy / "itmatch" / module
+        f.write_text(edit(f.read_text()))
+    proc = snakemake(workdir, "-n", *targets, *TRIGGERS, snakefile=copy / "Snakefile")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {(rule, o) for rule, outs in planned_jobs(proc) for o in outs}
+
+
+def test_editing_the_tree_builder_retrains_smfea_not_pfan(laid_out, tmp_path):
+    """Code versions follow the import graph: SMFEA's tree encoder imports itmatch.text.trees, PFAN does not."""
+    if "results/smfea/shapes/metrics.json" not in laid_out[1]:
+        pytest.skip("SMFEA is not part of the tiny DAG yet")
+    jobs = edited_plan(laid_out, tmp_path / "repo", {"text/trees.py": lambda s: s + "\n_AN_EDIT = 1\n"})
+    rules = {rule for rule, _ in jobs}
+    outs = {o for _, o in jobs}
+    assert {"referral_trees", "train_model", "evaluate"} <= rules
+    assert "results/smfea/shapes/metrics.json" in outs
+    assert not {o for o in outs if o.startswith(("results/pfan/", "results/scan/", "results/caan/"))}, sorted(outs)
+    assert not rules & {"generate_shapes", "ingest", "tokenize", "extract_regions_shard", "blocks"}
+
+
+def test_editing_comments_and_docstrings_reruns_nothing(laid_out, tmp_path):
+    def reword_docstrings(text: str) -> str:
+        return text.replace('"""', '""" Reworded. ', 1) + "\n# only a comment\n"
+
+    jobs = edited_plan(laid_out, tmp_path / "repo", {"text/tokenize.py": reword_docstrings,
+                                                     "training/loop.py": reword_docstrings})
+    assert not jobs, sorted(jobs)

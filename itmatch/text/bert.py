@@ -124,8 +124,8 @@ def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: i
     import h5py
     import pyarrow.parquet as pq
 
+    from itmatch.text.captions import read_captions
     from itmatch.text.tokenize import tokenize_all
-    from itmatch.text.vocab import read_captions
 
     caps = read_captions(captions_path)
     words = tokenize_all(caps["text"].tolist())

@@ -491,8 +491,8 @@ def make_trees(captions_path, trees_out, vocab_out, parser: str = "gold", json_p
                entity_min_count: int = 5, relation_min_count: int = 5, max_entities: int = 1440,
                max_relations: int = 247) -> TreeVocab:
     """Rule ``referral_trees``: captions.parquet (+ parses) → trees.parquet + tree_vocab.json."""
+    from itmatch.text.captions import read_captions
     from itmatch.text.parsers import gold_parses, stanza_parse
-    from itmatch.text.vocab import read_captions
     from itmatch.utils.io import write_json, write_parquet
     from itmatch.utils.logs import log, progress
 

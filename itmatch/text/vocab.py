@@ -22,9 +22,9 @@ from itertools import chain, repeat
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
+from itmatch.text.captions import read_captions
 from itmatch.text.tokenize import tokenize_all
 from itmatch.utils.io import write_json, write_parquet
 from itmatch.utils.logs import log
@@ -87,18 +87,6 @@ def encode_table(caption_ids: np.ndarray, tokens: Sequence[Sequence[str]], vocab
     flat = np.fromiter(map(get, chain.from_iterable(tokens), repeat(UNK_ID)), dtype=np.int32, count=int(offsets[-1]))
     lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int32()))
     return pa.table({"caption_id": pa.array(np.asarray(caption_ids, dtype=np.int64)), "tokens": lists})
-
-
-def read_captions(path: str | Path) -> pd.DataFrame:
-    """``captions.parquet`` with a clear error when a contract column is missing."""
-    df = pd.read_parquet(path)
-    missing = [c for c in ("caption_id", "image_id", "split", "text") if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (see shared/design.md)")
-    bad = df["text"].isna()
-    if bad.any():
-        raise ValueError(f"{path}: caption_id {int(df['caption_id'][bad].iloc[0])} has no text")
-    return df
 
 
 def make_tokens(captions_path: str | Path, vocab_out: str | Path, tokens_out: str | Path,

@@ -10,7 +10,7 @@ rule blocks:
     params:
         K=config["blocks"]["K"],
         L=config["blocks"]["L"],
-        code=code_version("itmatch.features.blocks"),
+        code=code_version("blocks.py"),
     wildcard_constraints:
         dataset=_datasets_where(lambda d: not _pfan_imported(d)),  # features_functions.smk
     threads: 1

@@ -1,8 +1,10 @@
 # Shared helpers of all the .smk files (config validation, wildcard constraints, per-dataset settings).
+import os
+
 from snakemake.utils import validate
 
 from itmatch.config import DATASETS, MODELS, deep_update, validate_config
-from itmatch.utils.hashing import source_hash
+from itmatch.utils.hashing import code_hash
 
 # Our validator first (messages name the key and the allowed values), then Snakemake's (fills defaults).
 validate_config(config)
@@ -27,9 +29,17 @@ def ingest_options(dataset):
     return deep_update(dict(config["ingest"]), dataset_cfg(dataset).get("ingest", {}))
 
 
-def code_version(*modules):
-    """Hash of the given itmatch modules' source: a rule param, so editing that code reruns the rule."""
-    return source_hash(*modules)
+SCRIPTS = os.path.join(workflow.basedir, "workflow", "scripts")
+
+
+def code_version(script, *modules):
+    """A rule's ``code`` param: the hash of the code it runs, derived from its script's import graph.
+
+    ``script`` (a file in workflow/scripts) and every ``itmatch`` module it imports, transitively, plus
+    ``modules`` that the script loads by name at run time (a model from the registry). Comments and
+    docstrings do not count, so editing prose reruns nothing.
+    """
+    return code_hash(os.path.join(SCRIPTS, script), *modules)
 
 
 def alternation(names):

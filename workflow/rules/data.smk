@@ -7,7 +7,7 @@ rule generate_shapes:
         images=directory(config["datasets"]["shapes"]["images"]),
     params:
         generator=config["datasets"]["shapes"]["generator"],
-        code=code_version("itmatch.data.shapes"),
+        code=code_version("generate_shapes.py"),
     threads: 2
     resources:
         mem_mb=2000,
@@ -30,7 +30,7 @@ rule ingest:
     params:
         options=lambda wc: ingest_options(wc.dataset),
         bad_images=lambda wc: f"resources/{wc.dataset}/bad_images.txt",  # the download's image check
-        code=code_version("itmatch.data.ingest"),
+        code=code_version("ingest.py"),
     threads: 2
     resources:
         mem_mb=4000,

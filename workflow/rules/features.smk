@@ -25,7 +25,7 @@ rule extract_regions_shard:
     params:
         detector=lambda wc: _detector_cfg(wc.dataset),
         extraction={k: config["extraction"][k] for k in ("device", "workers")},  # (threads: the rule's)
-        code=code_version("itmatch.features.extract", "itmatch.features.regions_io", "itmatch.features.detector"),
+        code=code_version("extract_regions_shard.py"),
     wildcard_constraints:
         dataset=_EXTRACTED,
         scatteritem=r"\d+-of-\d+",
@@ -51,7 +51,7 @@ rule gather_regions:
         parquet="results/features/{dataset}/regions.parquet",
     params:
         block=config["extraction"]["gather_block"],
-        code=code_version("itmatch.features.extract", "itmatch.features.regions_io"),
+        code=code_version("extract_gather.py"),
     wildcard_constraints:
         dataset=_EXTRACTED,
     threads: 1
@@ -75,7 +75,7 @@ rule import_regions:
         parquet="results/features/{dataset}/regions.parquet",
     params:
         spec=lambda wc: _import_spec(wc.dataset),
-        code=code_version("itmatch.features.importers", "itmatch.features.regions_io"),
+        code=code_version("import_regions.py"),
     wildcard_constraints:
         dataset=_IMPORTED,
     threads: 1
@@ -101,7 +101,7 @@ rule import_pfan_blocks:
     params:
         spec=lambda wc: _import_spec(wc.dataset),
         K=config["blocks"]["K"],
-        code=code_version("itmatch.features.importers", "itmatch.features.blocks"),
+        code=code_version("import_pfan_blocks.py"),
     wildcard_constraints:
         dataset=_PFAN_IMPORTED,
     threads: 1
@@ -131,7 +131,7 @@ rule train_detector:
         metrics="results/detector/{dataset}/metrics.json",
     params:
         detector=lambda wc: _detector_cfg(wc.dataset),  # detector section + per_dataset overrides
-        code=code_version("itmatch.features.detector"),
+        code=code_version("train_detector.py"),
     wildcard_constraints:
         dataset="shapes",
     threads: 2

@@ -5,17 +5,12 @@
 
 include: "models_functions.smk"
 
-from itmatch.models.registry import INPUTS
+from itmatch.models.registry import INPUTS, MODEL_CLASSES
 from itmatch.training.settings import (evaluation_settings, fused_parts, model_settings, part_config,
                                        training_settings)
 
 _FUSED = [m for m in MODELS if fused_parts((config["models"].get(m) or {}))]
 _SINGLE = [m for m in MODELS if m not in _FUSED]
-_COMMON_CODE = ("itmatch.models.base", "itmatch.models.encoders", "itmatch.models.attention",
-                "itmatch.models.registry", "itmatch.training")
-_MODEL_CODE = {"pfan": ("itmatch.models.pfan", "itmatch.models.scan"),
-               "smfea": ("itmatch.models.smfea", "itmatch.models.tree_lstm"),
-               "glfn": ("itmatch.models.glfn", "itmatch.models.pfan", "itmatch.models.scan")}
 
 _T = config["training"]
 _E = config["evaluation"]
@@ -30,7 +25,7 @@ rule train_part:
     params:
         model_cfg=lambda wc: part_config(model_settings(config, wc.model, wc.dataset), wc.part),
         training=_training,
-        code=lambda wc: _model_code(wc.model),
+        code=lambda wc: _model_code(wc.model, "train.py"),
     wildcard_constraints:
         model=alternation(_FUSED),
         part="t2i|i2t",
@@ -56,7 +51,7 @@ rule train_model:
     params:
         model_cfg=lambda wc: part_config(model_settings(config, wc.model, wc.dataset), None),
         training=_training,
-        code=lambda wc: _model_code(wc.model),
+        code=lambda wc: _model_code(wc.model, "train.py"),
     wildcard_constraints:
         model=alternation(_SINGLE),
     threads: lambda wc: _training(wc)["threads"]
@@ -80,7 +75,7 @@ rule fuse_parts:
         log="results/{model}/{dataset}/train_log.csv",
     params:
         parts=_parts,
-        code=code_version("itmatch.training.loop"),
+        code=code_version("fuse_parts.py"),
     wildcard_constraints:
         model=alternation(_FUSED),
     threads: 1
@@ -105,7 +100,7 @@ rule evaluate:
         evaluation=lambda wc: evaluation_settings(config, wc.dataset),
         model_cfg=lambda wc: model_settings(config, wc.model, wc.dataset),
         training=_training,
-        code=lambda wc: _model_code(wc.model, "itmatch.evaluation"),
+        code=lambda wc: _model_code(wc.model, "evaluate.py"),
     threads: _E["threads"]
     resources:
         mem_mb=lambda wc: evaluation_settings(config, wc.dataset)["mem_mb"],

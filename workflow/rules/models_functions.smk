@@ -1,8 +1,8 @@
 # Helper functions of models.smk (kept apart from its rules: `snakemake --lint`).
 
-def _model_code(model, *extra):
-    """Code hash of a model's modules (+ the shared ones and ``extra``)."""
-    return code_version(*_COMMON_CODE, *extra, *_MODEL_CODE.get(model, (f"itmatch.models.{model}",)))
+def _model_code(model, script):
+    """Code hash of ``script`` and of ``model``'s module (which the registry imports by name), with their imports."""
+    return code_version(script, MODEL_CLASSES[model].split(":")[0])
 
 
 def _model_inputs(wc):

@@ -27,7 +27,7 @@ rule results_table:
             category="1. Results",
         ),
     params:
-        code=code_version("itmatch.report"),
+        code=code_version("report_table.py"),
     threads: 1
     resources:
         mem_mb=1000,
@@ -53,7 +53,7 @@ rule training_curves:
         ),
     params:
         title=lambda wc: f"{wc.model} on {wc.dataset}",
-        code=code_version("itmatch.report"),
+        code=code_version("report_curves.py"),
     threads: 1
     resources:
         mem_mb=1000,
@@ -78,7 +78,7 @@ rule recall_plot:
             labels={"dataset": "{dataset}"},
         ),
     params:
-        code=code_version("itmatch.report"),
+        code=code_version("report_recall.py"),
     threads: 1
     resources:
         mem_mb=1000,
@@ -110,7 +110,7 @@ rule pfan_figure6:
         ),
     params:
         figure=config["report"]["figure6"],
-        code=code_version("itmatch.report", "itmatch.models.pfan", "itmatch.models.scan"),
+        code=code_version("report_pfan_figure.py", "itmatch.models.pfan"),
     threads: 1
     resources:
         mem_mb=4000,

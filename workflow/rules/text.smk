@@ -12,7 +12,7 @@ rule tokenize:
         tokens="results/text/{dataset}/tokens.parquet",
     params:
         min_count=config["text"]["min_count"],
-        code=code_version("itmatch.text.tokenize", "itmatch.text.vocab"),
+        code=code_version("text_tokenize.py"),
     threads: 1
     resources:
         mem_mb=6000,
@@ -36,7 +36,7 @@ rule referral_trees:
     params:
         parser=lambda wc: _text_parser(wc.dataset),
         trees=config["text"]["trees"],
-        code=code_version("itmatch.text.trees", "itmatch.text.parsers"),
+        code=code_version("text_trees.py"),
     threads: 2
     resources:
         mem_mb=16000,
@@ -60,7 +60,7 @@ rule bert_features:
     params:
         model=lambda wc: _bert_model(wc.dataset),
         bert=config["text"]["bert"],
-        code=code_version("itmatch.text.bert", "itmatch.text.tokenize"),
+        code=code_version("text_bert.py"),
     threads: 2
     resources:
         mem_mb=12000,
@@ -85,7 +85,7 @@ rule tag_vectors:
     params:
         model=lambda wc: _bert_model(wc.dataset),
         bert=config["text"]["bert"],
-        code=code_version("itmatch.text.tags", "itmatch.text.bert", "itmatch.text.tokenize"),
+        code=code_version("text_tags.py"),
     threads: 2
     resources:
         mem_mb=8000,
