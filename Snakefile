@@ -26,7 +26,7 @@ localrules:
 
 
 rule all:
-    # `snakemake` with no target: the demo, PFAN on the embedded shapes dataset.
+    """The demo (`snakemake` with no target): PFAN trained and evaluated on the embedded shapes dataset."""
     input:
         "results/pfan/shapes/metrics.json",
     default_target: True

@@ -22,7 +22,7 @@ REPORT_RULES = ["results_table", "training_curves", "recall_plot", "pfan_figure6
 
 
 def fake_run(root: Path, model: str, dataset: str, seed: int, protocols=("1k",)) -> Path:
-    """A metrics.json (design.md layout) and a train_log.csv for one (model, dataset)."""
+    """A metrics.json (docs/contract.md layout) and a train_log.csv for one (model, dataset)."""
     rng = np.random.default_rng(seed)
     d = root / "results" / model / dataset
     d.mkdir(parents=True, exist_ok=True)

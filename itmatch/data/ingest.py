@@ -1,5 +1,5 @@
 """Ingest, shared by all datasets: Karpathy-format JSON + image folder → ``images.parquet`` and
-``captions.parquet`` (the artifact contract in ``shared/design.md``).
+``captions.parquet`` (the artifact contract in ``docs/contract.md``).
 
 Row order: images grouped by split (train, val, test), JSON order inside a split; captions in the
 same order, exactly ``captions_per_image`` per image, so that within a split captions

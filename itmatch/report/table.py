@@ -19,7 +19,7 @@ DATASET_NAMES = {"coco": "MS-COCO", "f30k": "Flickr30K", "shapes": "shapes"}
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:
-    """One ``metrics.json`` (design.md), checked for the keys the table needs."""
+    """One ``metrics.json`` (docs/contract.md), checked for the keys the table needs."""
     path = Path(path)
     try:
         m = json.loads(path.read_text(encoding="utf-8"))

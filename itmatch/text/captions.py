@@ -13,7 +13,7 @@ def read_captions(path: str | Path) -> pd.DataFrame:
     df = pd.read_parquet(path)
     missing = [c for c in ("caption_id", "image_id", "split", "text") if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (see shared/design.md)")
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (see docs/contract.md)")
     bad = df["text"].isna()
     if bad.any():
         raise ValueError(f"{path}: caption_id {int(df['caption_id'][bad].iloc[0])} has no text")

@@ -81,7 +81,7 @@ def make_tags(images_path, regions_path, out_path, model: str, R: int | None = N
     regions = pd.read_parquet(regions_path)
     missing = [c for c in REGION_COLUMNS if c not in regions.columns]
     if missing:
-        raise ValueError(f"{regions_path}: missing column(s) {', '.join(missing)} (see shared/design.md)")
+        raise ValueError(f"{regions_path}: missing column(s) {', '.join(missing)} (see docs/contract.md)")
     if R is None:
         if regions_h5 is not None:
             with h5py.File(regions_h5, "r") as f:

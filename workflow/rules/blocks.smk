@@ -3,6 +3,7 @@
 
 
 rule blocks:
+    """PFAN's block-overlap index (blocks.h5) from the boxes of regions.h5: top-L cells of a K×K grid per region."""
     input:
         regions="results/features/{dataset}/regions.h5",
     output:

@@ -2,6 +2,7 @@
 
 
 rule generate_shapes:
+    """Generate the embedded synthetic `shapes` dataset (Karpathy JSON + images) from datasets.shapes.generator."""
     output:
         json=config["datasets"]["shapes"]["json"],
         images=directory(config["datasets"]["shapes"]["images"]),
@@ -21,6 +22,7 @@ rule generate_shapes:
 
 
 rule ingest:
+    """Check a dataset's Karpathy JSON and images and write images.parquet + captions.parquet."""
     input:
         json=lambda wc: dataset_cfg(wc.dataset)["json"],
         images=lambda wc: dataset_cfg(wc.dataset)["images"],

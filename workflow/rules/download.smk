@@ -21,6 +21,7 @@ for _ds in download_datasets():
                          f"(or set source: local when {_cfg['json']} and {_cfg['images']} are already in place)")
 
     rule:
+        """Download (or link a local copy of) a real dataset's Karpathy JSON and images, verify sizes and digests."""
         name:
             f"download_{_ds}"
         output:

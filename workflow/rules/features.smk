@@ -16,6 +16,7 @@ _PFAN_IMPORTED = _datasets_where(_pfan_imported)
 
 
 rule extract_regions_shard:
+    """Bottom-up region extraction (36 or 10–100 regions per image) over one contiguous shard of images.parquet; resumable."""
     input:
         images="results/data/{dataset}/images.parquet",
         image_dir=lambda wc: dataset_cfg(wc.dataset)["images"],
@@ -43,6 +44,7 @@ rule extract_regions_shard:
 
 
 rule gather_regions:
+    """Concatenate the extraction shards into regions.h5 + regions.parquet."""
     input:
         shards=gather.extract("results/features/{{dataset}}/shards/{scatteritem}.h5"),
         images="results/data/{dataset}/images.parquet",
@@ -67,6 +69,7 @@ rule gather_regions:
 
 
 rule import_regions:
+    """Import precomputed region features (bottom-up TSV, per-image .npz, SCAN .npy) into regions.h5 instead of extracting."""
     input:
         images="results/data/{dataset}/images.parquet",
         sources=lambda wc: _import_sources(wc.dataset),
@@ -93,6 +96,7 @@ rule import_regions:
 # PFAN's released *_boxes.npy hold block indices + weights: imported straight into blocks.h5 (instead of the
 # block index computed from boxes, which SCAN-imported features do not have).
 rule import_pfan_blocks:
+    """Import PFAN's released *_boxes.npy position files into blocks.h5, re-aligned by image id."""
     input:
         images="results/data/{dataset}/images.parquet",
         sources=lambda wc: _import_sources(wc.dataset, "pfan"),
@@ -122,6 +126,7 @@ rule import_pfan_blocks:
 
 
 rule train_detector:
+    """Train the demo bottom-up detector on a dataset with box annotations (shapes); writes model.pt + val mAP."""
     input:
         json=lambda wc: dataset_cfg(wc.dataset)["json"],
         images=lambda wc: dataset_cfg(wc.dataset)["images"],

@@ -17,6 +17,7 @@ _E = config["evaluation"]
 
 
 rule train_part:
+    """Train one direction (t2i or i2t) of a fused model (SCAN, PFAN); best model by validation rSum; resumable."""
     input:
         unpack(_model_inputs),
     output:
@@ -43,6 +44,7 @@ rule train_part:
 
 
 rule train_model:
+    """Train a single (non-fused) model; best model by validation rSum; resumable."""
     input:
         unpack(_model_inputs),
     output:
@@ -67,6 +69,7 @@ rule train_model:
         "../scripts/train.py"
 
 rule fuse_parts:
+    """Join the t2i and i2t models of a fused model into one model.pt (evaluation averages their scores)."""
     input:
         models=lambda wc: [f"results/{wc.model}/{wc.dataset}/{p}/model.pt" for p in _parts(wc)],
         logs=lambda wc: [f"results/{wc.model}/{wc.dataset}/{p}/train_log.csv" for p in _parts(wc)],
@@ -91,6 +94,7 @@ rule fuse_parts:
 
 
 rule evaluate:
+    """Evaluate a trained model on the test split: R@1/5/10 both ways and rSum (1K, COCO 5-fold 1K and 5K) → metrics.json."""
     input:
         unpack(_model_inputs),
         checkpoint="results/{model}/{dataset}/model.pt",

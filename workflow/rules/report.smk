@@ -11,11 +11,13 @@ localrules:
 
 
 rule report_all:
+    """Every report artifact: results table, training curves, recall@K plots, PFAN's Figure 6."""
     input:
         report_targets(config),
 
 
 rule results_table:
+    """The results table (Markdown + CSV) of every configured model × dataset next to the papers' numbers."""
     input:
         metrics=report_metrics(config),
         published=PUBLISHED,
@@ -41,6 +43,7 @@ rule results_table:
 
 
 rule training_curves:
+    """Loss and validation rSum per epoch of one run (PNG)."""
     input:
         "results/{model}/{dataset}/train_log.csv",
     output:
@@ -67,6 +70,7 @@ rule training_curves:
 
 
 rule recall_plot:
+    """Recall@K of every model on one dataset next to the published numbers (PNG)."""
     input:
         metrics=lambda wc: report_metrics(config, wc.dataset),
         published=PUBLISHED,
@@ -92,6 +96,7 @@ rule recall_plot:
 
 
 rule pfan_figure6:
+    """PFAN's Figure 6: position attention over the block grid for a few test images (PNG)."""
     input:
         checkpoint="results/pfan/{dataset}/model.pt",
         images="results/data/{dataset}/images.parquet",

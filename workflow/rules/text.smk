@@ -5,6 +5,7 @@ include: "text_functions.smk"
 
 
 rule tokenize:
+    """Tokenize captions (lowercase + nltk Treebank) and build the train-split vocabulary → vocab.json + tokens.parquet."""
     input:
         captions="results/data/{dataset}/captions.parquet",
     output:
@@ -26,6 +27,7 @@ rule tokenize:
 
 
 rule referral_trees:
+    """SMFEA's 7-node referral tree per caption (gold parses or stanza) → trees.parquet + tree_vocab.json."""
     input:
         captions="results/data/{dataset}/captions.parquet",
         parses=lambda wc: (dataset_cfg(wc.dataset)["json"] if _text_parser(wc.dataset) == "gold"
@@ -51,6 +53,7 @@ rule referral_trees:
 
 
 rule bert_features:
+    """Per-word BERT features of every caption (GLFN) → bert.h5; batched, resumable."""
     input:
         captions="results/data/{dataset}/captions.parquet",
         tokens="results/text/{dataset}/tokens.parquet",
@@ -75,6 +78,7 @@ rule bert_features:
 
 
 rule tag_vectors:
+    """BERT vectors of each region's "attribute object" tag phrase (GLFN) → tags.h5."""
     input:
         images="results/data/{dataset}/images.parquet",
         regions="results/features/{dataset}/regions.parquet",
@@ -103,6 +107,7 @@ rule tag_vectors:
 
 
 rule fetch_stanza_models:
+    """Download stanza's English models into text.trees.stanza_dir (needs internet; never run by the parsing job)."""
     output:
         directory(config["text"]["trees"]["stanza_dir"]),
     params:
@@ -120,6 +125,7 @@ rule fetch_stanza_models:
 
 
 rule fetch_bert_model:
+    """Download the BERT model named by text.bert.model (needs internet)."""
     output:
         directory(config["text"]["bert"]["model"]),
     params:
