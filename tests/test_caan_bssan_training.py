@@ -7,7 +7,7 @@ import json
 import pytest
 
 from itmatch.evaluation.evaluate import run_evaluation
-from itmatch.models.registry import INPUTS
+from itmatch.models.registry import model_inputs
 from itmatch.training.data import Corpus
 from itmatch.training.loop import train_model
 from itmatch.training.synthetic import write_synthetic_corpus
@@ -21,7 +21,7 @@ TINY = {
 @pytest.mark.parametrize("model", ["caan", "bssan"])
 def test_trains_and_evaluates_through_the_shared_loop(tmp_path, model):
     paths = write_synthetic_corpus(tmp_path / "data", n_train=24, n_val=6, n_test=6, R=6, D=16, n_words=12)
-    corpus = Corpus(paths, INPUTS[model])
+    corpus = Corpus(paths, model_inputs(model, TINY[model]))
     tcfg = {"epochs": 2, "batch_size": 12, "lr": 1e-3, "val_max_images": 6, "checkpoint_every_steps": 0,
             "num_workers": 0, "threads": 1}
     train_model(model, TINY[model], tcfg, corpus, tmp_path / "model.pt", tmp_path / "train_log.csv",

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from itmatch.models.glfn import GLFN, TagPositionImageEncoder
+from itmatch.models.registry import model_inputs
 from itmatch.training.loss import ContrastiveLoss
+from tests.conftest import REPO, TEST_CONFIG, run_snakemake
 
 DATA = dict(vocab_size=30, feature_dim=12, tag_dim=10, blocks_K=4, bert_dim=14)
 TINY = dict(embed_dim=16, block_dim=6, word_dim=8)
@@ -123,3 +125,22 @@ def test_bad_config_is_refused():
         _model(alpha_=0.5)
     with pytest.raises(KeyError, match="tag_dim"):
         GLFN.from_config(TINY, {k: v for k, v in DATA.items() if k != "tag_dim"})
+
+
+def test_inputs_follow_the_settings():
+    """GLFN's optional inputs come from its resolved settings: no tags.h5 without tags, no bert.h5 for Only-GRU."""
+    assert model_inputs("glfn", {}) == {"blocks", "tags", "bert"}
+    assert model_inputs("glfn", {"use_tags": False}) == {"blocks", "bert"}
+    assert model_inputs("glfn", {"use_tags": False, "text": "gru"}) == {"blocks"}
+    assert model_inputs("pfan", {"use_tags": False}) == {"blocks"}
+
+
+def test_glfn_without_tags_plans_no_tag_vectors(tmp_path):
+    override = tmp_path / "no_tags.yaml"
+    override.write_text("models:\n  glfn:\n    use_tags: false\n")
+    with_tags = run_snakemake(tmp_path / "a", "-n", "results/glfn/shapes/metrics.json")
+    without = run_snakemake(tmp_path / "b", "-n", "results/glfn/shapes/metrics.json", "--configfile",
+                            str(REPO / "config" / "config.yaml"), str(TEST_CONFIG), str(override))
+    assert "rule tag_vectors:" in with_tags.stdout
+    assert "rule tag_vectors:" not in without.stdout
+    assert "rule train_model:" in without.stdout

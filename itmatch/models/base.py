@@ -49,8 +49,15 @@ Batch = dict[str, torch.Tensor]
 class MatchingModel(nn.Module):
     """Base class: subclasses implement the three methods below; ``loss`` has a default."""
 
-    #: optional inputs this model needs, beyond regions.h5 and tokens.parquet (``registry.INPUTS``)
+    #: optional inputs this model needs, beyond regions.h5 and tokens.parquet (see :meth:`inputs`)
     requires: frozenset[str] = frozenset()
+
+    @classmethod
+    def inputs(cls, cfg: dict[str, Any]) -> frozenset[str]:
+        """The optional inputs a model built from ``cfg`` (its resolved config block) reads; the workflow asks
+        for exactly these artifacts. Default: the class's ``requires``; a model whose inputs depend on its
+        settings overrides this."""
+        return cls.requires
 
     def encode_images(self, images: Batch) -> Any:
         raise NotImplementedError

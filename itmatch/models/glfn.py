@@ -152,8 +152,14 @@ class GLFN(MatchingModel):
         args = (c, vocab_size, feature_dim, tag_dim, blocks_K, bert_dim)
         self.t2i = _Branch(*args)
         self.i2t = _Branch(*args) if c["separate_branches"] else self.t2i
-        req = {"blocks"} | ({"tags"} if c["use_tags"] else set()) | ({"bert"} if c["text"] != "gru" else set())
-        self.requires = frozenset(req)
+        self.requires = self.inputs(c)
+
+    @classmethod
+    def inputs(cls, cfg: dict[str, Any]) -> frozenset[str]:
+        c = {**DEFAULTS, **cfg}
+        tags = {"tags"} if c["use_tags"] else set()
+        bert = {"bert"} if c["text"] != "gru" else set()
+        return frozenset({"blocks"} | tags | bert)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], data_info: dict[str, Any]) -> GLFN:

@@ -24,8 +24,10 @@ def model_class(name: str) -> type[MatchingModel]:
     return getattr(importlib.import_module(module), cls)
 
 
-# Which optional artifacts each model reads (beyond regions.h5 and tokens.parquet): its class's ``requires``.
-INPUTS: dict[str, frozenset[str]] = {name: model_class(name).requires for name in MODEL_CLASSES}
+def model_inputs(name: str, cfg: dict[str, Any]) -> frozenset[str]:
+    """The optional artifacts (``blocks``, ``tags``, ``bert``, ``trees``) that model ``name`` reads with the
+    resolved settings ``cfg``, beyond regions.h5 and tokens.parquet."""
+    return model_class(name).inputs(cfg)
 
 
 def build_model(name: str, cfg: dict[str, Any], data_info: dict[str, Any]) -> MatchingModel:

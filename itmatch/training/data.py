@@ -7,7 +7,7 @@ token ids (one flat int32 array + offsets), the caption → image row map, split
 
 Inputs (see the artifact contract): images.parquet (row order = regions.h5 rows), captions.parquet,
 tokens.parquet (same row order as captions.parquet), vocab.json, and the optional blocks.h5, tags.h5,
-bert.h5, trees.parquet named by the model's ``INPUTS`` (:mod:`itmatch.models.registry`).
+bert.h5, trees.parquet named by the model's inputs (:func:`itmatch.models.registry.model_inputs`).
 """
 
 from __future__ import annotations

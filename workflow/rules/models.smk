@@ -1,11 +1,11 @@
 # Training and evaluation of every model: results/{model}/{dataset}/{model.pt,train_log.csv,metrics.json}.
-# Generic over {model}: the inputs come from INPUTS[model] (itmatch/models/registry.py). Models with
+# Generic over {model}: the inputs come from model_inputs(model, settings) (itmatch/models/registry.py). Models with
 # models.<model>.fuse (SCAN, PFAN: [t2i, i2t]) train one model per direction under
 # results/{model}/{dataset}/{part}/ and rule fuse_parts combines them (evaluation averages their scores).
 
 include: "models_functions.smk"
 
-from itmatch.models.registry import INPUTS, MODEL_CLASSES
+from itmatch.models.registry import MODEL_CLASSES, model_inputs
 from itmatch.training.settings import (evaluation_settings, fused_parts, model_settings, part_config,
                                        training_settings)
 

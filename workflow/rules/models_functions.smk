@@ -10,7 +10,7 @@ def _model_inputs(wc):
     inp = {"images": f"results/data/{d}/images.parquet", "captions": f"results/data/{d}/captions.parquet",
            "tokens": f"results/text/{d}/tokens.parquet", "vocab": f"results/text/{d}/vocab.json",
            "regions": f"results/features/{d}/regions.h5"}
-    req = INPUTS[wc.model]
+    req = model_inputs(wc.model, model_settings(config, wc.model, d))
     if "blocks" in req:
         inp["blocks"] = f"results/features/{d}/blocks.h5"
     if "tags" in req:

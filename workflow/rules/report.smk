@@ -115,6 +115,7 @@ rule pfan_figure6:
         ),
     params:
         figure=config["report"]["figure6"],
+        model_cfg=lambda wc: model_settings(config, "pfan", wc.dataset),
         code=code_version("report_pfan_figure.py", "itmatch.models.pfan"),
     threads: 1
     resources:

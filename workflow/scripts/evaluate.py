@@ -1,7 +1,7 @@
 """Rule evaluate: test-split metrics of results/{model}/{dataset}/model.pt → metrics.json."""
 
 from itmatch.evaluation.evaluate import run_evaluation
-from itmatch.models.registry import INPUTS
+from itmatch.models.registry import model_inputs
 from itmatch.training.data import Corpus, DataPaths
 from itmatch.utils.logs import setup_job_logging
 
@@ -12,5 +12,5 @@ paths = DataPaths.from_inputs(inp)
 model = sm.wildcards.model
 config = {"dataset": sm.wildcards.dataset, "model": sm.params.model_cfg, "training": sm.params.training,
           "evaluation": sm.params.evaluation}
-run_evaluation(model, inp.checkpoint, Corpus(paths, INPUTS[model]), sm.output.metrics,
+run_evaluation(model, inp.checkpoint, Corpus(paths, model_inputs(model, sm.params.model_cfg)), sm.output.metrics,
                {**sm.params.evaluation, "threads": sm.threads}, config, sm.params.code)
