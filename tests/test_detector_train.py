@@ -118,7 +118,8 @@ def test_region_tags_of_the_trained_detector(one_thread):
     """Rate at which the top regions' tags (shape + colour) are true of shapes test images.
 
     For an image with m objects the top m regions are checked; measured with the default config
-    (3000 train images, 6 epochs): see docs/extraction.md "Region detector". Asserts ≥ 0.7 (shape) and ≥ 0.6 (shape+colour)."""
+    (3000 train images, 6 epochs): see docs/extraction.md "Region detector". Asserts ≥ 0.7 (shape) and ≥ 0.6
+    (shape+colour)."""
     from itmatch.data.shapes import COLOURS
     from itmatch.features.detector.evaluate import tag_accuracy
 
