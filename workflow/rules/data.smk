@@ -1,29 +1,48 @@
 # Data: the embedded `shapes` generator and the ingest shared by all datasets.
+# A dataset whose `source` is `local` holds the user's own JSON and images: no rule has them as output
+# (generate_shapes exists only for `source: generate`), so nothing can overwrite them, not even --forceall.
 
 
-rule generate_shapes:
-    output:
-        json=config["datasets"]["shapes"]["json"],
-        images=directory(config["datasets"]["shapes"]["images"]),
-    params:
-        generator=config["datasets"]["shapes"]["generator"],
-        code=code_version("itmatch.data.shapes"),
-    threads: 2
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    log:
-        "logs/generate_shapes/shapes.log",
-    conda:
-        "../../envs/data.yaml"
-    script:
-        "../scripts/generate_shapes.py"
+def local_dataset_inputs(dataset):
+    """The JSON and image folder of a dataset (rule ingest's inputs); for ``source: local`` both must exist,
+    else an error naming the missing ones (no rule will make them)."""
+    cfg = dataset_cfg(dataset)
+    files = {"json": cfg["json"], "images": cfg["images"]}
+    if cfg.get("source") == "local":
+        missing = [f"{files['json']} (datasets.{dataset}.json)"] if not os.path.isfile(files["json"]) else []
+        if not os.path.isdir(files["images"]):
+            missing.append(f"{files['images']} (datasets.{dataset}.images)")
+        if missing:
+            raise ValueError(f"datasets.{dataset}.source is 'local' (your own data, never generated or downloaded) "
+                             f"but these are missing: {'; '.join(missing)}. Put them there, or change "
+                             f"datasets.{dataset}.source.")
+    return files
+
+
+if config["datasets"].get("shapes", {}).get("source") == "generate":
+
+    rule generate_shapes:
+        output:
+            json=config["datasets"]["shapes"]["json"],
+            images=directory(config["datasets"]["shapes"]["images"]),
+        params:
+            generator=config["datasets"]["shapes"]["generator"],
+            code=code_version("itmatch.data.shapes"),
+        threads: 2
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        log:
+            "logs/generate_shapes/shapes.log",
+        conda:
+            "../../envs/data.yaml"
+        script:
+            "../scripts/generate_shapes.py"
 
 
 rule ingest:
     input:
-        json=lambda wc: dataset_cfg(wc.dataset)["json"],
-        images=lambda wc: dataset_cfg(wc.dataset)["images"],
+        unpack(lambda wc: local_dataset_inputs(wc.dataset)),
     output:
         images="results/data/{dataset}/images.parquet",
         captions="results/data/{dataset}/captions.parquet",
