@@ -146,7 +146,8 @@ def acquire(dataset: str, download: dict[str, Any], json_out: str | Path, images
     t0 = time.time()
     key = f"datasets.{dataset}.download"
     cache = Path(download.get("cache", "resources/downloads"))
-    policy = RetryPolicy.from_config(download)
+    # digests of everything downloaded, recorded the first time (resources/downloads.lock.json by default)
+    policy = RetryPolicy.from_config(download, lock=cache.with_name(cache.name + ".lock.json"))
     try:
         rec_json = acquire_json(download["json"], json_out, cache, policy, f"{key}.json")
         rec_images = acquire_images(download["images"], images_out, cache, policy, f"{key}.images")
