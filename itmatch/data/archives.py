@@ -28,6 +28,8 @@ from pathlib import Path, PurePosixPath
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 
+MAX_NAME = 1024  # longest member name / link target accepted (characters); real datasets use < 100
+NAME_MAX = 255  # longest file name (bytes) on Linux file systems
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
@@ -60,18 +62,19 @@ def member_path(name: str, archive: Path) -> PurePosixPath:
     if ".." in p.parts:
         raise ArchiveError(f"{archive}: member {name!r} points outside the extraction folder ('..'); "
                            "refusing to extract")
+    if len(norm) > MAX_NAME or any(len(os.fsencode(part)) > NAME_MAX for part in p.parts):
+        raise ArchiveError(f"{archive}: member {name[:80]!r}... has a name longer than {MAX_NAME} characters or a "
+                           f"path component longer than {NAME_MAX} bytes; refusing")
     return PurePosixPath(*[part for part in p.parts if part not in ("", ".")])
-
-
-MAX_NAME = 1024  # longest member name / link target accepted (characters); real datasets use < 100
 
 
 def _filter(archive: Path, name: str, member: tarfile.TarInfo, dest: Path) -> None:
     """The standard library's ``'data'`` filter (PEP 706) on ``member`` as it will be written under ``dest``;
     its refusal becomes an :class:`ArchiveError` naming the archive and the member."""
-    if len(member.name) > MAX_NAME or len(member.linkname) > MAX_NAME:
-        raise ArchiveError(f"{archive}: member {name[:80]!r}... has a name or link target longer than {MAX_NAME} "
-                           "characters; refusing")
+    for text in (member.name, member.linkname):
+        if len(text) > MAX_NAME or any(len(os.fsencode(part)) > NAME_MAX for part in text.split("/")):
+            raise ArchiveError(f"{archive}: member {name[:80]!r} has a name or link target longer than {MAX_NAME} "
+                               f"characters or with a component longer than {NAME_MAX} bytes; refusing")
     try:
         tarfile.data_filter(member, str(dest))
     except tarfile.AbsoluteLinkError:
@@ -137,13 +140,19 @@ def extract(archive: str | Path, dest: str | Path, root: str | None = None,
 
 def _target(dest: Path, rel: PurePosixPath, archive: Path, name: str, is_dir: bool = False) -> Path:
     out = dest.joinpath(*rel.parts)
+    folder = dest
+    for part in rel.parts[:-1]:  # every folder on the way must be one (not a file, nor a link to nothing)
+        folder = folder / part
+        if (folder.is_symlink() or folder.exists()) and not folder.is_dir():
+            raise ArchiveError(f"{archive}: member {name!r} needs the folder {folder.relative_to(dest)}, which is "
+                               "a file or a broken link (from this or an earlier archive); refusing")
     # a link extracted earlier could redirect a later member: resolve and check again
     if not out.parent.resolve().is_relative_to(dest.resolve()):
         raise ArchiveError(f"{archive}: member {name!r} would be written outside the extraction folder "
                            "(through a link); refusing")
     if is_dir and out.is_dir() and not out.is_symlink():
         return out  # folders may be listed after their files, or by several archives
-    if out.exists() or out.is_symlink():
+    if os.path.lexists(out):
         raise ArchiveError(f"{archive}: member {name!r} would overwrite {out} (already extracted from this "
                            "or another archive)")
     return out

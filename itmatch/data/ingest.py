@@ -60,6 +60,10 @@ def read_karpathy_json(path: str | Path) -> list[dict[str, Any]]:
             data = json.load(fh)
     except json.JSONDecodeError as e:
         raise IngestError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise IngestError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8") from e
+    except RecursionError:
+        raise IngestError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise IngestError(f"{path}: expected an object with an 'images' list (Karpathy format)")
     return data["images"]
