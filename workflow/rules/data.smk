@@ -1,22 +1,7 @@
 # Data: the embedded `shapes` generator and the ingest shared by all datasets.
 # A dataset whose `source` is `local` holds the user's own JSON and images: no rule has them as output
 # (generate_shapes exists only for `source: generate`), so nothing can overwrite them, not even --forceall.
-
-
-def local_dataset_inputs(dataset):
-    """The JSON and image folder of a dataset (rule ingest's inputs); for ``source: local`` both must exist,
-    else an error naming the missing ones (no rule will make them)."""
-    cfg = dataset_cfg(dataset)
-    files = {"json": cfg["json"], "images": cfg["images"]}
-    if cfg.get("source") == "local":
-        missing = [f"{files['json']} (datasets.{dataset}.json)"] if not os.path.isfile(files["json"]) else []
-        if not os.path.isdir(files["images"]):
-            missing.append(f"{files['images']} (datasets.{dataset}.images)")
-        if missing:
-            raise ValueError(f"datasets.{dataset}.source is 'local' (your own data, never generated or downloaded) "
-                             f"but these are missing: {'; '.join(missing)}. Put them there, or change "
-                             f"datasets.{dataset}.source.")
-    return files
+# Missing local files: an error naming them (local_dataset_inputs in common.smk).
 
 
 if config["datasets"].get("shapes", {}).get("source") == "generate":
