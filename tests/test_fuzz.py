@@ -388,13 +388,16 @@ def test_fuzz_zip_members_and_links(ms):
 
 
 def test_fuzz_case_counts():
-    """Runs after the fuzz tests (file order): each ran its examples (the counts are in docs/reliability.md)."""
+    """Runs after the fuzz tests (file order): each fuzz test that ran tried (nearly) all its examples and saw
+    both outcomes where both exist (the counts are in docs/reliability.md)."""
     print("fuzz cases:", dict(sorted(CASES.items())))
-    if not CASES:
+    ran = {k.split(":")[0] for k in CASES}
+    if not ran:
         pytest.skip("run together with the fuzz tests above")
-    assert CASES["ingest:ok"] + CASES["ingest:error"] >= N_INGEST * 0.9
-    assert CASES["ingest:ok"] > 0 and CASES["ingest:error"] > 0
-    assert CASES["ingest-bytes:ok"] + CASES["ingest-bytes:error"] >= N_INGEST_BYTES * 0.9
-    assert sum(v for k, v in CASES.items() if k.startswith("config:")) >= N_CONFIG * 0.5
-    for kind, n in (("tar", N_TAR), ("zip", N_ZIP)):
-        assert sum(v for k, v in CASES.items() if k.startswith(f"{kind}:")) >= n * 0.9 and CASES[f"{kind}:ok"] > 0
+    expected = {"ingest": N_INGEST, "ingest-bytes": N_INGEST_BYTES, "config": N_CONFIG, "tar": N_TAR, "zip": N_ZIP}
+    for kind in ran:
+        total = sum(v for k, v in CASES.items() if k.split(":")[0] == kind)
+        assert total >= expected[kind] * (0.5 if kind == "config" else 0.9), (kind, total)  # config: assume()
+    for kind, ok, bad in (("ingest", "ok", "error"), ("tar", "ok", None), ("zip", "ok", None)):
+        if kind in ran:
+            assert CASES[f"{kind}:{ok}"] > 0 and (bad is None or CASES[f"{kind}:{bad}"] > 0), kind
