@@ -4,6 +4,7 @@ standard library's 'data' filter, zip links are refused, hard links never copy a
 from __future__ import annotations
 
 import io
+import os
 import stat
 import tarfile
 import zipfile
@@ -133,3 +134,26 @@ def test_zip_member_through_a_link_from_an_earlier_tar_is_refused(tmp_path):
     with pytest.raises(ArchiveError, match=r"b.zip: member 'imgs/here/1.jpg' would overwrite"):
         extract_to([(arc, None), (tmp_path / "b.zip", None)], tmp_path / "images")
     assert not (tmp_path / "images").exists() and list(outside.iterdir()) == []
+
+
+def test_folder_sources_are_linked_entry_by_entry_never_copied(tmp_path):
+    """Two unpacked folders: each entry is linked by its own path; a link inside the user's folder is not
+    resolved (the new link points at the user's entry, not at what it points to) and nothing is copied."""
+    from itmatch.data.acquire import acquire_images
+    from itmatch.data.download import RetryPolicy
+
+    secret = tmp_path / "elsewhere"
+    secret.mkdir()
+    (secret / "s.jpg").write_bytes(b"s")
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "train").mkdir(parents=True)
+    (a / "train" / "1.jpg").write_bytes(b"1")
+    (a / "more").symlink_to(secret)
+    (b / "val").mkdir(parents=True)
+    out = tmp_path / "images"
+    acquire_images([{"url": str(a)}, {"url": str(b)}], out, tmp_path / "cache", RetryPolicy(), "k")
+    entries = {p.name: p for p in out.iterdir()}
+    assert sorted(entries) == ["more", "train", "val"]
+    assert all(p.is_symlink() for p in entries.values())  # nothing copied
+    assert os.readlink(entries["more"]) == str(a / "more")  # the user's entry, not its target
+    assert os.readlink(entries["train"]) == str(a / "train")
