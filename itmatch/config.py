@@ -31,14 +31,34 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
+def _ref(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with a local ``$ref`` (``#/$defs/x``) followed (once)."""
+    ref = schema.get("$ref", "")
+    if not ref.startswith("#/"):
+        return schema
+    node: Any = root
+    for part in ref[2:].split("/"):
+        node = node[part]
+    return node
+
+
+def _allowed_keys(schema: dict[str, Any], root: dict[str, Any]) -> set[str]:
+    """Property names a schema (with its ``$ref`` and ``allOf`` parts) declares."""
+    schema = {**_ref(schema, root), **{k: v for k, v in schema.items() if k != "$ref"}}
+    keys = set(schema.get("properties", {}))
+    for part in schema.get("allOf", []):
+        keys |= _allowed_keys(part, root)
+    return keys
+
+
+def _describe(error: jsonschema.ValidationError, root: dict[str, Any]) -> str:
     where = _key(error.absolute_path)
     v, s = error.validator, error.schema
-    if v == "additionalProperties":
-        allowed = sorted(s.get("properties", {}))
+    if v in ("additionalProperties", "unevaluatedProperties"):
+        allowed = sorted(_allowed_keys(s, root))
         extra = sorted(set(error.instance) - set(allowed))
         prefix = f"{where}." if error.absolute_path else ""
-        return (f"config key {', '.join(prefix + e for e in extra)}: unknown; "
+        return (f"config key {', '.join(prefix + str(e) for e in extra)}: unknown; "
                 f"allowed keys here: {', '.join(allowed)}")
     if v == "required":
         missing = error.message.split("'")[1] if "'" in error.message else error.message
@@ -53,13 +73,98 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"config key {where}: {error.message}"
 
 
-def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None) -> None:
-    """Raise :class:`ConfigError` listing every schema violation in ``config``."""
+def coerce_scalars(config: dict[str, Any], schema: dict[str, Any] | None = None) -> list[str]:
+    """Turn string values the schema wants as numbers / booleans / null into them, in place.
+
+    ``snakemake --config 'training={"lr": 3}'`` passes nested values as strings ("3"); a string is
+    replaced by its YAML reading only where the schema rejects the string and accepts that reading,
+    so genuine strings (paths, hex digests) are never touched. Returns the dotted keys changed.
+    """
     schema = schema or load_schema()
     validator = jsonschema.Draft202012Validator(schema)
+    changed: list[str] = []
+    for _ in range(8):  # a fix can reveal errors deeper down (e.g. inside a branch that now applies)
+        fixes = []
+        for err in validator.iter_errors(config):
+            if not isinstance(err.instance, str) or not err.absolute_path:
+                continue
+            try:
+                value = yaml.safe_load(err.instance)
+            except yaml.YAMLError:
+                continue
+            if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    continue
+            if isinstance(value, (bool, int, float)) or value is None:
+                if validator.evolve(schema=err.schema).is_valid(value):
+                    fixes.append((list(err.absolute_path), value))
+        if not fixes:
+            break
+        for path, value in fixes:
+            node: Any = config
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value
+            changed.append(_key(path))
+    return changed
+
+
+def _default(schema: dict[str, Any], *path: str) -> Any:
+    node: Any = schema
+    for part in path:
+        node = node["properties"][part]
+    return node.get("default")
+
+
+def cross_field_errors(config: dict[str, Any], schema: dict[str, Any] | None = None) -> list[str]:
+    """Checks between keys that a JSON schema cannot express (minimum ≤ maximum pairs)."""
+    schema = schema or load_schema()
+    errors = []
+    gen = ((config.get("datasets") or {}).get("shapes") or {}).get("generator")
+    if isinstance(gen, dict):
+        where = ("datasets", "shapes", "generator")
+        lo = gen.get("min_objects", _default(schema, *where, "min_objects"))
+        hi = gen.get("max_objects", _default(schema, *where, "max_objects"))
+        if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+            errors.append(f"config key datasets.shapes.generator.min_objects: {lo} is more than max_objects {hi}")
+    det = config.get("detector") or {}
+    if isinstance(det, dict):
+        base = det.get("inference") if isinstance(det.get("inference"), dict) else {}
+        scopes: list[tuple[str, dict[str, Any]]] = [("detector.inference", {})]
+        for ds, over in (det.get("per_dataset") or {}).items():
+            if isinstance(over, dict) and isinstance(over.get("inference"), dict):
+                scopes.append((f"detector.per_dataset.{ds}.inference", over["inference"]))
+        for scope, over in scopes:
+            for lo_key, hi_key in (("min_size", "max_size"), ("min_regions", "max_regions")):
+                merged = {**base, **over}
+                lo, hi = merged.get(lo_key), merged.get(hi_key)
+                if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float))) or lo <= hi:
+                    continue
+                if over and lo_key not in over and hi_key not in over:
+                    continue  # reported once, for detector.inference
+                lo_at = f"{scope}.{lo_key}" if lo_key in over else f"detector.inference.{lo_key}"
+                hi_at = f"{scope}.{hi_key}" if hi_key in over else f"detector.inference.{hi_key}"
+                errors.append(f"config key {lo_at}: {lo} is more than {hi_at} {hi}")
+    return errors
+
+
+def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None) -> None:
+    """Raise :class:`ConfigError` listing every schema violation and cross-field error in ``config``.
+
+    Numbers, booleans and nulls that arrived as strings (nested ``--config`` values) are converted
+    first, in place (:func:`coerce_scalars`).
+    """
+    schema = schema or load_schema()
+    coerce_scalars(config, schema)
+    validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    messages = [_describe(e, schema) for e in errors]
+    if not errors:
+        messages = cross_field_errors(config, schema)
+    if messages:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(dict.fromkeys(messages)))
 
 
 def load_config(path: str | Path, overrides: list[str | Path] = ()) -> dict[str, Any]:

@@ -3,12 +3,17 @@ time and requests; nothing in the download tests touches the real internet.
 
 Serves ``files`` (path → bytes) with Range support; can drop the connection once mid-file
 (``drop_after[path] = n``: send the headers of the full response, then ``n`` bytes, then close),
-ignore Range requests (``ignore_range``), answer 503 a number of times (``fail_503[path] = k``), and logs
-every request as ``(path, range_header, status, bytes_sent)``.
+replace a file by a new version right after that drop (``after_drop[path] = (bytes, etag)``),
+ignore Range requests (``ignore_range``) or If-Range (``ignore_if_range``), answer 503 a number of
+times (``fail_503[path] = k``), redirect (``redirects[path] = location``), send a file without
+Content-Length (``no_length``), give no ETag (``etag[path] = None``; default ``"v1"``) or a
+Last-Modified date (``last_modified``), serve over TLS (``LocalServer(..., tls=(cert, key))``), and
+logs every request as ``(path, range_header, status, bytes_sent)``.
 """
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +26,12 @@ class ServerState:
     drop_after: dict[str, int] = field(default_factory=dict)
     fail_503: dict[str, int] = field(default_factory=dict)
     ignore_range: bool = False
+    ignore_if_range: bool = False
+    after_drop: dict[str, tuple[bytes, str | None]] = field(default_factory=dict)
+    redirects: dict[str, str] = field(default_factory=dict)
+    no_length: set[str] = field(default_factory=set)
+    etag: dict[str, str | None] = field(default_factory=dict)
+    last_modified: dict[str, str] = field(default_factory=dict)
     log: list[tuple[str, str | None, int, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -38,6 +49,8 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
             path, rng = self.path, self.headers.get("Range")
+            if path in state.redirects:
+                return self._done(path, rng, 302, b"", {"Location": state.redirects[path]})
             data = state.files.get(path)
             if data is None:
                 return self._done(path, rng, 404, b"not found", {})
@@ -49,12 +62,19 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             if fail:
                 return self._done(path, rng, 503, b"busy", {})
             start = 0
+            etag = state.etag.get(path, '"v1"')
+            if_range = self.headers.get("If-Range")
+            if (rng and if_range is not None and not state.ignore_if_range
+                    and if_range not in (etag, state.last_modified.get(path))):
+                rng = None  # RFC 9110: the representation changed, send all of it
             if rng and not state.ignore_range:
                 start = int(rng.removeprefix("bytes=").split("-")[0])
                 if start >= len(data):
                     return self._done(path, rng, 416, b"", {"Content-Range": f"bytes */{len(data)}"})
             body = data[start:]
-            headers = {"ETag": '"v1"'}
+            headers = {"ETag": etag} if etag is not None else {}
+            if path in state.last_modified:
+                headers["Last-Modified"] = state.last_modified[path]
             status = 200
             if start:
                 status = 206
@@ -69,12 +89,16 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 with state.lock:
                     state.log.append((path, rng, status, drop))
+                    if path in state.after_drop:
+                        state.files[path], state.etag[path] = state.after_drop.pop(path)
                 return None
             return self._done(path, rng, status, body, headers)
 
         def _done(self, path: str, rng: str | None, status: int, body: bytes, headers: dict[str, str]) -> None:
             self.send_response(status)
-            for k, v in {**headers, "Content-Length": str(len(body))}.items():
+            if path not in state.no_length:
+                headers = {**headers, "Content-Length": str(len(body))}
+            for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
@@ -88,9 +112,16 @@ class LocalServer:
     """``with LocalServer(state) as base_url:`` — serves until the block ends, ``max_seconds`` pass or
     ``max_requests`` were handled, whichever comes first."""
 
-    def __init__(self, state: ServerState, max_seconds: float = 60.0, max_requests: int = 200):
+    def __init__(self, state: ServerState, max_seconds: float = 60.0, max_requests: int = 200,
+                 tls: tuple[str, str] | None = None):
         self.state, self.max_seconds, self.max_requests = state, max_seconds, max_requests
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+        self.scheme = "http"
+        if tls is not None:  # (certificate, key) files
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.server.timeout = 0.2
         self.server.daemon_threads = True
         self._stop = threading.Event()
@@ -105,7 +136,7 @@ class LocalServer:
     def __enter__(self) -> str:
         self._thread.start()
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

@@ -155,3 +155,50 @@ def test_grayscale_cmyk_palette_alpha_accepted(tmp_path):
         Image.new(mode, (8, 8)).save(tmp_path / folder / f"img{i}.jpg", format=fmt)
     images, _ = run(tmp_path)
     assert len(images) == 6
+
+
+# issue 21 item 6: wrong field types and escaping paths are named errors (no TypeError / AttributeError,
+# no 0.7 -> 0, no true -> 1, no file outside the image folder)
+BAD_FIELDS = [
+    (lambda e: e.update(sentences=None), r"images\[2\] \(img2.jpg\) field 'sentences' must be a list of caption "
+                                         r"objects, got null"),
+    (lambda e: e.update(filename=123), r"images\[2\] \(\?\) field 'filename' must be a string, got integer 123"),
+    (lambda e: e["sentences"][1].update(raw=123), r"images\[2\] \(img2.jpg\) sentences\[1\] field 'raw' must be a "
+                                                  r"string, got integer 123"),
+    (lambda e: e.update(cocoid=0.7), r"images\[2\] \(img2.jpg\) field 'cocoid' must be an integer, got number 0.7"),
+    (lambda e: e.update(cocoid=True), r"images\[2\] \(img2.jpg\) field 'cocoid' must be an integer, got boolean true"),
+    (lambda e: (e.pop("cocoid"), e.update(imgid="7")), r"images\[2\] \(img2.jpg\) field 'imgid' must be an integer, "
+                                                      r"got string \"7\""),
+    (lambda e: (e.pop("cocoid"), e.pop("imgid")), r"images\[2\] \(img2.jpg\) has no 'cocoid' or 'imgid' field"),
+    (lambda e: e.update(cocoid=2 ** 70), r"images\[2\] \(img2.jpg\) field 'cocoid' is out of the 64-bit integer"),
+    (lambda e: e["sentences"][0].update(sentid="x"), r"images\[2\] \(img2.jpg\) sentences\[0\] field 'sentid' must "
+                                                     r"be an integer, got string \"x\""),
+    (lambda e: e.update(split=["train"]), r"images\[2\] \(img2.jpg\) field 'split' must be a string, got list"),
+    (lambda e: e.update(filepath=5), r"images\[2\] \(img2.jpg\) field 'filepath' must be a string, got integer 5"),
+    (lambda e: e.update(filename="../../x.jpg"), r"images\[2\] \(\.\./\.\./x.jpg\) file 'train2014/\.\./\.\./x.jpg' "
+                                                 r"is an absolute path or leaves the image folder"),
+    (lambda e: e.update(filename="/etc/hostname"), r"images\[2\] \(/etc/hostname\) file '/etc/hostname' is an "
+                                                   r"absolute path"),
+    (lambda e: e.update(filepath="/etc"), r"images\[2\] \(img2.jpg\) file '/etc/img2.jpg' is an absolute path"),
+    (lambda e: e.update(filename=""), r"images\[2\] \(\) has an empty or invalid 'filename'"),
+    (lambda e: e["sentences"][3].update(raw="caption \ud800"), r"images\[2\] \(img2.jpg\) sentences\[3\] field 'raw' "
+                                                               r"is not valid Unicode"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), BAD_FIELDS, ids=[m for _, m in BAD_FIELDS])
+def test_wrong_types_and_escaping_paths_are_named(tmp_path, mutate, message):
+    path = make_dataset(tmp_path)
+    edit(path, lambda imgs: mutate(imgs[2]))
+    with pytest.raises(IngestError, match=rf"dataset.json: {message}"):
+        run(tmp_path)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_image_check_refuses_escaping_paths_too(tmp_path):
+    from itmatch.data.image_check import check_images
+
+    path = make_dataset(tmp_path)
+    edit(path, lambda imgs: imgs[1].update(filename="../../../etc/hostname"))
+    with pytest.raises(IngestError, match=r"images\[1\] .* leaves the image folder"):
+        check_images(path, tmp_path, tmp_path / "bad.txt")

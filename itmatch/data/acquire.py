@@ -9,7 +9,8 @@ Steps, each safe to interrupt and rerun:
    archive (``.zip`` / ``.tar.gz``, used in place) or an unpacked folder. Archives are extracted
    safely (:mod:`itmatch.data.archives`) into a temporary folder renamed to ``datasets.{ds}.images``
    when complete; a single unpacked folder becomes a symlink (nothing is copied), several folders
-   are linked side by side;
+   are linked side by side (each entry by its own path: a link inside the user's folder is not followed
+   or resolved, and nothing is ever copied out of a folder source);
 3. every image the JSON references is checked (:mod:`itmatch.data.image_check`): the list of bad
    ones goes to ``resources/{ds}/bad_images.txt`` and the run fails unless ``on_bad_image: drop``;
 4. a marker (``resources/{ds}/.verified``: the sources with sizes and digests, image counts) is
@@ -110,9 +111,9 @@ def acquire_images(entries: list[dict[str, Any]], out: Path, cache: Path, policy
         folders = [(e, p) for e, p, _, _ in sources if p.is_dir()]
         if len(sources) == 1 and folders:
             entry, path = folders[0]
-            target = _folder_root(path, entry.get("root"))
-            os.symlink(target.resolve(), tmp, target_is_directory=True)
-            log.info("%s: linked to the unpacked folder %s", out, target.resolve())
+            target = Path(os.path.abspath(_folder_root(path, entry.get("root"))))  # abspath: links not followed
+            os.symlink(target, tmp, target_is_directory=True)
+            log.info("%s: linked to the unpacked folder %s", out, target)
         else:
             tmp.mkdir(parents=True)
             for entry, path, _, _ in sources:
@@ -121,7 +122,7 @@ def acquire_images(entries: list[dict[str, Any]], out: Path, cache: Path, policy
                     for child in sorted(target.iterdir()):
                         if (tmp / child.name).exists():
                             raise AcquireError(f"{child} clashes with {tmp / child.name} from another source")
-                        os.symlink(child.resolve(), tmp / child.name)
+                        os.symlink(os.path.abspath(child), tmp / child.name)  # the entry, links not followed
                     log.info("%s: linked the entries of the unpacked folder %s", out, target)
                 else:
                     n = extract(path, tmp, entry.get("root"))
@@ -145,7 +146,8 @@ def acquire(dataset: str, download: dict[str, Any], json_out: str | Path, images
     t0 = time.time()
     key = f"datasets.{dataset}.download"
     cache = Path(download.get("cache", "resources/downloads"))
-    policy = RetryPolicy.from_config(download)
+    # digests of everything downloaded, recorded the first time (resources/downloads.lock.json by default)
+    policy = RetryPolicy.from_config(download, lock=cache.with_name(cache.name + ".lock.json"))
     try:
         rec_json = acquire_json(download["json"], json_out, cache, policy, f"{key}.json")
         rec_images = acquire_images(download["images"], images_out, cache, policy, f"{key}.images")

@@ -3,9 +3,15 @@
 ``fetch(url, dest, ...)`` never leaves an unverified file under ``dest``:
 
 * bytes go to ``dest + ".part"``; after an interruption (dropped connection, killed job) the next
-  attempt asks for the rest with ``Range: bytes=N-`` (and ``If-Range`` with the first response's
-  ETag / Last-Modified, so a file that changed on the server restarts from zero);
+  attempt asks for the rest with ``Range: bytes=N-`` and ``If-Range`` with the first response's
+  strong ETag / Last-Modified, so a file that changed on the server restarts from zero; a server that
+  gave no such validator cannot tell, so the download restarts from zero instead of splicing two
+  versions; a 206 whose validator differs from the first response's also restarts;
 * a server that ignores Range (answers 200 to a Range request) restarts the part file cleanly;
+* redirects are followed by hand (at most ``MAX_REDIRECTS``): only to http(s), and never from https
+  back to http (a downgrade is a :class:`DownloadError` naming both URLs);
+* at most the configured ``size`` bytes are written, or ``max_unknown_size`` when no size is
+  configured (``download.max_unknown_size``); a server announcing or sending more is an error;
 * connection errors, timeouts, 408/429 and 5xx are retried with exponential backoff (the failure
   count resets whenever an attempt made progress); other 4xx fail at once, naming the URL;
 * the complete part file is checked (size, SHA-256, MD5 when given) and only then renamed to
@@ -13,7 +19,12 @@
 * a verified file gets a sidecar ``dest + ".verified"`` (size, mtime, digests, URL): as long as the
   file is unchanged it is never fetched or hashed again;
 * one process at a time per file (``fcntl`` lock on ``dest + ".lock"``), so two datasets sharing an
-  archive (COCO and Flickr30K share the Karpathy caption archive) do not write the same part file.
+  archive (COCO and Flickr30K share the Karpathy caption archive) do not write the same part file;
+* with a digest lock file (``RetryPolicy.lock``; :func:`itmatch.data.acquire.acquire` uses
+  ``<cache>.lock.json``, i.e. ``resources/downloads.lock.json``), the SHA-256 of every file is recorded
+  the first time it is downloaded, and every later run (or another machine given the same lock file)
+  must find the same digest: a mismatch is a :class:`ChecksumError` naming the file, the recorded
+  and the received digest.
 
 Progress (bytes, rate, ETA) is a tqdm bar on stderr, i.e. in the rule's log.
 """
@@ -40,6 +51,8 @@ from tqdm import tqdm
 from itmatch.utils.logs import log
 
 CHUNK = 1 << 20
+MAX_REDIRECTS = 10
+DEFAULT_MAX_UNKNOWN_SIZE = 32 * 1024 ** 3  # bytes; the schema default of download.max_unknown_size
 # a dropped / stalled connection, seen by requests (connecting) or urllib3 (streaming) or the socket
 _STREAM_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                   urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
@@ -55,20 +68,24 @@ class ChecksumError(DownloadError):
 
 @dataclass
 class RetryPolicy:
-    """Retries on connection errors / 5xx: wait ``backoff * 2**k`` seconds (capped) before retry k+1."""
+    """How files are fetched. Retries on connection errors / 5xx: wait ``backoff * 2**k`` seconds (capped)
+    before retry k+1; ``max_unknown_size``: byte limit of a file without configured size; ``lock``: the
+    digest lock file (None: no digests recorded)."""
 
     retries: int = 8  # consecutive failed attempts without progress before giving up
     backoff: float = 2.0  # seconds before the first retry
     backoff_max: float = 120.0
     timeout: float = 60.0  # seconds to connect and between two received chunks
+    max_unknown_size: int = DEFAULT_MAX_UNKNOWN_SIZE
+    lock: Path | None = None
 
     def wait(self, failures: int) -> float:
         return min(self.backoff * 2 ** max(failures - 1, 0), self.backoff_max)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> RetryPolicy:
-        keys = ("retries", "backoff", "backoff_max", "timeout")
-        return cls(**{k: cfg[k] for k in keys if k in cfg})
+    def from_config(cls, cfg: dict[str, Any], lock: Path | None = None) -> RetryPolicy:
+        keys = ("retries", "backoff", "backoff_max", "timeout", "max_unknown_size")
+        return cls(**{k: cfg[k] for k in keys if k in cfg}, lock=lock)
 
 
 @dataclass(frozen=True)
@@ -205,6 +222,38 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def pin_digest(lock: Path, dest: Path, info: dict[str, Any], url: str) -> None:
+    """Record ``dest``'s SHA-256 in the lock file the first time; afterwards it must match the record.
+
+    Entries are keyed by the cache file name (a mirror URL for the same file shares the record).
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(lock):
+        data: dict[str, Any] = {"version": 1, "files": {}}
+        if lock.exists():
+            try:
+                data = json.loads(lock.read_text())
+                files = data["files"]
+                assert isinstance(files, dict)
+            except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
+                raise DownloadError(f"{lock}: not a valid download lock file ({type(e).__name__}); fix or "
+                                    "delete it") from None
+        entry = data["files"].get(dest.name)
+        if entry is None:
+            data["files"][dest.name] = {"sha256": info["sha256"], "size": info["size"], "url": url,
+                                        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            tmp = lock.with_name(lock.name + ".tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, lock)
+            log.info("%s: sha256 %s recorded in %s", dest.name, info["sha256"], lock)
+        elif entry.get("sha256") != info["sha256"]:
+            raise ChecksumError(
+                f"{dest.name} (from {url}): sha256 {info['sha256']}, expected {entry.get('sha256')} as recorded in "
+                f"{lock} when it was first downloaded (from {entry.get('url')}, {entry.get('recorded')}). The file "
+                f"changed on the server or was altered in transit; if the new version is right, delete the entry "
+                f"{dest.name!r} from {lock}")
+
+
 def _bar(desc: str, total: int | None, initial: int = 0) -> tqdm:
     return tqdm(desc=desc, total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
                 file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
@@ -226,12 +275,17 @@ def fetch(url: str, dest: str | Path, expected: Expected = Expected(), policy: R
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _lock(dest):
         if already_verified(dest, expected, url):
+            if policy.lock is not None:
+                pin_digest(policy.lock, dest, verified_record(dest) or check(dest, expected, str(dest)), url)
             log.info("%s: already downloaded and verified, not fetched again", dest)
             return dest
         if dest.exists():
             try:  # a file under the final name without (matching) sidecar: trust it only after a check
                 if expected != Expected():
-                    _write_sidecar(dest, check(dest, expected, str(dest)), url)
+                    info = check(dest, expected, str(dest))
+                    if policy.lock is not None:
+                        pin_digest(policy.lock, dest, info, url)
+                    _write_sidecar(dest, info, url)
                     log.info("%s: present and matches %s, not fetched again", dest, expected.describe())
                     return dest
             except ChecksumError as e:
@@ -241,6 +295,8 @@ def fetch(url: str, dest: str | Path, expected: Expected = Expected(), policy: R
         _download(url, part, expected, policy, session or requests.Session(), chunk)
         try:
             info = check(part, expected, f"{url} (downloaded to {part})")
+            if policy.lock is not None:
+                pin_digest(policy.lock, dest, info, url)
         except ChecksumError:
             part.unlink(missing_ok=True)
             part.with_name(part.name + ".json").unlink(missing_ok=True)
@@ -264,8 +320,13 @@ def _download(url: str, part: Path, expected: Expected, policy: RetryPolicy, ses
         if offset and meta.get("url") != url:
             log.info("%s: partial file from another URL (%s); starting over", part, meta.get("url"))
             offset = 0
-        if total is not None and offset > total:
-            log.warning("%s: %d bytes, more than the expected %d; starting over", part, offset, total)
+        if offset and not meta.get("validator"):
+            log.warning("%s: the server gave no ETag / Last-Modified for this file, so a resumed download could "
+                        "splice two versions; starting over from byte 0", part)
+            offset = 0
+        limit = total if total is not None else policy.max_unknown_size
+        if offset > limit:
+            log.warning("%s: %d bytes, more than the limit %d; starting over", part, offset, limit)
             offset = 0
         if total is not None and offset == total:
             return
@@ -303,9 +364,9 @@ def _attempt(url: str, part: Path, meta_path: Path, offset: int, total: int | No
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        if meta.get("validator"):
-            headers["If-Range"] = meta["validator"]
-    with session.get(url, headers=headers, stream=True, timeout=policy.timeout, allow_redirects=True) as r:
+        headers["If-Range"] = meta["validator"]  # _download restarts when there is none
+    limit = total if total is not None else policy.max_unknown_size
+    with _get(session, url, headers, policy.timeout) as r:
         status = r.status_code
         if status in (408, 429) or status >= 500:
             raise _Retry(f"HTTP {status} {r.reason}", 0)
@@ -328,6 +389,12 @@ def _attempt(url: str, part: Path, meta_path: Path, offset: int, total: int | No
                             r.headers.get("Content-Range"), offset)
                 part.unlink(missing_ok=True)
                 raise _Retry("unexpected Content-Range", 0)
+            got = _validator(r.headers)
+            if got is not None and got != meta.get("validator"):
+                log.warning("%s: the server's validator changed (%s, was %s); starting over", url, got,
+                            meta.get("validator"))
+                part.unlink(missing_ok=True)
+                raise _Retry("file changed on the server", 0)
             size = _content_range_total(r.headers.get("Content-Range", ""))
             mode = "ab"
         else:  # 200: the whole file, whether we asked for a range or not
@@ -335,17 +402,28 @@ def _attempt(url: str, part: Path, meta_path: Path, offset: int, total: int | No
                 log.warning("%s: server ignored the Range request (HTTP %d); restarting from byte 0", url, status)
             offset, mode = 0, "wb"
             size = int(length) if length is not None else None
-            validator = r.headers.get("ETag") or r.headers.get("Last-Modified")
-            meta_path.write_text(json.dumps({"url": url, "validator": validator}) + "\n")
+            meta_path.write_text(json.dumps({"url": url, "validator": _validator(r.headers)}) + "\n")
         if total is not None and size is not None and size != total:
             raise ChecksumError(f"{url}: server reports {size} bytes, expected {total} (wrong URL or file "
                                 "changed on the server; fix the size/checksum in the config)")
+        if size is not None and size > limit:
+            part.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
+            raise DownloadError(f"{url}: server announces {size} bytes, more than download.max_unknown_size "
+                                f"({limit} bytes) for an entry without 'size'; set its size in the config")
         total = total if total is not None else size
         received = 0
         with open(part, mode) as fh, _bar(part.name.removesuffix(".part"), total, offset) as bar:
             try:
                 # read1: whatever has arrived (≤ chunk), so a dropped connection loses no received byte
                 while block := r.raw.read1(chunk):
+                    if offset + received + len(block) > limit:
+                        fh.close()
+                        part.unlink(missing_ok=True)
+                        meta_path.unlink(missing_ok=True)
+                        what = (f"the configured size {limit}" if total is not None and limit == total else
+                                f"download.max_unknown_size ({limit} bytes); set 'size' in its config entry")
+                        raise DownloadError(f"{url}: the server sent more than {what}")
                     fh.write(block)
                     received += len(block)
                     bar.update(len(block))
@@ -359,6 +437,35 @@ def _attempt(url: str, part: Path, meta_path: Path, offset: int, total: int | No
         if total is not None:
             complete = complete and offset + received == total
         return received, complete, total
+
+
+def _validator(headers: Any) -> str | None:
+    """A validator usable with If-Range: a strong ETag, else Last-Modified (None when neither)."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified") or None
+
+
+def _get(session: requests.Session, url: str, headers: dict[str, str], timeout: float) -> requests.Response:
+    """GET ``url`` following redirects by hand: only to http(s), never from https back to http."""
+    secure = False
+    for _ in range(MAX_REDIRECTS + 1):
+        scheme = urllib.parse.urlparse(url).scheme
+        secure = secure or scheme == "https"
+        r = session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=False)
+        if not r.is_redirect:
+            return r
+        target = urllib.parse.urljoin(url, r.headers["Location"])
+        r.close()
+        new = urllib.parse.urlparse(target).scheme
+        if new not in ("http", "https"):
+            raise DownloadError(f"{url}: redirected to {target}, which is not an http(s) URL; refusing")
+        if secure and new == "http":
+            raise DownloadError(f"{url}: redirected from https to plain http ({target}); refusing the downgrade "
+                                "(use an https mirror, or the http URL itself if you accept plain http)")
+        url = target
+    raise DownloadError(f"{url}: more than {MAX_REDIRECTS} redirects; refusing")
 
 
 def _content_range_start(value: str) -> int | None:

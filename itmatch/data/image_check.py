@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from itmatch.data.ingest import map_images, probe_image, read_karpathy_json
+from itmatch.data.ingest import IngestError, image_file, map_images, probe_image, read_karpathy_json
 from itmatch.data.ingest import read_report as read_report  # the report format is shared with ingest
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log
@@ -24,12 +24,13 @@ class BadImagesError(ValueError):
 
 
 def image_files(json_path: str | Path) -> list[str]:
-    """``filepath/filename`` of every entry of a Karpathy JSON (relative to the image folder)."""
+    """``filepath/filename`` of every entry of a Karpathy JSON (relative to the image folder; one that is
+    absolute or leaves the folder is an :class:`~itmatch.data.ingest.IngestError` naming the row)."""
     out = []
     for i, e in enumerate(read_karpathy_json(json_path)):
-        if not isinstance(e, dict) or "filename" not in e:
-            raise BadImagesError(f"{json_path}: images[{i}] has no 'filename' field")
-        out.append(str(Path(e.get("filepath", "")) / e["filename"]))
+        if not isinstance(e, dict):
+            raise IngestError(f"{json_path}: images[{i}] is not an object")
+        out.append(image_file(json_path, i, e))
     return out
 
 

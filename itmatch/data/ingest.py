@@ -13,7 +13,7 @@ import multiprocessing as mp
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import pandas as pd
@@ -60,20 +60,84 @@ def read_karpathy_json(path: str | Path) -> list[dict[str, Any]]:
             data = json.load(fh)
     except json.JSONDecodeError as e:
         raise IngestError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise IngestError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8") from e
+    except RecursionError:
+        raise IngestError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise IngestError(f"{path}: expected an object with an 'images' list (Karpathy format)")
     return data["images"]
 
 
+INT64 = (-(2 ** 63), 2 ** 63 - 1)  # ids are stored as int64
+
+
+def _label(entry: dict[str, Any]) -> str:
+    """The entry's filename for messages (``?`` when it has none usable)."""
+    name = entry.get("filename")
+    return name if isinstance(name, str) and name.isprintable() and len(name) < 200 else "?"
+
+
+def _kind(value: Any) -> str:
+    """``null``, ``boolean true``, ``float 0.7``, ... for messages about a wrong type."""
+    if value is None:
+        return "null"
+    name = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+            dict: "object"}.get(type(value), type(value).__name__)
+    text = json.dumps(value, ensure_ascii=True) if isinstance(value, (bool, int, float, str)) else ""
+    return f"{name} {text[:60]}".strip()
+
+
 def _entry_field(path: Path, i: int, entry: dict[str, Any], key: str) -> Any:
     if key not in entry:
-        raise IngestError(f"{path}: images[{i}] ({entry.get('filename', '?')}) has no '{key}' field")
+        raise IngestError(f"{path}: images[{i}] ({_label(entry)}) has no '{key}' field")
     return entry[key]
 
 
-def image_id_of(entry: dict[str, Any]) -> int:
-    """COCO's ``cocoid`` when present, else the JSON's ``imgid``."""
-    return int(entry["cocoid"] if "cocoid" in entry else entry["imgid"])
+def _string(path: Path, where: str, value: Any, key: str) -> str:
+    """``value`` if it is a string that can be stored (valid Unicode), else an error naming ``where`` and ``key``."""
+    if not isinstance(value, str):
+        raise IngestError(f"{path}: {where} field '{key}' must be a string, got {_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise IngestError(f"{path}: {where} field '{key}' is not valid Unicode text (a lone surrogate "
+                          f"{value.encode('utf-8', 'backslashreplace')[:60]!r})") from None
+    return value
+
+
+def _integer(path: Path, where: str, value: Any, key: str) -> int:
+    """``value`` if it is a JSON integer that fits int64 (not a boolean, not 0.7), else a named error."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise IngestError(f"{path}: {where} field '{key}' must be an integer, got {_kind(value)}")
+    if not INT64[0] <= value <= INT64[1]:
+        raise IngestError(f"{path}: {where} field '{key}' is out of the 64-bit integer range ({_kind(value)})")
+    return value
+
+
+def image_id_of(entry: dict[str, Any], path: Path | str = "dataset JSON", i: int = 0) -> int:
+    """COCO's ``cocoid`` when present, else the JSON's ``imgid`` (an integer; else :class:`IngestError`)."""
+    key = "cocoid" if "cocoid" in entry else "imgid"
+    if key not in entry:
+        raise IngestError(f"{path}: images[{i}] ({_label(entry)}) has no 'cocoid' or 'imgid' field")
+    return _integer(Path(path), f"images[{i}] ({_label(entry)})", entry[key], key)
+
+
+def image_file(path: Path | str, i: int, entry: dict[str, Any]) -> str:
+    """``filepath/filename`` of entry ``i``, relative to the image folder; an absolute path, a ``..`` component,
+    an empty name or a wrong type is an :class:`IngestError` naming the row."""
+    path = Path(path)
+    where = f"images[{i}] ({_label(entry)})"
+    name = _string(path, where, _entry_field(path, i, entry, "filename"), "filename")
+    folder = entry.get("filepath")
+    folder = "" if folder is None else _string(path, where, folder, "filepath")
+    rel = PurePosixPath(folder) / name
+    if not name or name.endswith("/") or "\x00" in str(rel):
+        raise IngestError(f"{path}: {where} has an empty or invalid 'filename' {name!r}")
+    if PurePosixPath(name).is_absolute() or rel.is_absolute() or ".." in rel.parts:
+        raise IngestError(f"{path}: {where} file {str(rel)!r} is an absolute path or leaves the image folder "
+                          "('..'); 'filepath' / 'filename' must be relative to the image folder")
+    return str(rel)
 
 
 def probe_image(file: str | Path, mode: str = "decode") -> tuple[int, int, str | None]:
@@ -139,9 +203,13 @@ def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
             raise IngestError(f"{json_path}: images[{i}] is not an object")
-        fname = _entry_field(json_path, i, e, "filename")
-        split = _entry_field(json_path, i, e, "split")
+        file = image_file(json_path, i, e)
+        fname = e["filename"]
+        split = _string(json_path, f"images[{i}] ({fname})", _entry_field(json_path, i, e, "split"), "split")
         sentences = _entry_field(json_path, i, e, "sentences")
+        if not isinstance(sentences, list):
+            raise IngestError(f"{json_path}: images[{i}] ({fname}) field 'sentences' must be a list of caption "
+                              f"objects, got {_kind(sentences)}")
         if split not in allowed_splits:
             raise IngestError(f"{json_path}: images[{i}] ({fname}) has unknown split {split!r}; "
                               f"allowed: {', '.join(sorted(allowed_splits))}")
@@ -150,15 +218,11 @@ def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path
             if split is None:
                 dropped["restval"] += 1
                 continue
-        try:
-            image_id = image_id_of(e)
-        except (KeyError, TypeError, ValueError) as err:
-            raise IngestError(f"{json_path}: images[{i}] ({fname}) has no usable 'cocoid'/'imgid'") from err
+        image_id = image_id_of(e, json_path, i)
         if image_id in seen_ids:
             raise IngestError(f"{json_path}: images[{i}] ({fname}) duplicates image id {image_id} "
                               f"of images[{seen_ids[image_id]}]")
         seen_ids[image_id] = i
-        file = str(Path(e.get("filepath", "")) / fname)
         if file in seen_files:
             raise IngestError(f"{json_path}: images[{i}] duplicates file {file} of images[{seen_files[file]}]")
         seen_files[file] = i
@@ -166,12 +230,14 @@ def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path
         for j, s in enumerate(sentences):
             if not isinstance(s, dict) or "raw" not in s:
                 raise IngestError(f"{json_path}: images[{i}] ({fname}) sentences[{j}] has no 'raw' text")
-            sid = int(s.get("sentid", -1))
+            where = f"images[{i}] ({fname}) sentences[{j}]"
+            raw = _string(json_path, where, s["raw"], "raw")
+            sid = _integer(json_path, where, s["sentid"], "sentid") if "sentid" in s else -1
             if sid in seen_sent:
                 raise IngestError(f"{json_path}: images[{i}] ({fname}) sentences[{j}] duplicates sentid {sid} "
                                   f"of images[{seen_sent[sid]}]")
             seen_sent[sid] = i
-            caps.append((sid, s["raw"].strip()))
+            caps.append((sid, raw.strip()))
         k = opt.captions_per_image
         if len(caps) > k and opt.truncate_extra_captions:
             dropped["extra captions truncated"] += len(caps) - k

@@ -24,6 +24,22 @@ def dataset_cfg(dataset):
     return config["datasets"][dataset]
 
 
+def local_dataset_inputs(dataset):
+    """The JSON and image folder of a dataset (the ingest inputs); for ``source: local`` both must exist,
+    else an error naming the missing ones (no rule will make them)."""
+    cfg = dataset_cfg(dataset)
+    files = {"json": cfg["json"], "images": cfg["images"]}
+    if cfg.get("source") == "local":
+        missing = [f"{files['json']} (datasets.{dataset}.json)"] if not os.path.isfile(files["json"]) else []
+        if not os.path.isdir(files["images"]):
+            missing.append(f"{files['images']} (datasets.{dataset}.images)")
+        if missing:
+            raise ValueError(f"datasets.{dataset}.source is 'local' (your own data, never generated or downloaded) "
+                             f"but these are missing: {'; '.join(missing)}. Put them there, or change "
+                             f"datasets.{dataset}.source.")
+    return files
+
+
 def ingest_options(dataset):
     """Global ``ingest`` settings with the dataset's own ``ingest`` block merged over them."""
     return deep_update(dict(config["ingest"]), dataset_cfg(dataset).get("ingest", {}))

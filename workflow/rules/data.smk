@@ -1,31 +1,35 @@
 # Data: the embedded `shapes` generator and the ingest shared by all datasets.
+# A dataset whose `source` is `local` holds the user's own JSON and images: no rule has them as output
+# (generate_shapes exists only for `source: generate`), so nothing can overwrite them, not even --forceall.
+# Missing local files: an error naming them (local_dataset_inputs in common.smk).
 
 
-rule generate_shapes:
-    """Generate the embedded synthetic `shapes` dataset (Karpathy JSON + images) from datasets.shapes.generator."""
-    output:
-        json=config["datasets"]["shapes"]["json"],
-        images=directory(config["datasets"]["shapes"]["images"]),
-    params:
-        generator=config["datasets"]["shapes"]["generator"],
-        code=code_version("generate_shapes.py"),
-    threads: 2
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    log:
-        "logs/generate_shapes/shapes.log",
-    conda:
-        "../../envs/data.yaml"
-    script:
-        "../scripts/generate_shapes.py"
+if config["datasets"].get("shapes", {}).get("source") == "generate":
+
+    rule generate_shapes:
+        """Generate the embedded synthetic `shapes` dataset (Karpathy JSON + images) from datasets.shapes.generator."""
+        output:
+            json=config["datasets"]["shapes"]["json"],
+            images=directory(config["datasets"]["shapes"]["images"]),
+        params:
+            generator=config["datasets"]["shapes"]["generator"],
+            code=code_version("generate_shapes.py"),
+        threads: 2
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        log:
+            "logs/generate_shapes/shapes.log",
+        conda:
+            "../../envs/data.yaml"
+        script:
+            "../scripts/generate_shapes.py"
 
 
 rule ingest:
     """Check a dataset's Karpathy JSON and images and write images.parquet + captions.parquet."""
     input:
-        json=lambda wc: dataset_cfg(wc.dataset)["json"],
-        images=lambda wc: dataset_cfg(wc.dataset)["images"],
+        unpack(lambda wc: local_dataset_inputs(wc.dataset)),
     output:
         images="results/data/{dataset}/images.parquet",
         captions="results/data/{dataset}/captions.parquet",
