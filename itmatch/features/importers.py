@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from itmatch.features.regions_io import RegionsError, RegionsMeta, create_regions, pad_regions, write_regions_parquet
+from itmatch.utils.h5 import check_finite
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 
@@ -380,7 +381,9 @@ def import_scan_npy(splits: dict[str, dict[str, str]], images_parquet: str | Pat
                     if (twice := _first_repeat(seen, tgt[keep])) is not None:
                         raise FeatureImportError(f"{splits[split]['features']}: image id of images.parquet row "
                                                  f"{twice} imported twice")
-                    feats = np.asarray(arr[a * stride:b * stride:stride], np.float16)[keep]
+                    feats = np.asarray(arr[a * stride:b * stride:stride], np.float16)  # checked as stored
+                    check_finite(feats, spec["features"], "features", a)
+                    feats = feats[keep]
                     order = np.argsort(tgt[keep])  # h5py fancy indexing needs increasing rows
                     dst = tgt[keep][order]
                     if len(dst):
