@@ -140,3 +140,24 @@ def test_no_unsafe_loader_in_the_package():
                     r"\bUnpickler\((?!io\.BytesIO)"):
             offenders += [f"{path}: {m.group(0)}" for m in re.finditer(pat, text)]
     assert not offenders, "\n".join(offenders)
+
+
+def test_crafted_training_state_is_ignored_and_training_runs(tmp_path):
+    """A ``.train_state.pt`` next to the outputs is read weights-only: a payload in it never runs, and the
+    unreadable state is ignored (training starts afresh), as is an old state holding numpy RNG arrays."""
+    from itmatch.training.data import Corpus
+    from itmatch.training.loop import train_model
+    from itmatch.training.synthetic import write_synthetic_corpus
+
+    paths = write_synthetic_corpus(tmp_path / "corpus", n_train=8, n_val=4, n_test=4, R=3, D=8)
+    corpus = Corpus(paths, frozenset({"blocks"}))
+    marker = tmp_path / "pwned"
+    cfg = {"epochs": 1, "batch_size": 4, "val_max_images": 4, "threads": 1, "checkpoint_every_steps": 0}
+    for k, state in enumerate(({"key": "x", "loop": Payload(marker)}, {"key": "x", "rng": np.random.get_state()})):
+        out = tmp_path / f"o{k}"
+        out.mkdir()
+        torch.save(state, out / ".state.pt")
+        best = train_model("pfan", {"embed_dim": 8, "word_dim": 8, "block_dim": 4, "direction": "t2i"}, cfg, corpus,
+                           out / "model.pt", out / "log.csv", out / ".state.pt")
+        assert best["step"] == 2 and (out / "model.pt").exists() and not (out / ".state.pt").exists()
+    assert not marker.exists()

@@ -159,7 +159,8 @@ def pad_regions(det: dict[str, np.ndarray], r: int, hw: tuple[int, int], what: s
     out = {"features": np.zeros((r, d), np.float16), "boxes": np.zeros((r, 4), np.float32),
            "object_id": np.full(r, -1, np.int16), "attribute_id": np.full(r, -1, np.int16),
            "object_conf": np.zeros(r, np.float16), "attribute_conf": np.zeros(r, np.float16)}
-    out["features"][:n] = feats
+    with np.errstate(over="ignore"):  # overflow to inf is caught just below, with the row named
+        out["features"][:n] = feats
     if not np.isfinite(out["features"][:n]).all():  # checked as stored: float16 overflows to inf above 65504
         j = int(np.flatnonzero(~np.isfinite(out["features"][:n]).all(1))[0])
         raise NonFiniteError(f"{what}: region {j} has non-finite features (NaN/inf, or beyond float16's range "
