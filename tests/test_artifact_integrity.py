@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from itmatch.evaluation.evaluate import NonFiniteError as SimilarityNonFinite
-from itmatch.evaluation.evaluate import evaluate_checkpoint, run_evaluation
+from itmatch.evaluation.evaluate import NonFiniteSimilarityError, evaluate_checkpoint, run_evaluation
 from itmatch.features.blocks import write_blocks
 from itmatch.features.regions_io import (
     RegionsMeta,
@@ -204,7 +203,7 @@ def test_evaluation_refuses_a_non_finite_similarity(corpus_paths, tmp_path):
     ck["parts"][0]["state_dict"][first].fill_(float("nan"))
     torch.save(ck, tmp_path / "nan.pt")
     assert evaluate_checkpoint(str(tmp_path / "model.pt"), corpus)[0]["1k"]["rsum"] > 0
-    with pytest.raises(SimilarityNonFinite, match=r"nan\.pt part 1/1 on the test split: the similarity matrix"):
+    with pytest.raises(NonFiniteSimilarityError, match=r"nan\.pt part 1/1 on the test split: the similarity matrix"):
         run_evaluation("pfan", str(tmp_path / "nan.pt"), corpus, str(tmp_path / "metrics.json"), {}, {}, "x")
     assert not (tmp_path / "metrics.json").exists()
     json.dumps(best["config"])  # the checkpoint holds plain values only

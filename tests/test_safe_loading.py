@@ -159,5 +159,5 @@ def test_crafted_training_state_is_ignored_and_training_runs(tmp_path):
         torch.save(state, out / ".state.pt")
         best = train_model("pfan", {"embed_dim": 8, "word_dim": 8, "block_dim": 4, "direction": "t2i"}, cfg, corpus,
                            out / "model.pt", out / "log.csv", out / ".state.pt")
-        assert best["step"] == 2 and (out / "model.pt").exists() and not (out / ".state.pt").exists()
+        assert best["step"] == 10 and (out / "model.pt").exists() and not (out / ".state.pt").exists()
     assert not marker.exists()

@@ -5,7 +5,7 @@ Generic over models: images and captions are encoded in chunks (``model.encode_i
 image chunk and a caption chunk, so memory is bounded by the chunk sizes plus the encoded split. A
 checkpoint with several parts (SCAN / PFAN t2i + i2t) is scored part by part and the parts' similarity
 matrices are averaged (the papers' fusion). A similarity matrix with NaN/inf entries is an error
-(:class:`NonFiniteError`): no metrics are written for a diverged model. Checkpoints are read with
+(:class:`NonFiniteSimilarityError`): no metrics are written for a diverged model. Checkpoints are read with
 ``torch.load(weights_only=True)``.
 """
 
@@ -25,16 +25,16 @@ from itmatch.utils.device import resolve_device, to_device
 from itmatch.utils.logs import log, progress
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteSimilarityError(FloatingPointError):
     """A similarity matrix holds NaN or inf (a diverged model or corrupted features)."""
 
 
 def check_finite_similarity(sim: np.ndarray, what: str) -> None:
-    """Raise :class:`NonFiniteError` naming ``what``, the count and the first (image, caption) position."""
+    """Raise :class:`NonFiniteSimilarityError` naming ``what``, the count and the first (image, caption) position."""
     bad = ~np.isfinite(sim)
     if bad.any():
         i, c = (int(x) for x in np.argwhere(bad)[0])
-        raise NonFiniteError(f"{what}: the similarity matrix has {int(bad.sum())} non-finite value(s) of "
+        raise NonFiniteSimilarityError(f"{what}: the similarity matrix has {int(bad.sum())} non-finite value(s) of "
                              f"{sim.size} (first at image {i}, caption {c}: {sim[i, c]})")
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from itmatch.evaluation.evaluate import NonFiniteError, check_finite_similarity, similarity, split_rows
+from itmatch.evaluation.evaluate import NonFiniteSimilarityError, check_finite_similarity, similarity, split_rows
 from itmatch.evaluation.metrics import retrieval_metrics
 from itmatch.models.registry import build_model
 from itmatch.training.data import Corpus, PairDataset, collate_pairs, epoch_batches, loader
@@ -158,7 +158,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
             log.info("ignoring %s: unreadable as tensors (%s)", state_path, str(e).strip().splitlines()[0])
             saved = {}
-        if saved.get("key") != key:
+        if not isinstance(saved, dict) or saved.get("key") != key:
             log.info("ignoring %s: written with other settings", state_path)
         elif os.path.getmtime(state_path) < newest_input:
             log.info("ignoring %s: older than the inputs", state_path)
@@ -199,7 +199,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     def do_validation(epoch: int) -> None:
         try:
             m = validate(model, corpus, int(t["val_max_images"]), int(t["num_workers"]))
-        except NonFiniteError as e:
+        except NonFiniteSimilarityError as e:
             raise TrainingDiverged(f"{who}: training diverged at epoch {epoch}, step {st['step']}: {e}; no model "
                                    f"is written. Lower training.lr or set training.grad_clip > 0.") from None
         row = {"epoch": epoch, "step": st["step"], "loss": st["loss_sum"] / max(1, st["loss_n"]),
