@@ -56,9 +56,12 @@ def test_crafted_pth_is_refused_by_every_loader(tmp_path):
         load_tensors(path)  # training state / model.pt reader
     with pytest.raises(pickle.UnpicklingError):
         load_parts(str(path))  # evaluation
-    with pytest.raises(UnsafePickleError, match="system"):
+    with pytest.raises(UnsafePickleError, match="holds torch tensors"):
         convert(path, tmp_path / "out.pth")
-    assert not marker.exists()
+    torch.save({"model": {"w": np.zeros(2, np.float32)}, "evil": Payload(marker)}, path)  # numpy only + payload
+    with pytest.raises(UnsafePickleError, match=r"model\.pth: refused global (posix|os|nt)\.system"):
+        convert(path, tmp_path / "out.pth")
+    assert not marker.exists() and not (tmp_path / "out.pth").exists()
 
 
 def test_crafted_pkl_is_refused_by_loader_and_converter(tmp_path):
@@ -161,3 +164,18 @@ def test_crafted_training_state_is_ignored_and_training_runs(tmp_path):
                            out / "model.pt", out / "log.csv", out / ".state.pt")
         assert best["step"] == 10 and (out / "model.pt").exists() and not (out / ".state.pt").exists()
     assert not marker.exists()
+
+
+class _ObjectArrayFromBytes:
+    """``numpy.ndarray((1,), "O", buffer)`` turns raw bytes into an object pointer."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((1,), "O", b"\x01" * 8))
+
+
+def test_converter_refuses_calling_ndarray(tmp_path):
+    path = tmp_path / "ptr.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump({"model": {"w": _ObjectArrayFromBytes()}}, fh, protocol=2)
+    with pytest.raises(UnsafePickleError, match=r"ptr\.pkl: refused call of numpy\.ndarray"):
+        convert(path, tmp_path / "out.pth")

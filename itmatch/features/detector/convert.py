@@ -13,8 +13,8 @@ dict, list, tuple, str, int, float, bool and None need no global. Anything else 
 ``builtins.eval``, an object-dtype array, any class — stops the conversion with an error naming the
 offending global, before it is called. The arrays (top level or under ``"model"``) are written with
 ``torch.save`` as ``{"model": {name: tensor}, "converted_from": name, "source_sha256": hex}``, which the
-loader reads with ``torch.load(weights_only=True)``. A torch (zip) file that holds numpy arrays is read by
-torch's own weights-only unpickler with the same numpy allow-list added.
+loader reads with ``torch.load(weights_only=True)``. A torch (zip) file that holds numpy arrays and no
+tensors is converted the same way (its ``data.pkl`` goes through the same unpickler).
 """
 
 from __future__ import annotations
@@ -50,8 +50,19 @@ def _plain_dtype(*args: Any) -> np.dtype:
     return dt
 
 
+class _NdarrayRef:
+    """Stands for ``numpy.ndarray`` where a pickle passes it to ``_reconstruct``. Calling it is refused:
+    ``numpy.ndarray(shape, "O", buffer)`` would turn raw bytes into object pointers."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafePickleError("refused call of numpy.ndarray (arrays are rebuilt by _reconstruct/_frombuffer only)")
+
+
+_NDARRAY = _NdarrayRef()
+
+
 def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    if subtype is not np.ndarray:
+    if subtype is not _NDARRAY:
         raise UnsafePickleError(f"array subtype {subtype!r} is not numpy.ndarray")
     return np.ndarray.__new__(np.ndarray, shape, _plain_dtype(dtype))
 
@@ -78,7 +89,7 @@ ALLOWED: dict[tuple[str, str], Any] = {
     **{(m, "_reconstruct"): _reconstruct for m in _NUMPY_MODULES},
     **{(m, "scalar"): _scalar for m in _NUMPY_MODULES},
     **{(m, "_frombuffer"): _frombuffer for m in _NUMPY_MODULES},
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _plain_dtype,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("_codecs", "encode"): _encode,
@@ -99,9 +110,10 @@ class ArraysOnlyUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"refused persistent id {pid!r}: not a plain pickle of numpy arrays")
 
 
-def read_arrays_pickle(path: str | Path) -> Any:
-    """The object in a ``.pkl`` of numpy arrays, read with :class:`ArraysOnlyUnpickler` (never runs its code)."""
-    data = Path(path).read_bytes()
+def read_arrays_pickle(path: str | Path, data: bytes | None = None) -> Any:
+    """The object in a ``.pkl`` of numpy arrays (or its bytes ``data``), read with :class:`ArraysOnlyUnpickler`
+    (never runs its code)."""
+    data = Path(path).read_bytes() if data is None else data
     try:
         obj = ArraysOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
         _check_plain(obj, "")
@@ -129,18 +141,20 @@ def _check_plain(obj: Any, where: str) -> None:
 
 
 def read_arrays_torch(path: str | Path) -> Any:
-    """A torch file holding numpy arrays, read by torch's weights-only unpickler plus :data:`ALLOWED`."""
-    allow = [(fn, f"{m}.{n}") for (m, n), fn in ALLOWED.items()] + [type(np.dtype(c)) for c in "?bhilqBHILQefdgFD"]
+    """A torch (zip) file holding numpy arrays and no tensors: its ``data.pkl`` read by :class:`ArraysOnlyUnpickler`."""
+    with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+        if len(names) != 1:
+            raise UnsafePickleError(f"{path}: a zip file without exactly one data.pkl: not a torch checkpoint")
+        data = z.read(names[0])
     try:
-        with torch.serialization.safe_globals(allow):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        _check_plain(obj, "")
+        return read_arrays_pickle(path, data)
     except UnsafePickleError as e:
-        raise UnsafePickleError(f"{path}: {e}") from None
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "got <" in ln]
-        raise UnsafePickleError(f"{path}: refused: {(lines or [str(e).splitlines()[0]])[0]}") from None
-    return obj
+        if "persistent id" in str(e) or "global torch." in str(e):
+            raise UnsafePickleError(f"{path}: holds torch tensors: if it holds nothing else the workflow reads it "
+                                    f"directly (no conversion needed); a mix of tensors and numpy arrays is not "
+                                    f"supported") from None
+        raise
 
 
 def convert(src: str | Path, dst: str | Path) -> int:
