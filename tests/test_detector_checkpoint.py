@@ -14,6 +14,7 @@ import torch
 from itmatch.config import load_config
 from itmatch.features.detector import detect, detector_config, load_detector, preprocess
 from itmatch.features.detector.checkpoint import CheckpointError
+from itmatch.features.detector.convert import convert
 from tests.conftest import REPO
 
 
@@ -81,10 +82,13 @@ def cfg() -> dict:
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory) -> tuple:
+    """The published .pkl layout, converted once by the documented converter (the loader refuses .pkl)."""
     state = random_state(published_r101_shapes())
-    path = tmp_path_factory.mktemp("bua") / "faster_rcnn_r101_attr.pkl"
-    with open(path, "wb") as fh:
+    pkl = tmp_path_factory.mktemp("bua") / "faster_rcnn_r101_attr.pkl"
+    with open(pkl, "wb") as fh:
         pickle.dump({"model": state, "__author__": "test"}, fh)
+    path = pkl.with_suffix(".pth")
+    assert convert(pkl, path) == len(state)
     return path, state
 
 

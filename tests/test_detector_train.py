@@ -80,7 +80,7 @@ def test_train_resume_and_outputs(tiny_shapes, cfg, tmp_path, monkeypatch, caplo
     with pytest.raises(KeyboardInterrupt):
         train_mod.train_detector(tiny_shapes / "dataset_shapes.json", tiny_shapes / "images", table,
                                  out / "model.pt", out / "metrics.json", c)
-    state = torch.load(out / "train_state.pt", weights_only=False)
+    state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["epoch"] == 2 and not (out / "model.pt").exists()
     monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
     with caplog.at_level(logging.INFO, logger="itmatch"):

@@ -68,7 +68,7 @@ def _interrupt(paths: DataPaths, out: Path, sig: int, wait_steps: int) -> None:
     while time.time() - t0 < 120:
         if state.exists():
             try:
-                if torch.load(state, weights_only=False)["loop"]["step"] >= wait_steps:
+                if torch.load(state, weights_only=True)["loop"]["step"] >= wait_steps:
                     break
             except Exception:  # noqa: BLE001 (being replaced right now)
                 pass
@@ -80,16 +80,19 @@ def _interrupt(paths: DataPaths, out: Path, sig: int, wait_steps: int) -> None:
 
 
 def test_resume_after_kill_is_exact(corpus_paths, tmp_path):
+    """Also the README's reproducibility promise: a second uninterrupted run in a new process, same seed, threads
+    and libraries, gives bit-identical weights, log and metrics ("again")."""
     _run(corpus_paths, tmp_path / "full")
+    _run(corpus_paths, tmp_path / "again")
     # SIGKILL after step 5, resume, SIGTERM after step 13 (saves at the end of the step), resume to the end
     _interrupt(corpus_paths, tmp_path / "killed", signal.SIGKILL, wait_steps=5)
     _interrupt(corpus_paths, tmp_path / "killed", signal.SIGTERM, wait_steps=13)
     _run(corpus_paths, tmp_path / "killed")
-    ref = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["parts"][0]
+    ref = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["parts"][0]
     corpus = Corpus(corpus_paths, frozenset({"blocks"}))
     ref_metrics = evaluate_checkpoint(str(tmp_path / "full" / "model.pt"), corpus)[0]
-    for name in ("killed",):
-        got = torch.load(tmp_path / name / "model.pt", weights_only=False)["parts"][0]
+    for name in ("killed", "again"):
+        got = torch.load(tmp_path / name / "model.pt", weights_only=True)["parts"][0]
         assert (got["epoch"], got["step"], got["val_rsum"]) == (ref["epoch"], ref["step"], ref["val_rsum"])
         for k, v in ref["state_dict"].items():
             assert torch.equal(v, got["state_dict"][k]), k

@@ -4,7 +4,9 @@ Generic over models: images and captions are encoded in chunks (``model.encode_i
 ``encode_captions``, whatever structure they return) and ``model.score`` is called for every pair of an
 image chunk and a caption chunk, so memory is bounded by the chunk sizes plus the encoded split. A
 checkpoint with several parts (SCAN / PFAN t2i + i2t) is scored part by part and the parts' similarity
-matrices are averaged (the papers' fusion).
+matrices are averaged (the papers' fusion). A similarity matrix with NaN/inf entries is an error
+(:class:`NonFiniteSimilarityError`): no metrics are written for a diverged model. Checkpoints are read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ from itmatch.models.registry import build_model
 from itmatch.training.data import Corpus, RowDataset, collate_captions, collate_images, loader
 from itmatch.utils.device import resolve_device, to_device
 from itmatch.utils.logs import log, progress
+
+
+class NonFiniteSimilarityError(FloatingPointError):
+    """A similarity matrix holds NaN or inf (a diverged model or corrupted features)."""
+
+
+def check_finite_similarity(sim: np.ndarray, what: str) -> None:
+    """Raise :class:`NonFiniteSimilarityError` naming ``what``, the count and the first (image, caption) position."""
+    bad = ~np.isfinite(sim)
+    if bad.any():
+        i, c = (int(x) for x in np.argwhere(bad)[0])
+        raise NonFiniteSimilarityError(f"{what}: the similarity matrix has {int(bad.sum())} non-finite value(s) of "
+                             f"{sim.size} (first at image {i}, caption {c}: {sim[i, c]})")
 
 
 @torch.no_grad()
@@ -67,8 +82,8 @@ def split_rows(corpus: Corpus, split: str, max_images: int | None = None) -> tup
 
 def load_parts(checkpoint: str, device: str | torch.device = "cpu") -> tuple[str, list[MatchingModel]]:
     """Models of every part of a checkpoint written by :func:`itmatch.training.loop.write_checkpoint`."""
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if ck.get("format") != "itmatch-checkpoint":
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)  # tensors only: cannot run code
+    if not isinstance(ck, dict) or ck.get("format") != "itmatch-checkpoint":
         raise ValueError(f"{checkpoint}: not an itmatch checkpoint")
     models = []
     for part in ck["parts"]:
@@ -89,6 +104,7 @@ def evaluate_checkpoint(checkpoint: str, corpus: Corpus, split: str = "test", fo
     for k, m in enumerate(models):
         s = similarity(m, corpus, image_rows, caption_rows, image_batch, caption_batch, num_workers,
                        desc=f"{split} part {k + 1}/{len(models)}")
+        check_finite_similarity(s, f"{checkpoint} part {k + 1}/{len(models)} on the {split} split")
         sim = s if sim is None else sim + s
     sim /= len(models)
     return protocols(sim, cap_image, folds=folds, full=full), len(image_rows), len(caption_rows)

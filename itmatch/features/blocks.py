@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 import torch
 
+from itmatch.utils.h5 import check_finite, checksum, open_h5, reading
 from itmatch.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,13 @@ def write_blocks(path: str | Path, image_ids: np.ndarray, index: np.ndarray, wei
     if Lw != L or weight.shape != index.shape or len(image_ids) != N:
         raise ValueError(f"inconsistent shapes: index {index.shape}, weight {weight.shape}, "
                          f"image_ids {len(image_ids)}, L={L}")
+    check_finite(weight.astype(np.float32), path, "weight", 0, np.asarray(image_ids))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("image_id", data=np.asarray(image_ids, dtype=np.int64))
-        f.create_dataset("index", data=index.astype(np.int16), chunks=(1, R, L) if N else None)
-        f.create_dataset("weight", data=weight.astype(np.float32), chunks=(1, R, L) if N else None)
+        f.create_dataset("image_id", data=np.asarray(image_ids, dtype=np.int64), **checksum((N,)))
+        f.create_dataset("index", data=index.astype(np.int16), chunks=(1, R, L) if N else None,
+                         **checksum(index.shape))
+        f.create_dataset("weight", data=weight.astype(np.float32), chunks=(1, R, L) if N else None,
+                         **checksum(weight.shape))
         f.attrs["K"] = int(K)
         f.attrs["L"] = int(L)
 
@@ -149,13 +153,14 @@ def blocks_from_regions(regions_h5: str | Path, out: str | Path, K: int = 16, L:
     """regions.h5 → blocks.h5. Returns the number of degenerate boxes (logged).
 
     The boxes are read whole: at 16 bytes a region they are a sixth of the index + weight arrays held anyway."""
-    with h5py.File(regions_h5, "r") as f:
+    with open_h5(regions_h5) as f:
         for key in ("image_id", "boxes", "image_hw"):
             if key not in f:
                 raise KeyError(f"{regions_h5}: dataset {key!r} missing (see the regions.h5 contract)")
-        image_ids = f["image_id"][:]
-        nreg = f["num_regions"][:] if "num_regions" in f else None
-        boxes, image_hw = f["boxes"][:], f["image_hw"][:]
+        with reading(regions_h5):
+            image_ids = f["image_id"][:]
+            nreg = f["num_regions"][:] if "num_regions" in f else None
+            boxes, image_hw = f["boxes"][:], f["image_hw"][:]
     N, R = boxes.shape[:2]
     index, weight, n_bad = compute_blocks(boxes, image_hw, K, L, nreg)
     if n_bad:

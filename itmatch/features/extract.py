@@ -46,6 +46,7 @@ from itmatch.features.regions_io import (
     write_rows,
 )
 from itmatch.utils import device as utils_device
+from itmatch.utils.h5 import open_h5, reading
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 
@@ -257,12 +258,15 @@ def gather_shards(shards: list[str | Path], images_parquet: str | Path, out_h5: 
                   out_parquet: str | Path, block: int = 64) -> None:
     """Concatenate complete shard files into ``regions.h5`` (``block`` images at a time) + ``regions.parquet``."""
     ids = pd.read_parquet(images_parquet, columns=["image_id"])["image_id"].to_numpy(np.int64)
-    files = [h5py.File(p, "r") for p in shards]
+    files: list[h5py.File] = []
     try:
+        for p in shards:
+            files.append(open_h5(p))
         order = sorted(range(len(files)), key=lambda i: int(files[i].attrs.get("row_start", -1)))
         files = [files[i] for i in order]
         names = [str(shards[i]) for i in order]
-        layouts = [check_layout(f) for f in files]
+        with reading(", ".join(names), "shard layout"):
+            layouts = [check_layout(f) for f in files]
         _, r, _, meta = layouts[0]
         expect = 0
         for name, f, (n, r_, _, m) in zip(names, files, layouts, strict=True):
@@ -272,10 +276,12 @@ def gather_shards(shards: list[str | Path], images_parquet: str | Path, out_h5: 
             row_start, row_stop = int(f.attrs["row_start"]), int(f.attrs["row_stop"])
             if row_start != expect or row_stop - row_start != n:
                 raise RegionsError(f"{name}: covers rows {row_start}..{row_stop}, expected to start at {expect}")
-            done = int(f["done"][0]) if "done" in f else -1
+            with reading(name, "done, image_id"):
+                done = int(f["done"][0]) if "done" in f else -1
+                shard_ids = f["image_id"][:]
             if done != n:
                 raise RegionsError(f"{name}: incomplete shard ({done} of {n} rows)")
-            if not np.array_equal(f["image_id"][:], ids[row_start:row_stop]):
+            if not np.array_equal(shard_ids, ids[row_start:row_stop]):
                 raise RegionsError(f"{name}: image ids differ from {images_parquet} rows {row_start}..{row_stop} "
                                    f"(images.parquet changed since extraction?)")
             expect = row_stop
@@ -285,11 +291,13 @@ def gather_shards(shards: list[str | Path], images_parquet: str | Path, out_h5: 
             g = create_regions(tmp, len(ids), r, meta, image_ids=ids)
             try:
                 bar = progress(total=len(ids), desc="gather regions", unit="img", iterable=None)
-                for f in files:
+                for name_f, f in zip(names, files, strict=True):
                     base = int(f.attrs["row_start"])
                     for a, b in iter_blocks(f["features"].shape[0], block):
                         for name in PER_IMAGE:
-                            g[name][base + a:base + b] = f[name][a:b]
+                            with reading(name_f, f"dataset '{name}' rows {a}..{b}"):
+                                chunk = f[name][a:b]
+                            g[name][base + a:base + b] = chunk
                         bar.update(b - a)
                 bar.close()
             finally:

@@ -9,8 +9,10 @@ Formats:
   forks). Any number of files; rows in any order; Python-3 ``b'…'`` wrapped base64 is accepted.
 - ``npz``: one ``.npz`` per image as written by the PyTorch re-implementations, named after the image
   file's stem or the image id; keys ``x`` [n,D], ``bbox`` [n,4], ``image_h``, ``image_w``,
-  ``objects_id``, ``objects_conf``, ``attrs_id``, ``attrs_conf`` (the last four also inside an ``info``
-  dict, which needs pickle and is only read when the top-level keys are absent).
+  ``objects_id``, ``objects_conf``, ``attrs_id``, ``attrs_conf``. Files are read with
+  ``allow_pickle=False`` (a pickle can run code): tags kept only inside a pickled ``info`` dict (older
+  files) are not read — the import then has no object/attribute ids and says so in a warning naming the
+  files; re-save them with top-level keys to keep the tags.
 - ``scan_npy``: SCAN's ``{split}_ims.npy`` [n_split(×5), R, D] per split: features only, so the file is
   marked ``boxes_missing`` (boxes NaN, ids -1) and stages needing boxes refuse it. Rows map to the
   images of that split in ``images.parquet`` order, or to the ids listed in an optional ids file.
@@ -41,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from itmatch.features.regions_io import RegionsError, RegionsMeta, create_regions, pad_regions, write_regions_parquet
+from itmatch.utils.h5 import check_finite
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 
@@ -231,13 +234,13 @@ def _write_random_access(rows, ids: IdMap, meta: RegionsMeta, r: int, out_h5, ou
 
 
 def _npz_fields(path: Path) -> dict[str, Any]:
+    """Arrays of one ``.npz`` (``allow_pickle=False``); ``"info_not_read": True`` when its tags sit only in a
+    pickled ``info`` dict, which is never unpickled."""
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
-        d = {k: z[k] for k in keys if k != "info"}
-    if "objects_id" not in d and "info" in keys:  # older files keep the tags in a pickled dict
-        with np.load(path, allow_pickle=True) as z:
-            info = z["info"].item()
-        d.update({k: np.asarray(info[k]) for k in TSV_EXTRA if k in info})
+        d: dict[str, Any] = {k: z[k] for k in keys if k != "info"}
+    if "objects_id" not in d and "info" in keys:
+        d["info_not_read"] = True
     for k in ("x", "bbox", "image_h", "image_w"):
         if k not in d:
             raise FeatureImportError(f"{path}: missing key {k!r} (has {', '.join(sorted(keys))})")
@@ -260,10 +263,14 @@ def import_npz(folder: str | Path, images_parquet: str | Path, out_h5: str | Pat
         raise FeatureImportError(f"{folder}: no {Path(t['file'].iat[i]).stem}.npz or {t['image_id'].iat[i]}.npz for "
                                  f"images.parquet row {i} ({t['file'].iat[i]})")
 
+    info_not_read: list[str] = []
+
     def rows():
         for i in range(len(t)):
             p = path_of(i)
             z = _npz_fields(p)
+            if z.get("info_not_read"):
+                info_not_read.append(p.name)
             n = len(z["bbox"])
             x = np.asarray(z["x"], np.float32)
             if x.ndim != 2 or n not in x.shape:
@@ -282,6 +289,11 @@ def import_npz(folder: str | Path, images_parquet: str | Path, out_h5: str | Pat
     meta = RegionsMeta("bottom-up-attention npz import", "unknown", int(first["features"].shape[1]),
                        object_names or [], attribute_names or [])
     _write_random_access(rows(), ids, meta, max_regions, out_h5, out_parquet, source=str(folder))
+    if info_not_read:
+        log.warning("%s: %d file(s) keep their object/attribute tags only in a pickled 'info' dict, which is not "
+                    "read (unpickling can run code): imported without tags (e.g. %s). Re-save them with top-level "
+                    "objects_id/objects_conf/attrs_id/attrs_conf arrays to keep the tags.", folder,
+                    len(set(info_not_read)), ", ".join(sorted(set(info_not_read))[:3]))
 
 
 # ---------------------------------------------------------------- SCAN npy + PFAN boxes npy
@@ -369,7 +381,9 @@ def import_scan_npy(splits: dict[str, dict[str, str]], images_parquet: str | Pat
                     if (twice := _first_repeat(seen, tgt[keep])) is not None:
                         raise FeatureImportError(f"{splits[split]['features']}: image id of images.parquet row "
                                                  f"{twice} imported twice")
-                    feats = np.asarray(arr[a * stride:b * stride:stride], np.float16)[keep]
+                    feats = np.asarray(arr[a * stride:b * stride:stride], np.float16)  # checked as stored
+                    check_finite(feats, spec["features"], "features", a)
+                    feats = feats[keep]
                     order = np.argsort(tgt[keep])  # h5py fancy indexing needs increasing rows
                     dst = tgt[keep][order]
                     if len(dst):

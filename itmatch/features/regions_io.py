@@ -16,6 +16,10 @@ File attributes: ``detector``, ``weights_sha256``, ``feature_dim``, ``object_nam
 ``attribute_names`` (JSON lists), plus ``boxes_missing`` (bool): features imported without boxes
 (SCAN's ``*_ims.npy``). Stages that need boxes call :func:`require_boxes`, which refuses such files.
 
+Every non-empty dataset carries HDF5's fletcher32 checksum (a damaged chunk fails on read, and the error names
+the file and how to rebuild it); float rows are checked for NaN/inf before they are written (features and
+confidences; boxes may be NaN only in a ``boxes_missing`` file).
+
 Shard files written by extraction use the same layout for their slice of rows plus the attributes
 ``row_start``, ``row_stop`` and a dataset ``done`` (int64 [1], rows complete so far).
 """
@@ -32,6 +36,8 @@ import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from itmatch.utils.h5 import NonFiniteError, check_finite, checksum, open_h5, reading
 
 # name -> (dtype, trailing shape given R, D). Order = order of creation.
 PER_IMAGE = ("features", "boxes", "image_hw", "object_id", "attribute_id", "object_conf", "attribute_conf",
@@ -134,7 +140,7 @@ def create_regions(path: str | Path, n: int, r: int, meta: RegionsMeta, image_id
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         f.create_dataset(name, shape=shape, dtype=DTYPES[name], chunks=chunks if n > 0 else None,
-                         fillvalue=fill, dcpl=dcpl, track_times=False)
+                         fillvalue=fill, dcpl=dcpl, track_times=False, **checksum(shape))
     if image_ids is not None:
         f["image_id"][:] = np.asarray(image_ids, dtype=np.int64)
     return f
@@ -153,13 +159,20 @@ def pad_regions(det: dict[str, np.ndarray], r: int, hw: tuple[int, int], what: s
     out = {"features": np.zeros((r, d), np.float16), "boxes": np.zeros((r, 4), np.float32),
            "object_id": np.full(r, -1, np.int16), "attribute_id": np.full(r, -1, np.int16),
            "object_conf": np.zeros(r, np.float16), "attribute_conf": np.zeros(r, np.float16)}
-    out["features"][:n] = feats
+    with np.errstate(over="ignore"):  # overflow to inf is caught just below, with the row named
+        out["features"][:n] = feats
+    if not np.isfinite(out["features"][:n]).all():  # checked as stored: float16 overflows to inf above 65504
+        j = int(np.flatnonzero(~np.isfinite(out["features"][:n]).all(1))[0])
+        raise NonFiniteError(f"{what}: region {j} has non-finite features (NaN/inf, or beyond float16's range "
+                             f"±65504 as stored); not written")
     for key in ("boxes", "object_id", "attribute_id", "object_conf", "attribute_conf"):
         if det.get(key) is not None:
             v = np.asarray(det[key])
             if v.shape[0] != n:
                 raise RegionsError(f"{what}: '{key}' has {v.shape[0]} rows, features have {n}")
             out[key][:n] = v.reshape(out[key][:n].shape)
+            if key.endswith("_conf") and not np.isfinite(out[key][:n]).all():
+                raise NonFiniteError(f"{what}: '{key}' has non-finite values; not written")
     out["image_hw"] = np.asarray(hw, np.int32)
     out["num_regions"] = np.int16(n)
     return out
@@ -170,8 +183,11 @@ def write_rows(f: h5py.File, start: int, rows: list[dict[str, np.ndarray]]) -> N
     if not rows:
         return
     stop = start + len(rows)
+    values = {name: np.stack([row[name] for row in rows]).astype(DTYPES[name], copy=False) for name in PER_IMAGE}
+    for name in ("features", "object_conf", "attribute_conf"):
+        check_finite(values[name], f.filename, name, start, f["image_id"][start:stop])
     for name in PER_IMAGE:
-        f[name][start:stop] = np.stack([row[name] for row in rows]).astype(DTYPES[name], copy=False)
+        f[name][start:stop] = values[name]
 
 
 def check_layout(f: h5py.File) -> tuple[int, int, int, RegionsMeta]:
@@ -198,9 +214,10 @@ class Regions:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: regions file not found")
-        self.file = h5py.File(self.path, "r")
+        self.file = open_h5(self.path)
         try:
-            self.n, self.r, self.d, self.meta = check_layout(self.file)
+            with reading(self.path, "layout"):
+                self.n, self.r, self.d, self.meta = check_layout(self.file)
         except BaseException:
             self.file.close()
             raise
@@ -259,7 +276,7 @@ def write_regions_parquet(h5_path: str | Path, parquet_path: str | Path, block: 
     with open_regions(h5_path) as reg, atomic_path(parquet_path) as tmp:
         obj_names = np.asarray(reg.meta.object_names + [None], dtype=object)  # id -1 → None
         att_names = np.asarray(reg.meta.attribute_names + [None], dtype=object)
-        with pq.ParquetWriter(tmp, PARQUET_SCHEMA) as writer:
+        with pq.ParquetWriter(tmp, PARQUET_SCHEMA) as writer, reading(h5_path):
             for start, stop in iter_blocks(reg.n, block):
                 nr = reg["num_regions"][start:stop].astype(np.int64)
                 valid = np.arange(reg.r)[None, :] < nr[:, None]  # [B, R]

@@ -126,6 +126,7 @@ def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: i
 
     from itmatch.text.captions import read_captions
     from itmatch.text.tokenize import tokenize_all
+    from itmatch.utils.h5 import NonFiniteError, checksum
 
     caps = read_captions(captions_path)
     words = tokenize_all(caps["text"].tolist())
@@ -164,9 +165,11 @@ def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: i
     with h5py.File(partial, mode) as f:
         if not start:
             f.create_dataset("values", (int(offsets[-1]), H), dtype="float16",
-                             chunks=(min(max(int(offsets[-1]), 1), 512), H))  # ~40 captions per chunk
-            f.create_dataset("offsets", data=offsets)
-            f.create_dataset("caption_id", data=caps["caption_id"].to_numpy().astype(np.int64))
+                             chunks=(min(max(int(offsets[-1]), 1), 512), H),  # ~40 captions per chunk
+                             **checksum((int(offsets[-1]), H)))
+            f.create_dataset("offsets", data=offsets, **checksum(offsets.shape))
+            f.create_dataset("caption_id", data=caps["caption_id"].to_numpy().astype(np.int64),
+                             **checksum((len(caps),)))
             f.attrs.update({"model": model, "dim": H, "max_length": max_length, "fingerprint": fp,
                             "block": block, "done_blocks": 0})
         values = f["values"]
@@ -182,6 +185,12 @@ def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: i
                 for i, feat in zip(idx, word_features([words[i] for i in idx], tok, net, max_length), strict=True):
                     buf[offsets[i] - offsets[a]:offsets[i + 1] - offsets[a]] = feat
                     next(it, None)
+            bad = ~np.isfinite(buf).all(1)  # checked as stored (float16)
+            if bad.any():
+                i = int(np.searchsorted(offsets, offsets[a] + int(np.flatnonzero(bad)[0]), side="right") - 1)
+                raise NonFiniteError(f"{out_path}: caption row {i} (caption_id {int(caps['caption_id'].iat[i])}) "
+                                     f"has non-finite BERT vectors ({int(bad.sum())} word row(s) in block {k}); "
+                                     f"not written. Check text.bert.model and its weights")
             values[offsets[a]:offsets[b]] = buf
             f.attrs["done_blocks"] = k + 1
             f.flush()
@@ -195,8 +204,8 @@ def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: i
 
 def read_caption(path, i: int) -> np.ndarray:
     """Vectors [n_words, H] (float16) of caption row ``i`` of a ``bert.h5``."""
-    import h5py
+    from itmatch.utils.h5 import open_h5, reading
 
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f, reading(path, f"caption row {i}"):
         a, b = f["offsets"][i], f["offsets"][i + 1]
         return f["values"][a:b]

@@ -75,6 +75,7 @@ def make_tags(images_path, regions_path, out_path, model: str, R: int | None = N
     import h5py
 
     from itmatch.text.bert import load_bert, pick_device
+    from itmatch.utils.h5 import NonFiniteError, checksum, open_h5, reading
     from itmatch.utils.io import atomic_path
 
     images = pd.read_parquet(images_path, columns=["image_id"])
@@ -84,7 +85,7 @@ def make_tags(images_path, regions_path, out_path, model: str, R: int | None = N
         raise ValueError(f"{regions_path}: missing column(s) {', '.join(missing)} (see docs/contract.md)")
     if R is None:
         if regions_h5 is not None:
-            with h5py.File(regions_h5, "r") as f:
+            with open_h5(regions_h5) as f, reading(regions_h5):
                 R = int(f["features"].shape[1])
         else:
             R = int(regions["region"].max()) + 1 if len(regions) else 1
@@ -94,13 +95,20 @@ def make_tags(images_path, regions_path, out_path, model: str, R: int | None = N
     phrase_ids = np.array([pid.get(p, -1) for p in phr], dtype=np.int32)
     index = region_index(images["image_id"].to_numpy(), regions, phrase_ids, R, str(regions_path))
     tok, net = load_bert(model, pick_device(device))
-    vectors = embed_phrases(table, tok, net, batch_size)
+    vectors = embed_phrases(table, tok, net, batch_size).astype(np.float16)  # checked as stored
+    bad = np.flatnonzero(~np.isfinite(vectors).all(1)) if vectors.size else []
+    if len(bad):
+        raise NonFiniteError(f"{out_path}: dataset 'vectors' row {int(bad[0])} (phrase {table[int(bad[0])]!r}) has "
+                             f"non-finite values ({len(bad)} phrase(s)); not written. Check text.bert.model")
     with atomic_path(out_path) as tmp:
         with h5py.File(tmp, "w") as f:
+            # variable-length strings cannot take HDF5 filters: the phrase table has no checksum
             f.create_dataset("phrases", data=np.array(table, dtype=object), dtype=h5py.string_dtype())
-            f.create_dataset("vectors", data=vectors.astype(np.float16))
-            f.create_dataset("index", data=index, chunks=(min(max(len(index), 1), 4096), R))
-            f.create_dataset("image_id", data=images["image_id"].to_numpy().astype(np.int64))
+            f.create_dataset("vectors", data=vectors, **checksum(vectors.shape))
+            f.create_dataset("index", data=index, chunks=(min(max(len(index), 1), 4096), R),
+                             **checksum(index.shape))
+            f.create_dataset("image_id", data=images["image_id"].to_numpy().astype(np.int64),
+                             **checksum((len(images),)))
             f.attrs.update({"model": model, "dim": int(vectors.shape[1])})
     log.info("tags: %d regions, %d distinct phrases, %d images × %d slots → %s", len(regions), len(table),
              len(images), R, Path(out_path))

@@ -7,7 +7,9 @@ token ids (one flat int32 array + offsets), the caption → image row map, split
 
 Inputs (see the artifact contract): images.parquet (row order = regions.h5 rows), captions.parquet,
 tokens.parquet (same row order as captions.parquet), vocab.json, and the optional blocks.h5, tags.h5,
-bert.h5, trees.parquet named by the model's inputs (:func:`itmatch.models.registry.model_inputs`).
+bert.h5, trees.parquet named by the model's inputs (:func:`itmatch.models.registry.model_inputs`). An HDF5 file that
+cannot be opened or read (truncated, a chunk failing its checksum) raises
+:class:`itmatch.utils.h5.ArtifactReadError` naming the file, the row and how to rebuild it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from itmatch.utils.h5 import open_h5, reading
 
 Batch = dict[str, torch.Tensor]
 
@@ -55,7 +59,7 @@ class LazyH5:
 
     def file(self) -> h5py.File:
         if self._f is None or self._pid != os.getpid():
-            self._f = h5py.File(self.path, "r")
+            self._f = open_h5(self.path)
             self._pid = os.getpid()
         return self._f
 
@@ -106,12 +110,14 @@ class Corpus:
             raise ValueError(f"{paths.tokens}: token id {int(self.tokens.max())} >= vocabulary size "
                              f"{self.vocab_size} ({paths.vocab})")
         self.regions = LazyH5(paths.regions)
-        with h5py.File(paths.regions, "r") as f:
+        with open_h5(paths.regions) as f:
             for key in ("features", "num_regions", "boxes", "image_hw"):
                 if key not in f:
                     raise KeyError(f"{paths.regions}: dataset {key!r} missing")
             self.n_images, self.R, self.feature_dim = f["features"].shape
-            if not np.array_equal(f["image_id"][:], img["image_id"]):
+            with reading(paths.regions, "image_id"):
+                region_ids = f["image_id"][:]
+            if not np.array_equal(region_ids, img["image_id"]):
                 raise ValueError(f"{paths.regions}: image_id rows differ from {paths.images}")
         self.info: dict[str, Any] = {"vocab_size": self.vocab_size, "feature_dim": int(self.feature_dim),
                                      "num_regions": int(self.R)}
@@ -119,7 +125,7 @@ class Corpus:
         self.trees = None
         if "blocks" in requires:
             self.blocks = LazyH5(self._need(paths.blocks, "blocks"))
-            with h5py.File(paths.blocks, "r") as f:
+            with open_h5(paths.blocks) as f:
                 self.info["blocks_K"] = int(f.attrs["K"])
                 self.info["blocks_L"] = int(f.attrs["L"])
                 if f["index"].shape[:2] != (self.n_images, self.R):
@@ -127,12 +133,12 @@ class Corpus:
                                      f"[{self.n_images}, {self.R}, L]")
         if "tags" in requires:
             self.tags = LazyH5(self._need(paths.tags, "tags"))
-            with h5py.File(paths.tags, "r") as f:  # one vector per distinct phrase: small, kept in memory
+            with open_h5(paths.tags) as f, reading(paths.tags, "vectors"):  # one per phrase: kept in memory
                 self.tag_table = f["vectors"][:].astype(np.float32)
                 self.info["tag_dim"] = int(self.tag_table.shape[1])
         if "bert" in requires:
             self.bert = LazyH5(self._need(paths.bert, "bert"))
-            with h5py.File(paths.bert, "r") as f:
+            with open_h5(paths.bert) as f:
                 self.info["bert_dim"] = int(f["values"].shape[1])
         if "trees" in requires:
             vals, offs, ids = _ragged(self._need(paths.trees, "trees"), "labels", "caption_id")
@@ -158,19 +164,22 @@ class Corpus:
     # ---- items ----
     def image_item(self, row: int) -> dict[str, np.ndarray]:
         f = self.regions.file()
-        item = {"features": f["features"][row].astype(np.float32), "num_regions": int(f["num_regions"][row]),
-                "boxes": f["boxes"][row].astype(np.float32), "image_hw": f["image_hw"][row].astype(np.int64),
-                "index": row}
-        for key, dtype in (("object_id", np.int64), ("attribute_id", np.int64), ("object_conf", np.float32)):
-            if key in f:
-                item[key] = f[key][row].astype(dtype)
+        with reading(self.regions.path, f"image row {row}"):
+            item = {"features": f["features"][row].astype(np.float32), "num_regions": int(f["num_regions"][row]),
+                    "boxes": f["boxes"][row].astype(np.float32), "image_hw": f["image_hw"][row].astype(np.int64),
+                    "index": row}
+            for key, dtype in (("object_id", np.int64), ("attribute_id", np.int64), ("object_conf", np.float32)):
+                if key in f:
+                    item[key] = f[key][row].astype(dtype)
         if self.blocks is not None:
             b = self.blocks.file()
-            item["block_index"] = b["index"][row].astype(np.int64)
-            item["block_weight"] = b["weight"][row].astype(np.float32)
+            with reading(self.blocks.path, f"image row {row}"):
+                item["block_index"] = b["index"][row].astype(np.int64)
+                item["block_weight"] = b["weight"][row].astype(np.float32)
         if self.tags is not None:
             t = self.tags.file()
-            idx = t["index"][row]
+            with reading(self.tags.path, f"image row {row}"):
+                idx = t["index"][row]
             vec = self.tag_table[np.clip(idx, 0, None)]  # fancy indexing copies
             vec[idx < 0] = 0
             item["tag_vectors"] = vec
@@ -184,10 +193,11 @@ class Corpus:
         item: dict[str, Any] = {"tokens": toks, "index": row, "image_index": int(self.caption_image[row])}
         if self.bert is not None:
             b = self.bert.file()
-            o = b["offsets"]
-            bs, be = int(o[row]), int(o[row + 1])
-            vec = b["values"][bs:be].astype(np.float32) if be > bs else np.zeros((1, b["values"].shape[1]),
-                                                                                   np.float32)
+            with reading(self.bert.path, f"caption row {row}"):
+                o = b["offsets"]
+                bs, be = int(o[row]), int(o[row + 1])
+                vec = b["values"][bs:be].astype(np.float32) if be > bs else np.zeros((1, b["values"].shape[1]),
+                                                                                       np.float32)
             item["bert"] = vec
         if self.trees is not None:
             item["tree_labels"] = self.trees[row]

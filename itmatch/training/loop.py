@@ -12,7 +12,12 @@ from seed and epoch), best model and rSum, log rows, running loss, RNG states â€
 ``state_path`` every ``checkpoint_every_steps`` steps, after each validation and on SIGTERM. A killed job
 (SIGTERM or SIGKILL at any moment) started again continues from the last saved state and, on CPU with the
 same seed and thread count, ends with exactly the same model as an uninterrupted run. A state older than
-the inputs, or written with other settings, is ignored (logged). The state is deleted on success.
+the inputs, or written with other settings, is ignored (logged). The state is deleted on success. States
+and checkpoints hold tensors and plain values only and are read with ``torch.load(weights_only=True)``.
+
+Divergence: a non-finite loss or gradient norm stops training with :class:`TrainingDiverged` (the step is
+not applied; ``nonfinite_patience`` > 0 skips that many consecutive such steps first), as does a validation
+whose similarity matrix is not finite; ``model.pt`` and the log are then not written, so the rule fails.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
+import pickle
 import random
 import signal
 import time
@@ -30,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from itmatch.evaluation.evaluate import similarity, split_rows
+from itmatch.evaluation.evaluate import NonFiniteSimilarityError, check_finite_similarity, similarity, split_rows
 from itmatch.evaluation.metrics import retrieval_metrics
 from itmatch.models.registry import build_model
 from itmatch.training.data import Corpus, PairDataset, collate_pairs, epoch_batches, loader
@@ -47,11 +54,15 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip": 2.0, "margin": 0.2, "max_violation": True, "warmup_epochs": 0, "val_every_steps": 0,
     "val_max_images": 1000,
     "checkpoint_every_steps": 100, "num_workers": 0, "threads": 1, "optimizer": "adam", "momentum": 0.9,
-    "weight_decay": 0.0, "device": "cpu",
+    "weight_decay": 0.0, "device": "cpu", "nonfinite_patience": 0,
 }
 # keys that do not change the trajectory of the steps already taken: a saved state stays valid when they change
 # (e.g. more epochs continue a finished-early run's state)
 RESOURCE_KEYS = ("num_workers", "threads", "mem_mb", "runtime", "device", "epochs", "checkpoint_every_steps")
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss, gradient norm or validation similarity: training stopped, nothing written."""
 
 
 def make_optimizer(params: list[torch.nn.Parameter], t: dict[str, Any]) -> torch.optim.Optimizer:
@@ -65,6 +76,11 @@ def make_optimizer(params: list[torch.nn.Parameter], t: dict[str, Any]) -> torch
 
 def _settings_hash(*objs: Any) -> str:
     return hashlib.sha256(json.dumps(objs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers; a crafted file cannot run code)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _save(path: Path, obj: dict[str, Any]) -> None:
@@ -88,18 +104,25 @@ def write_log(path: str | Path, rows: list[dict[str, Any]], extra: list[str] | N
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors and plain values (numpy's key array as an int64 tensor: loadable weights-only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(s["python"])
 
 
 def validate(model, corpus: Corpus, max_images: int, num_workers: int = 0) -> dict[str, Any]:
     image_rows, caption_rows, cap_image = split_rows(corpus, "val", max_images)
     sim = similarity(model, corpus, image_rows, caption_rows, num_workers=num_workers, desc="val")
+    check_finite_similarity(sim, "validation")
     return retrieval_metrics(sim, cap_image)
 
 
@@ -127,11 +150,15 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     train_rows = corpus.rows("train", "captions")
     dataset = PairDataset(corpus, train_rows)
     st: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_rsum": -1.0, "best": None, "best_at": None,
-                          "rows": [], "loss_sum": 0.0, "loss_n": 0, "seconds": 0.0}
+                          "rows": [], "loss_sum": 0.0, "loss_n": 0, "seconds": 0.0, "nonfinite": 0}
     if state_path.exists():
         newest_input = max((os.path.getmtime(f) for f in (input_files or []) if os.path.exists(f)), default=0.0)
-        saved = torch.load(state_path, map_location=device, weights_only=False)
-        if saved.get("key") != key:
+        try:
+            saved = load_tensors(state_path, device)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            log.info("ignoring %s: unreadable as tensors (%s)", state_path, str(e).strip().splitlines()[0])
+            saved = {}
+        if not isinstance(saved, dict) or saved.get("key") != key:
             log.info("ignoring %s: written with other settings", state_path)
         elif os.path.getmtime(state_path) < newest_input:
             log.info("ignoring %s: older than the inputs", state_path)
@@ -139,7 +166,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             _set_rng_state(saved["rng"])
-            st = saved["loop"]
+            st = {"nonfinite": 0, **saved["loop"]}
             log.info("resuming from %s: epoch %d, batch %d, step %d", state_path, st["epoch"], st["batch"],
                      st["step"])
 
@@ -159,8 +186,22 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     def lr_at(epoch: int) -> float:
         return float(t["lr"]) * float(t["lr_decay"]) ** (epoch // max(1, int(t["lr_decay_epochs"])))
 
+    who = f"{model_name}{'/' + part if part else ''}"
+    patience = int(t["nonfinite_patience"])
+
+    def diverged(what: str, value: float, epoch: int) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{who}: training diverged: non-finite {what} ({value}) at epoch {epoch}, step {st['step'] + 1}, "
+            f"{st['nonfinite']} consecutive non-finite step(s) (training.nonfinite_patience = {patience}); no "
+            f"model is written. Lower training.lr (now {t['lr']}), set training.grad_clip > 0 (now "
+            f"{t['grad_clip']}), or check the input features for NaN/inf.")
+
     def do_validation(epoch: int) -> None:
-        m = validate(model, corpus, int(t["val_max_images"]), int(t["num_workers"]))
+        try:
+            m = validate(model, corpus, int(t["val_max_images"]), int(t["num_workers"]))
+        except NonFiniteSimilarityError as e:
+            raise TrainingDiverged(f"{who}: training diverged at epoch {epoch}, step {st['step']}: {e}; no model "
+                                   f"is written. Lower training.lr or set training.grad_clip > 0.") from None
         row = {"epoch": epoch, "step": st["step"], "loss": st["loss_sum"] / max(1, st["loss_n"]),
                **{f"{d}_r{k}": m[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)},
                "rsum": m["rsum"], "lr": lr_at(epoch), "seconds": round(time.time() - t_start, 2)}
@@ -169,7 +210,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
         log.info("%s%s epoch %d step %d: loss %.4f val rSum %.2f (i2t R@1 %.1f, t2i R@1 %.1f)", model_name,
                  f"/{part}" if part else "", epoch, st["step"], row["loss"], m["rsum"], m["i2t"]["r1"],
                  m["t2i"]["r1"])
-        if m["rsum"] > st["best_rsum"]:
+        if math.isfinite(m["rsum"]) and m["rsum"] > st["best_rsum"]:
             st["best_rsum"] = m["rsum"]
             st["best"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             st["best_at"] = {"epoch": epoch, "step": st["step"]}
@@ -194,14 +235,32 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
                     crit = warmup if epoch < int(t["warmup_epochs"]) else criterion
                     loss, _ = model.loss(to_device(images, device), to_device(captions, device), crit)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if float(t["grad_clip"]) > 0:
-                        torch.nn.utils.clip_grad_norm_(params, float(t["grad_clip"]))
-                    opt.step()
+                    loss_value = float(loss.detach())
+                    bad = None
+                    if not math.isfinite(loss_value):
+                        bad = ("loss", loss_value)
+                    else:
+                        loss.backward()
+                        if float(t["grad_clip"]) > 0:
+                            norm = torch.nn.utils.clip_grad_norm_(params, float(t["grad_clip"]))
+                        else:
+                            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                        if not math.isfinite(float(norm)):
+                            bad = ("gradient norm", float(norm))
+                    if bad is None:
+                        opt.step()
+                        st["nonfinite"] = 0
+                        st["loss_sum"] += loss_value
+                        st["loss_n"] += 1
+                    else:  # the step is not applied
+                        opt.zero_grad(set_to_none=True)
+                        st["nonfinite"] += 1
+                        if st["nonfinite"] > patience:
+                            raise diverged(bad[0], bad[1], epoch)
+                        log.warning("%s: non-finite %s (%s) at epoch %d step %d: step skipped (%d of %d allowed)",
+                                    who, bad[0], bad[1], epoch, st["step"] + 1, st["nonfinite"], patience)
                     st["batch"] += 1
                     st["step"] += 1
-                    st["loss_sum"] += float(loss.detach())
-                    st["loss_n"] += 1
                     if every_val and st["step"] % every_val == 0 and st["batch"] < len(batches):
                         do_validation(epoch)
                         save_state()
@@ -218,6 +277,8 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
 
+    if st["best"] is None:
+        raise TrainingDiverged(f"{who}: no validation gave a finite rSum; no model is written")
     best = {"name": part, "config": model_cfg, "data_info": data_info, "state_dict": st["best"],
             "epoch": st["best_at"]["epoch"], "step": st["best_at"]["step"], "val_rsum": st["best_rsum"],
             "train_seconds": round(time.time() - t_start, 2)}
@@ -235,7 +296,7 @@ def fuse_checkpoints(model_name: str, part_models: list[str], part_logs: list[st
     log with a ``part`` column."""
     all_parts, rows = [], []
     for name, mp, lp in zip(parts, part_models, part_logs, strict=True):
-        ck = torch.load(mp, map_location="cpu", weights_only=False)
+        ck = load_tensors(mp)
         for p in ck["parts"]:
             p["name"] = name
             all_parts.append(p)

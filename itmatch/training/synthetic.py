@@ -36,8 +36,8 @@ def write_synthetic_corpus(root: str | Path, n_train: int = 40, n_val: int = 10,
     protos = rng.standard_normal((len(vocab), D)).astype(np.float32)
     cap_ids, cap_img, cap_split, toks = [], [], [], []
     with h5py.File(root / "regions.h5", "w") as f:
-        f.create_dataset("image_id", data=image_ids)
-        feats = f.create_dataset("features", (N, R, D), dtype="float16", chunks=(1, R, D))
+        f.create_dataset("image_id", data=image_ids, fletcher32=True)
+        feats = f.create_dataset("features", (N, R, D), dtype="float16", chunks=(1, R, D), fletcher32=True)
         boxes = np.zeros((N, R, 4), np.float32)
         nreg = np.zeros(N, np.int16)
         for s in range(0, N, chunk):

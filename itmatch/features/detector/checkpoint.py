@@ -2,7 +2,7 @@
 
 Published weights: the detectron2-format conversion of the caffe bottom-up-attention ResNet-101 model
 with attributes (e.g. ``bua-caffe-frcn-r101_with_attributes.pth`` of MILVLG/bottom-up-attention.pytorch):
-a ``.pth`` (torch) or ``.pkl`` (pickled numpy, optionally under ``"model"``) state dict with
+a ``.pth`` (torch tensors, optionally under ``"model"``) state dict with
 
 published key (shape for R-101, 1601/401)                      our module
 ---------------------------------------------------------------  ----------------------------------
@@ -24,6 +24,11 @@ roi_heads.box_predictor.attr_linear2.* [401,512]                 roi_heads.attri
 name: BN ``num_batches_tracked`` counters and stored anchors/pixel statistics (``anchor_generator.*``,
 ``pixel_mean``, ``pixel_std``; ours come from the config). Any other missing, unexpected or mis-shaped key
 stops loading with a message naming it.
+
+Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a crafted
+checkpoint cannot run code. A published ``.pkl`` (a pickle, which can) is refused with a pointer to the
+one-off converter ``python -m itmatch.features.detector.convert IN.pkl OUT.pth``
+(:mod:`itmatch.features.detector.convert`), which reads numpy arrays only.
 """
 
 from __future__ import annotations
@@ -58,6 +63,30 @@ class CheckpointError(ValueError):
     """A checkpoint does not match the architecture (names the keys)."""
 
 
+CONVERT_HINT = "python -m itmatch.features.detector.convert {src} {dst}"
+
+
+def _refusal_reason(e: Exception) -> str:
+    """The line of torch's weights-only refusal that names the offending global (else its first line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln or "global" in ln.split(":")[0] or "Unsupported" in ln]
+    return (named or lines or [type(e).__name__])[0]
+
+
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` of tensors and plain containers only (``weights_only=True``): never runs code from the file.
+    A refused file raises :class:`CheckpointError` naming it and the converter for numpy-array checkpoints."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = _refusal_reason(e)
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain containers, and loading it could run "
+            f"code ({first}). Only tensor checkpoints are read; a published checkpoint of numpy arrays can be "
+            f"converted once with `{CONVERT_HINT.format(src=path, dst=path.with_suffix('.converted.pth'))}`"
+        ) from None
+
+
 def published_name(ours: str) -> str:
     for mine, theirs in KEY_MAP:
         if ours.startswith(mine):
@@ -71,18 +100,20 @@ def key_mapping(model: BottomUpDetector) -> dict[str, str]:
 
 
 def read_checkpoint(path: str | Path) -> Any:
-    """The object stored in a checkpoint file: a ``.pkl`` is unpickled (detectron2 pickle of numpy arrays),
-    anything else ``torch.load``-ed on the CPU. Pass it to :func:`load_own` / :func:`load_published` as
-    ``loaded=`` to read the file only once."""
+    """The object stored in a checkpoint file, ``torch.load``-ed on the CPU with ``weights_only=True``; a
+    ``.pkl`` is refused (convert it once, see :mod:`itmatch.features.detector.convert`). Pass it to
+    :func:`load_own` / :func:`load_published` as ``loaded=`` to read the file only once."""
     path = Path(path)
     if path.suffix == ".pkl":
-        with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")  # noqa: S301 (a user-supplied checkpoint)
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise CheckpointError(
+            f"{path}: .pkl checkpoints are not read (unpickling a downloaded file can run arbitrary code). "
+            f"Convert it once into tensors: `{CONVERT_HINT.format(src=path, dst=path.with_suffix('.pth'))}`, "
+            f"then set detector.checkpoints.<dataset> to the .pth")
+    return _torch_load(path)
 
 
 def read_state_dict(path: str | Path, loaded: Any = None) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.pkl`` (detectron2 pickle of numpy arrays) or ``.pth`` / ``.pt`` file.
+    """Tensors of a ``.pth`` / ``.pt`` file (a ``.pkl`` is refused: convert it first).
     ``loaded``: the file's :func:`read_checkpoint` object, when already read (``path`` then names it)."""
     path = Path(path)
     obj = read_checkpoint(path) if loaded is None else loaded
@@ -127,9 +158,9 @@ def is_own_checkpoint(path: str | Path) -> bool:
     if Path(path).suffix == ".pkl":
         return False
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        obj = _torch_load(Path(path), mmap=True)
     except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = _torch_load(Path(path))
     return is_own_object(path, obj)
 
 
@@ -151,7 +182,7 @@ def save_own(path: str | Path, model: BottomUpDetector, input_cfg: dict, object_
 def load_own(path: str | Path, loaded: Any = None) -> tuple[BottomUpDetector, dict]:
     """Our checkpoint's model and payload; ``loaded``: the file's :func:`read_checkpoint` object, when already
     read."""
-    obj = torch.load(path, map_location="cpu", weights_only=False) if loaded is None else loaded
+    obj = _torch_load(Path(path)) if loaded is None else loaded
     model = build_model(obj["arch"])
     missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
     missing = [k for k in missing if not IGNORED.search(k)]

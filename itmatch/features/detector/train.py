@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -215,7 +216,11 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
     fp = _fingerprint(cfg, len(train.images))
     start_epoch, history, train_seconds, train_cpu = 0, [], 0.0, 0.0
     if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        try:  # tensors and plain values only: a state file cannot run code
+            st = torch.load(state_path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            log.info("detector: ignoring unreadable %s (%s); starting afresh", state_path, str(e).splitlines()[0])
+            st = {}
         if st.get("fingerprint") == fp:
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
@@ -287,7 +292,7 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
              metrics["tags"]["object_colour"], len(val.images), train_seconds, train_cpu,
              " ".join(f"{x:.1f}" for x in os.getloadavg()))
     save_own(model_out, model, cfg["input"], train.categories, train.attributes,
-             {"metrics": {k: metrics[k] for k in ("object_map", "attribute_map")}})
+             {"metrics": {k: float(metrics[k]) for k in ("object_map", "attribute_map")}})
     write_json(metrics_out, {"dataset_split": "val", **metrics})
     if state_path.exists():
         os.remove(state_path)
