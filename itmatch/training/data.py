@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 Batch = dict[str, torch.Tensor]
 
@@ -263,11 +264,36 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [perm[s:s + batch_size] for s in range(0, n, batch_size)]
 
 
-def loader(dataset: Dataset, batches: list[list[int]] | None = None, batch_size: int = 128,
-           num_workers: int = 0, collate=None) -> DataLoader:
-    kw: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate}
+class BatchList(Sampler[list[int]]):
+    """A batch sampler whose batches are set before each pass, so one DataLoader (and its persistent
+    workers) serves every epoch of a run: the indices are sent to the workers as each batch is requested."""
+
+    def __init__(self, batches: list[list[int]] | None = None):
+        self.batches: list[list[int]] = list(batches or [])
+
+    def set_batches(self, batches: list[list[int]]) -> None:
+        self.batches = list(batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+PREFETCH_FACTOR = 4  # batches each worker keeps ready (DataLoader prefetch)
+
+
+def loader(dataset: Dataset, batches: list[list[int]] | Sampler | None = None, batch_size: int = 128,
+           num_workers: int = 0, collate=None, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+    """A DataLoader over ``dataset``: given ``batches`` (lists of indices, or a batch sampler such as
+    :class:`BatchList`) or consecutive batches of ``batch_size``. With workers: ``PREFETCH_FACTOR`` batches
+    prefetched per worker and, when ``persistent``, workers kept alive between passes. ``pin_memory`` (for
+    a CUDA device) copies each batch to page-locked memory so host → GPU copies can overlap compute."""
+    kw: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": pin_memory}
     if num_workers > 0:
-        kw["prefetch_factor"] = 2
+        kw["prefetch_factor"] = PREFETCH_FACTOR
+        kw["persistent_workers"] = persistent
     if batches is not None:
         return DataLoader(dataset, batch_sampler=batches, **kw)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, **kw)
