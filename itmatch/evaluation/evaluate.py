@@ -10,6 +10,7 @@ matrices are averaged (the papers' fusion).
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ def similarity(model: MatchingModel, corpus: Corpus, image_rows: np.ndarray, cap
     dev = next(iter(model.parameters())).device
     pin = dev.type == "cuda"
     image_batches = loader(RowDataset(corpus, image_rows, "images"), batch_size=image_batch,
-                           num_workers=num_workers, collate=collate_images, pin_memory=pin)
+                           num_workers=num_workers, collate=partial(collate_images, float16=pin), pin_memory=pin)
     caption_batches = loader(RowDataset(corpus, caption_rows, "captions"), batch_size=caption_batch,
                              num_workers=num_workers, collate=collate_captions, pin_memory=pin)
     with autocast(dev, precision):

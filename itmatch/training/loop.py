@@ -24,6 +24,7 @@ import os
 import random
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +189,11 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
 
     # One loader for the whole run (persistent workers, pinned memory on CUDA); each epoch sets its batches.
     sampler = BatchList()
-    train_loader = loader(dataset, sampler, num_workers=int(t["num_workers"]), collate=collate_pairs,
-                          pin_memory=device.type == "cuda", persistent=True)
+    # On CUDA the features cross as stored (float16) and are cast on the GPU (to_device).
+    cuda = device.type == "cuda"
+    train_loader = loader(dataset, sampler, num_workers=int(t["num_workers"]),
+                          collate=partial(collate_pairs, float16=True) if cuda else collate_pairs,
+                          pin_memory=cuda, persistent=True)
     epochs = int(t["epochs"])
     every_ckpt = int(t["checkpoint_every_steps"])
     every_val = int(t["val_every_steps"])

@@ -181,8 +181,12 @@ def resolve_device(name: str, stage: str = "device") -> torch.device:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch's tensors on ``device`` (the batch itself on the CPU)."""
-    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """A batch's tensors on ``device`` (the batch itself on the CPU); float16 tensors (features collated as
+    stored, to halve the host → GPU bytes) become float32 on the GPU."""
+    if device.type == "cpu":
+        return batch
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.float() if v.dtype == torch.float16 else v for k, v in out.items()}
 
 
 def resolve_precision(precision: str, device: torch.device, stage: str = "precision") -> str:
