@@ -3,6 +3,7 @@ devices, flock), precision resolution and that autocast and the grad scaler are 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -217,3 +218,18 @@ def test_fp32_results_unchanged_and_bf16_scores_close(corpus_paths, tmp_path):
     low = similarity(model, corpus, image_rows, caption_rows, precision="bf16")
     assert low.dtype == np.float32 and not np.array_equal(low, ref)  # bf16 was really used
     assert np.abs(low - ref).max() < 0.05
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_device_check_without_cuda_skips_throughput_and_exits_0(tmp_path):
+    out = tmp_path / "dc"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "device_check.py"), str(out), "--skip-tests"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the throughput part is SKIPPED" in proc.stdout
+    report = json.loads((out / "device_check.json").read_text())
+    assert report["env"]["cuda_available"] is False
+    assert report["throughput_skipped"].startswith("no CUDA device: torch ")
+    assert "extraction" not in report and "training" not in report
+    md = (out / "device_check.md").read_text()
+    assert "## 2. Throughput" in md and "SKIPPED: no CUDA device" in md
