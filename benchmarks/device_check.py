@@ -207,6 +207,24 @@ def training_throughput(config: dict, precision: str, batch: int, max_s: float) 
     return rows
 
 
+def precision_stage(config: dict) -> dict[str, Any]:
+    """bf16 / fp16 vs fp32 on the GPU: SCAN/PFAN scores and region features (benchmarks/precision_tolerance.py)."""
+    import importlib.util
+
+    import precision_tolerance as pt
+
+    seeded = importlib.util.find_spec("itmatch.features.detector.seeded") is not None
+    out: dict[str, Any] = {"scores": [], "regions": []}
+    for p in ("bf16", "fp16"):
+        for name in ("scan", "pfan"):
+            for direction in ("t2i", "i2t"):
+                out["scores"].append(pt.score_tolerance(config, name, direction, 32, 160, p, DEV))
+        out["regions"].append(pt.detector_tolerance(config, p, DEV, 2, 160, "seeded" if seeded else None,
+                                                    "coco" if seeded else "shapes", (600, 1000) if seeded else None))
+        print(json.dumps({"precision": out["regions"][-1]}), flush=True)
+    return out
+
+
 # ---- report -------------------------------------------------------------------------------------------------
 def markdown(r: dict[str, Any]) -> str:
     lines = [f"# Device check ({r['started']})", "", f"- machine: {r['env']['gpu'] or 'no CUDA device'}; "
@@ -244,6 +262,18 @@ def markdown(r: dict[str, Any]) -> str:
                   "| model | batch | precision | it/s | peak GPU MB |", "|---|---:|---|---:|---:|"]
         lines += [f"| {x['model']} | {x['batch']} | {x['precision']} | {x.get('it_per_s', x.get('error'))} | "
                   f"{x.get('peak_gpu_mb', '')} |" for x in r["training"]]
+        lines.append("")
+    pr = r.get("precision")
+    if pr:
+        lines += ["Precision vs fp32 (scores: largest abs. difference / std of the fp32 scores, top-1 kept; "
+                  "regions: found again at IoU ≥ 0.99, min feature cosine):", "",
+                  "| what | precision | max abs diff / std | t2i top-1 same | i2t top-1 same |",
+                  "|---|---|---:|---:|---:|"]
+        lines += [f"| {x['model']} {x['direction']} | {x['precision']} | {x['max_abs_rel_std']} | "
+                  f"{x['t2i_top1_same']} | {x['i2t_top1_same']} |" for x in pr["scores"]]
+        lines += [f"| regions ({x['detector']}, {x['size']}) | {x['precision']} | "
+                  f"found again {x['regions_found_again']} | cosine min {x['feature_cosine_min']} | |"
+                  for x in pr["regions"]]
         lines.append("")
     for k in ("skipped_stages", "errors"):
         if r.get(k):
@@ -296,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         precision = resolve_precision(a.precision, DEV, "--precision")
         config = load_config(REPO / "config" / "config.yaml")
-        stages = (("extraction", lambda: extraction_throughput(config, out, a.extract_batches, precision)),
+        stages = (("precision", lambda: precision_stage(config)),
+                  ("extraction", lambda: extraction_throughput(config, out, a.extract_batches, precision)),
                   ("scoring", lambda: scoring_throughput(config, precision, *a.score_chunk)),
                   ("training", lambda: training_throughput(config, precision, a.train_batch,
                                                            max_s=max(5.0, (a.budget_s - (time.time() - t0)) / 8))))

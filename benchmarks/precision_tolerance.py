@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +60,25 @@ def score_tolerance(config: dict, model: str, direction: str, n_img: int, n_cap:
 
 
 def detector_tolerance(config: dict, precision: str, device: torch.device, n: int, size: int,
-                       checkpoint: str | None) -> dict:
+                       checkpoint: str | None, dataset: str = "shapes", hw: tuple[int, int] | None = None) -> dict:
+    """``checkpoint``: a detector file, ``seeded`` (the seeded published-layout R-101, when the package has
+    it; use ``dataset="coco"``), or None (the demo detector with random seeded weights)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from extract_bench import random_checkpoint  # (the extraction benchmark's random demo detector)
 
-    cfg = detector_config(config["detector"], "shapes")
-    path = Path(checkpoint) if checkpoint else Path("/tmp") / f"itmatch-precision-demo-{torch.initial_seed()}.pt"
-    if not checkpoint:
+    cfg = detector_config(config["detector"], dataset)
+    if checkpoint == "seeded":
+        from itmatch.features.detector.seeded import write_seeded_checkpoint
+
+        path = write_seeded_checkpoint(Path(tempfile.gettempdir()) / "itmatch-precision-seeded.pth")
+    elif checkpoint:
+        path = Path(checkpoint)
+    else:
+        path = Path(tempfile.gettempdir()) / "itmatch-precision-demo.pt"
         random_checkpoint(path, cfg, "demo")
     rng = np.random.default_rng(0)
-    ims = [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(n)]
+    h, w = hw or (size, size)
+    ims = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(n)]
     res = {}
     for p in ("fp32", precision):
         c = {**cfg, "inference": {**cfg["inference"], "precision": p}}
@@ -90,7 +100,7 @@ def detector_tolerance(config: dict, precision: str, device: torch.device, n: in
         cos += torch.nn.functional.cosine_similarity(fa, fb, dim=1).tolist()
         rel.append(float((fa - fb).abs().max() / fa.abs().max().clamp_min(1e-12)))
     return {"detector": checkpoint or "demo, random seeded weights", "precision": precision, "images": n,
-            "size": size, "regions_fp32": total, "regions_found_again": round(found / max(1, total), 4),
+            "size": f"{h}x{w}", "regions_fp32": total, "regions_found_again": round(found / max(1, total), 4),
             "feature_cosine_min": round(min(cos), 6) if cos else None,
             "feature_cosine_mean": round(float(np.mean(cos)), 6) if cos else None,
             "feature_max_abs_rel": round(max(rel), 5) if rel else None}
@@ -104,7 +114,8 @@ def main() -> None:
     ap.add_argument("--captions", type=int, default=160)
     ap.add_argument("--det-images", type=int, default=4)
     ap.add_argument("--det-size", type=int, default=160)
-    ap.add_argument("--checkpoint", help="detector checkpoint (default: the demo detector with random weights)")
+    ap.add_argument("--checkpoint", help="detector checkpoint, or 'seeded' (the seeded published-layout R-101 at "
+                    "600x1000); default: the demo detector with random weights")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -120,7 +131,9 @@ def main() -> None:
             for direction in ("t2i", "i2t"):
                 rows["scores"].append(score_tolerance(config, model, direction, a.images, a.captions, p, device))
                 print(json.dumps(rows["scores"][-1]), flush=True)
-        rows["regions"].append(detector_tolerance(config, p, device, a.det_images, a.det_size, a.checkpoint))
+        seeded = a.checkpoint == "seeded"
+        rows["regions"].append(detector_tolerance(config, p, device, a.det_images, a.det_size, a.checkpoint,
+                                                  "coco" if seeded else "shapes", (600, 1000) if seeded else None))
         print(json.dumps(rows["regions"][-1]), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
