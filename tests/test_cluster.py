@@ -131,23 +131,32 @@ def test_tiny_workflow_through_a_fake_cluster_equals_a_local_run(tmp_path):
                 assert digest(f) == digest(cluster / rel), rel
 
 
-def test_slurm_dry_run_plans_pfan_on_coco_with_gpus(tmp_path):
-    """`--workflow-profile profiles/slurm -n`: the whole COCO → PFAN DAG, GPU resources on GPU rules."""
+def slurm_dry_run(tmp_path: Path, extra_config: str = "", target: str = "results/pfan/coco/metrics.json"
+                  ) -> list[tuple[str, str]]:
+    """(rule, plan text) of every job `--workflow-profile profiles/slurm -n` plans for ``target`` on COCO."""
     (tmp_path / "resources/coco/images").mkdir(parents=True)
     (tmp_path / "resources/coco/dataset_coco.json").write_text(json.dumps({"images": []}))
     (tmp_path / "resources/coco/bottom-up-attention.pth").touch()  # a published detector checkpoint
     extra = tmp_path / "coco.yaml"
-    extra.write_text("detector:\n  checkpoints:\n    coco: resources/coco/bottom-up-attention.pth\n")
+    extra.write_text("detector:\n  checkpoints:\n    coco: resources/coco/bottom-up-attention.pth\n" + extra_config)
     proc = run_snakemake(tmp_path, "-n", "--workflow-profile", str(REPO / "profiles/slurm"),
-                         "results/pfan/coco/metrics.json", "--configfile", str(REPO / "config/config.yaml"),
+                         target, "--configfile", str(REPO / "config/config.yaml"),
                          str(TEST_CONFIG), str(extra), check=False)
     out = proc.stdout + proc.stderr
-    if "No rule to produce results/pfan/coco/metrics.json" in out:
+    if f"No rule to produce {target}" in out:
         pytest.skip("the training rules do not exist yet")
     assert proc.returncode == 0, out[-4000:]
     jobs = re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", out, flags=re.M | re.S)
     assert jobs, out[-3000:]
+    return jobs
+
+
+def test_slurm_dry_run_plans_pfan_on_coco_with_gpus(tmp_path):
+    """`--workflow-profile profiles/slurm -n`: the whole COCO → PFAN DAG, GPU resources on GPU rules."""
+    jobs = slurm_dry_run(tmp_path)
     gpu = gpu_rules()
+    # By default (device: auto) extraction, training and evaluation book a GPU each.
+    assert {"extract_regions_shard", "train_part", "evaluate"} <= {name for name, _ in jobs} & gpu
     for name, body in jobs:
         res = dict(re.findall(r"(\w+)=([^,\n]+)", re.search(r"resources: (.*)", body).group(1)))
         assert res["slurm_account"] == "<account>"
@@ -166,6 +175,34 @@ def test_slurm_dry_run_plans_pfan_on_coco_with_gpus(tmp_path):
             assert "--gpus=1" in line and re.search(r"--cpus-per-gpu=\d+", line), line
         else:
             assert "--gpus" not in line and re.search(r"--cpus-per-task=\d+", line), line
+
+
+CPU_ONLY = """
+extraction: {device: cpu}
+training: {device: cpu}
+evaluation: {device: cpu}
+text: {trees: {device: cpu}, bert: {device: cpu}}
+"""
+
+
+def test_slurm_dry_run_with_device_cpu_books_no_gpu(tmp_path):
+    """A CPU-only configuration: no job asks SLURM for a GPU (no gpu resource, no --gpus)."""
+    jobs = slurm_dry_run(tmp_path, CPU_ONLY)
+    planned = {name for name, _ in jobs}
+    assert {"extract_regions_shard", "train_part", "evaluate", "ingest"} <= planned, planned
+    for name, body in jobs:
+        res = dict(re.findall(r"(\w+)=([^,\n]+)", re.search(r"resources: (.*)", body).group(1)))
+        assert res.get("gpu", "0") == "0", (name, res)
+        line = sbatch_line(name, body)
+        assert "--gpus" not in line and "--cpus-per-gpu" not in line and re.search(r"--cpus-per-task=\d+", line), line
+
+
+def test_slurm_dry_run_gpu_follows_each_stage_device(tmp_path):
+    """Only the stage set to cpu stops booking a GPU; per-dataset overrides count (training.datasets.coco)."""
+    jobs = slurm_dry_run(tmp_path, "training: {datasets: {coco: {device: cpu}}}\n")
+    gpus = {name: dict(re.findall(r"(\w+)=([^,\n]+)", re.search(r"resources: (.*)", body).group(1))).get("gpu", "0")
+            for name, body in jobs}
+    assert gpus["train_part"] == "0" and gpus["extract_regions_shard"] == "1" and gpus["evaluate"] == "1", gpus
 
 
 class _Resources(dict):

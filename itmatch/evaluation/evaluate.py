@@ -12,6 +12,7 @@ matrices are averaged (the papers' fusion). A similarity matrix with NaN/inf ent
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from itmatch.evaluation.metrics import protocols
 from itmatch.models.base import MatchingModel
 from itmatch.models.registry import build_model
 from itmatch.training.data import Corpus, RowDataset, collate_captions, collate_images, loader
-from itmatch.utils.device import resolve_device, to_device
+from itmatch.utils.device import autocast, resolve_device, resolve_precision, to_device
 from itmatch.utils.logs import log, progress
 
 
@@ -40,24 +41,29 @@ def check_finite_similarity(sim: np.ndarray, what: str) -> None:
 
 @torch.no_grad()
 def similarity(model: MatchingModel, corpus: Corpus, image_rows: np.ndarray, caption_rows: np.ndarray,
-               image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, desc: str = "score"
-               ) -> np.ndarray:
-    """[len(image_rows), len(caption_rows)] float32 similarities."""
+               image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, desc: str = "score",
+               precision: str = "fp32") -> np.ndarray:
+    """[len(image_rows), len(caption_rows)] float32 similarities; encoding and scoring under ``precision``
+    (a resolved one: fp32 | bf16 | fp16, :func:`itmatch.utils.device.resolve_precision`)."""
     model.eval()
     dev = next(iter(model.parameters())).device
+    pin = dev.type == "cuda"
     image_batches = loader(RowDataset(corpus, image_rows, "images"), batch_size=image_batch,
-                           num_workers=num_workers, collate=collate_images)
+                           num_workers=num_workers, collate=partial(collate_images, float16=pin), pin_memory=pin)
     caption_batches = loader(RowDataset(corpus, caption_rows, "captions"), batch_size=caption_batch,
-                             num_workers=num_workers, collate=collate_captions)
-    imgs = [model.encode_images(to_device(b, dev)) for b in image_batches]
-    caps = [model.encode_captions(to_device(b, dev)) for b in caption_batches]
+                             num_workers=num_workers, collate=collate_captions, pin_memory=pin)
+    with autocast(dev, precision):
+        imgs = [model.encode_images(to_device(b, dev)) for b in image_batches]
+        caps = [model.encode_captions(to_device(b, dev)) for b in caption_batches]
     sim = np.zeros((len(image_rows), len(caption_rows)), dtype=np.float32)
     i0 = 0
     for img in progress(imgs, desc=desc, unit="image chunk"):
         c0 = 0
         n_i = 0
         for cap in caps:
-            s = model.score(img, cap).float().cpu().numpy()
+            with autocast(dev, precision):
+                s = model.score(img, cap)
+            s = s.float().cpu().numpy()
             n_i = s.shape[0]
             sim[i0:i0 + n_i, c0:c0 + s.shape[1]] = s
             c0 += s.shape[1]
@@ -95,15 +101,18 @@ def load_parts(checkpoint: str, device: str | torch.device = "cpu") -> tuple[str
 
 
 def evaluate_checkpoint(checkpoint: str, corpus: Corpus, split: str = "test", folds: int = 1, full: bool = False,
-                        image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, device: str = "cpu"
-                        ) -> tuple[dict[str, Any], int, int]:
+                        image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, device: str = "cpu",
+                        precision: str = "fp32") -> tuple[dict[str, Any], int, int]:
     """(protocols block, n_images, n_captions) of a checkpoint on a split; fused parts averaged."""
-    _, models = load_parts(checkpoint, resolve_device(device))
+    dev = resolve_device(device, "evaluation.device")
+    precision = resolve_precision(precision, dev, "evaluation.precision")
+    log.info("scoring precision %s", precision)
+    _, models = load_parts(checkpoint, dev)
     image_rows, caption_rows, cap_image = split_rows(corpus, split)
     sim = None
     for k, m in enumerate(models):
         s = similarity(m, corpus, image_rows, caption_rows, image_batch, caption_batch, num_workers,
-                       desc=f"{split} part {k + 1}/{len(models)}")
+                       desc=f"{split} part {k + 1}/{len(models)}", precision=precision)
         check_finite_similarity(s, f"{checkpoint} part {k + 1}/{len(models)} on the {split} split")
         sim = s if sim is None else sim + s
     sim /= len(models)
@@ -121,7 +130,7 @@ def run_evaluation(model_name: str, checkpoint: str, corpus: Corpus, out_json: s
         checkpoint, corpus, split=eval_cfg.get("split", "test"), folds=int(eval_cfg.get("folds", 1)),
         full=bool(eval_cfg.get("full", False)), image_batch=int(eval_cfg.get("image_batch", 128)),
         caption_batch=int(eval_cfg.get("caption_batch", 512)), num_workers=int(eval_cfg.get("num_workers", 0)),
-        device=str(eval_cfg.get("device", "cpu")))
+        device=str(eval_cfg.get("device", "cpu")), precision=str(eval_cfg.get("precision", "fp32")))
     out = {"model": model_name, "dataset": config.get("dataset", ""), "protocols": prot, "n_images": n_img,
            "n_captions": n_cap, "checkpoint": str(checkpoint), "config": config, "code_version": code_version,
            "seconds": round(time.time() - t0, 2)}

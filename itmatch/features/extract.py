@@ -101,7 +101,7 @@ def resolve_device(device: str) -> torch.device:
     """:func:`itmatch.utils.device.resolve_device`, refusing ``cuda`` up front when torch sees no GPU."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("extraction.device is 'cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
-    return utils_device.resolve_device(device)
+    return utils_device.resolve_device(device, "extraction.device")
 
 
 def load_image(path: str | Path) -> np.ndarray:

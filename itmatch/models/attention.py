@@ -37,7 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from itmatch.models.encoders import length_mask
+from itmatch.models.encoders import length_mask, upcast
 
 AGGS = ("LogSumExp", "Mean", "Max", "Sum")
 RAW_NORMS = ("clipped_l2norm", "none")
@@ -150,6 +150,12 @@ def _xattn(K: torch.Tensor, klens: torch.Tensor, Q: torch.Tensor, qlens: torch.T
     return out[torch.argsort(kperm)][:, torch.argsort(qperm)]
 
 
+def _norm(X: torch.Tensor) -> torch.Tensor:
+    """‖X‖ over dim 3 (keepdim), accumulated and returned in float32 for float16 / bfloat16 X."""
+    low = X.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(X, dim=3, keepdim=True, dtype=torch.float32 if low else None)
+
+
 def _xattn_shard(K, kmask, klens, G, Q, qmask, qlens, q_norm, lam, agg, lam_lse, raw_norm, max_term, eps
                  ) -> torch.Tensor:
     nk, Lk, d = K.shape
@@ -161,7 +167,7 @@ def _xattn_shard(K, kmask, klens, G, Q, qmask, qlens, q_norm, lam, agg, lam_lse,
         # inference: the same operations in place on two buffers (no large temporaries)
         X = F.leaky_relu(S, 0.1) if raw_norm == "clipped_l2norm" else S * lam
         if raw_norm == "clipped_l2norm":
-            X.mul_(lam / (torch.linalg.vector_norm(X, dim=3, keepdim=True) + eps))
+            X.mul_(lam / (_norm(X) + eps))
         if pad:
             X.masked_fill_(~kmask[:, :, None, None], float("-inf"))
         A = X.softmax(dim=1)
@@ -171,7 +177,7 @@ def _xattn_shard(K, kmask, klens, G, Q, qmask, qlens, q_norm, lam, agg, lam_lse,
     else:
         if raw_norm == "clipped_l2norm":  # leaky ReLU, l2-normalised over the queries of each context item
             X = F.leaky_relu(S, 0.1)
-            X = X * (lam / (torch.linalg.vector_norm(X, dim=3, keepdim=True) + eps))  # [nk, Lk, nq, Lq]
+            X = X * (lam / (_norm(X) + eps))
         else:
             X = S * lam
         if pad:
@@ -180,7 +186,8 @@ def _xattn_shard(K, kmask, klens, G, Q, qmask, qlens, q_norm, lam, agg, lam_lse,
         num = (A * S).sum(1)  # [nk, nq, Lq] = q · attended context
         GA = torch.bmm(G, A.reshape(nk, Lk, nq * Lq)).view(nk, Lk, nq, Lq)
         ctx_sq = (GA * A).sum(1)  # ‖attended context‖²
-    cos = num / (q_norm[None] * _sqrt(ctx_sq)).clamp(min=eps)  # [nk, nq, Lq]
+    # (norms and cosines in float32: under fp16 autocast eps would underflow to 0 and padding give 0/0)
+    cos = num / upcast(q_norm[None] * _sqrt(ctx_sq)).clamp(min=eps)  # [nk, nq, Lq]
     m = qmask[None]
     count = qlens[None].to(cos.dtype)
     out = _aggregate(cos, m, 2, agg, lam_lse, count)  # [nk, nq]

@@ -305,7 +305,7 @@ class BSSAN(MatchingModel):
             same_img = images["index"][:, None] == captions["image_index"][None, :]
             if bool((~(same | same_img)).any(1).all()):
                 same = same | same_img
-        r = torch.rand(B, B, device=device).masked_fill(same, -1.0)
+        r = torch.rand(B, B).to(device).masked_fill(same, -1.0)  # CPU generator: the same negatives on any device
         return r.argmax(1)
 
     def regularized_parameters(self) -> list[nn.Parameter]:

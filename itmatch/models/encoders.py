@@ -14,7 +14,13 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     """x / (‖x‖ + eps); all-zero rows (padding) stay 0 with a finite gradient (no sqrt'(0) = inf)."""
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).clamp(min=1e-30).sqrt() + eps)
+    # (the norm in float32: in float16 the clamp and eps would underflow to 0 and padding rows give 0/0)
+    return x / (upcast(x).pow(2).sum(dim=dim, keepdim=True).clamp(min=1e-30).sqrt() + eps)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is float16 / bfloat16 (mixed precision), else ``x`` itself."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

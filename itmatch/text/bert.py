@@ -57,7 +57,7 @@ def resolve_model_dir(spec: str, key: str = "text.bert.model") -> Path:
 def pick_device(device: str = "auto") -> str:
     from itmatch.utils.device import resolve_device
 
-    return str(resolve_device(device))
+    return str(resolve_device(device, "text.bert.device"))
 
 
 def load_bert(spec: str, device: str = "cpu"):

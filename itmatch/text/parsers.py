@@ -46,9 +46,10 @@ def stanza_parse(texts: Sequence[str], model_dir: str | Path, batch_size: int = 
     """``(ptb, lemmas)`` per text with stanza (models from ``model_dir`` only)."""
     d = check_stanza_models(model_dir)
     import stanza
-    import torch
 
-    use_gpu = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    from itmatch.utils.device import resolve_device
+
+    use_gpu = resolve_device(device, "text.trees.device").type == "cuda"  # logged; warns / fails as elsewhere
     nlp = stanza.Pipeline("en", dir=str(d), processors=STANZA_PROCESSORS, download_method=None,
                           use_gpu=use_gpu, logging_level="WARN", tokenize_batch_size=batch_size,
                           pos_batch_size=batch_size * 8, lemma_batch_size=batch_size * 8,

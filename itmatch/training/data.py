@@ -1,9 +1,12 @@
 """Data loading for training and evaluation, in the batch layout of :mod:`itmatch.models.base`.
 
-Memory does not grow with the number of images: HDF5 files (regions.h5, blocks.h5, tags.h5, bert.h5)
-are opened lazily in each process (DataLoader workers included) and read one image / caption at a
-time (regions.h5 stores one image per chunk). What is held in memory is per caption and small: the
-token ids (one flat int32 array + offsets), the caption → image row map, split labels.
+Region features are never loaded whole: HDF5 files (regions.h5, blocks.h5, tags.h5, bert.h5) are opened
+lazily in each process (DataLoader workers included) and read one image / caption at a time (regions.h5
+stores one image per chunk, read as one raw chunk). What is held in memory is small: per caption the token
+ids (one flat int32 array + offsets), the caption → image row map and split labels; per image the small
+arrays of regions.h5 (num_regions, boxes, image_hw, object ids and confidences: ≈ 0.8 KB per image at 36
+regions, ≈ 100 MB for COCO, shared with forked workers). Batches: float32 features (cast from the stored
+float16 while collating, in shared memory inside workers), pinned when the device is CUDA.
 
 Inputs (see the artifact contract): images.parquet (row order = regions.h5 rows), captions.parquet,
 tokens.parquet (same row order as captions.parquet), vocab.json, and the optional blocks.h5, tags.h5,
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,11 +28,14 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from itmatch.utils.h5 import open_h5, reading
 
 Batch = dict[str, torch.Tensor]
+# per-image arrays of regions.h5 kept in memory, with the dtypes the batches use
+IMAGE_META = {"num_regions": np.int64, "boxes": np.float32, "image_hw": np.int64, "object_id": np.int64,
+              "attribute_id": np.int64, "object_conf": np.float32}
 
 
 @dataclass
@@ -56,15 +63,57 @@ class LazyH5:
         self.path = str(path)
         self._f: h5py.File | None = None
         self._pid = -1
+        self._ds: dict[str, Any] = {}  # dataset handles and chunk readers of this process
 
     def file(self) -> h5py.File:
         if self._f is None or self._pid != os.getpid():
             self._f = open_h5(self.path)
             self._pid = os.getpid()
+            self._ds = {}
         return self._f
 
+    def dataset(self, name: str) -> h5py.Dataset:
+        """A dataset handle, looked up once per process (a name lookup costs more than a small read)."""
+        f = self.file()
+        ds = self._ds.get(name)
+        if ds is None:
+            ds = self._ds[name] = f[name]
+        return ds
+
+    def chunk_reader(self, name: str) -> ChunkReader:
+        """A :class:`ChunkReader` of one dataset, made once per process."""
+        self.file()
+        key = f"reader:{name}"
+        reader = self._ds.get(key)
+        if reader is None:
+            reader = self._ds[key] = ChunkReader(self.dataset(name))
+        return reader
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_f": None, "_pid": -1}
+        return {"path": self.path, "_f": None, "_pid": -1, "_ds": {}}
+
+
+class ChunkReader:
+    """``ds[row]`` of a [N, ...] dataset stored one row per chunk without filters (the contract's features):
+    one raw chunk read straight into a new array, skipping h5py's selection machinery; any other layout (or a
+    chunk never written) falls back to the ordinary read."""
+
+    def __init__(self, ds: h5py.Dataset):
+        self.ds = ds
+        self.direct = (ds.chunks == (1, *ds.shape[1:]) and ds.compression is None and not ds.fletcher32
+                       and not ds.shuffle and ds.dtype.isnative)
+        self.zeros = (0,) * (ds.ndim - 1)
+
+    def __call__(self, row: int) -> np.ndarray:
+        if self.direct:
+            out = np.empty(self.ds.shape[1:], dtype=self.ds.dtype)
+            try:
+                mask, _ = self.ds.id.read_direct_chunk((row, *self.zeros), out=out.reshape(-1).view(np.uint8))
+                if mask == 0:
+                    return out
+            except (KeyError, RuntimeError, OSError, ValueError):
+                pass
+        return self.ds[row]
 
 
 def _read_column(path: str, columns: list[str]) -> dict[str, np.ndarray]:
@@ -115,7 +164,10 @@ class Corpus:
                 if key not in f:
                     raise KeyError(f"{paths.regions}: dataset {key!r} missing")
             self.n_images, self.R, self.feature_dim = f["features"].shape
+            # the small per-image arrays (≈ 0.8 KB per image at R=36: ≈ 100 MB for COCO) are read once and
+            # shared with the workers (fork); only the features are read per item, one image = one chunk
             with reading(paths.regions, "image_id"):
+                self.image_meta = {key: f[key][:] for key in IMAGE_META if key in f}
                 region_ids = f["image_id"][:]
             if not np.array_equal(region_ids, img["image_id"]):
                 raise ValueError(f"{paths.regions}: image_id rows differ from {paths.images}")
@@ -163,23 +215,18 @@ class Corpus:
 
     # ---- items ----
     def image_item(self, row: int) -> dict[str, np.ndarray]:
-        f = self.regions.file()
+        # float16 as stored (one image = one chunk = one read); collate_images makes the batch float32
         with reading(self.regions.path, f"image row {row}"):
-            item = {"features": f["features"][row].astype(np.float32), "num_regions": int(f["num_regions"][row]),
-                    "boxes": f["boxes"][row].astype(np.float32), "image_hw": f["image_hw"][row].astype(np.int64),
-                    "index": row}
-            for key, dtype in (("object_id", np.int64), ("attribute_id", np.int64), ("object_conf", np.float32)):
-                if key in f:
-                    item[key] = f[key][row].astype(dtype)
+            item = {"features": self.regions.chunk_reader("features")(row), "index": row}
+        for key, value in self.image_meta.items():
+            item[key] = int(value[row]) if key == "num_regions" else value[row].astype(IMAGE_META[key])
         if self.blocks is not None:
-            b = self.blocks.file()
             with reading(self.blocks.path, f"image row {row}"):
-                item["block_index"] = b["index"][row].astype(np.int64)
-                item["block_weight"] = b["weight"][row].astype(np.float32)
+                item["block_index"] = self.blocks.dataset("index")[row].astype(np.int64)
+                item["block_weight"] = self.blocks.dataset("weight")[row].astype(np.float32)
         if self.tags is not None:
-            t = self.tags.file()
             with reading(self.tags.path, f"image row {row}"):
-                idx = t["index"][row]
+                idx = self.tags.dataset("index")[row]
             vec = self.tag_table[np.clip(idx, 0, None)]  # fancy indexing copies
             vec[idx < 0] = 0
             item["tag_vectors"] = vec
@@ -192,23 +239,40 @@ class Corpus:
             toks = np.array([3], dtype=np.int64)  # an empty caption reads as one <unk>
         item: dict[str, Any] = {"tokens": toks, "index": row, "image_index": int(self.caption_image[row])}
         if self.bert is not None:
-            b = self.bert.file()
+            o, values = self.bert.dataset("offsets"), self.bert.dataset("values")
             with reading(self.bert.path, f"caption row {row}"):
-                o = b["offsets"]
                 bs, be = int(o[row]), int(o[row + 1])
-                vec = b["values"][bs:be].astype(np.float32) if be > bs else np.zeros((1, b["values"].shape[1]),
-                                                                                       np.float32)
+                vec = values[bs:be].astype(np.float32) if be > bs else np.zeros((1, values.shape[1]), np.float32)
             item["bert"] = vec
         if self.trees is not None:
             item["tree_labels"] = self.trees[row]
         return item
 
 
-def collate_images(items: list[dict[str, Any]]) -> Batch:
+def _stack(vals: list[np.ndarray], float16: bool = False) -> torch.Tensor:
+    """``np.stack(vals)`` as a tensor; float16 becomes float32 unless ``float16``. In a DataLoader worker the
+    result is built in shared memory (as torch's default_collate does), so it reaches the main process without
+    another copy, and each item is cast into it directly (one thread: no spin-waiting over small slices)."""
+    dtype = torch.from_numpy(vals[0][:0]).dtype
+    if dtype == torch.float16 and not float16:
+        dtype = torch.float32
+    shape = (len(vals), *vals[0].shape)
+    if get_worker_info() is None:
+        return torch.from_numpy(np.stack(vals)).to(dtype)
+    elem = torch.empty(0, dtype=dtype)
+    out = elem.new(elem._typed_storage()._new_shared(int(np.prod(shape)))).resize_(shape)
+    for i, v in enumerate(vals):
+        out[i].copy_(torch.from_numpy(v))
+    return out
+
+
+def collate_images(items: list[dict[str, Any]], float16: bool = False) -> Batch:
+    """Image items → a batch. ``float16``: the features stay float16 as stored (for a CUDA device: half the
+    bytes to copy, cast to float32 on the GPU by :func:`itmatch.utils.device.to_device`)."""
     out: Batch = {}
     for key in items[0]:
         vals = [it[key] for it in items]
-        out[key] = torch.as_tensor(np.stack(vals)) if isinstance(vals[0], np.ndarray) else torch.tensor(vals)
+        out[key] = _stack(vals, float16) if isinstance(vals[0], np.ndarray) else torch.tensor(vals)
     return out
 
 
@@ -248,8 +312,8 @@ class PairDataset(Dataset):
         return self.corpus.image_item(int(self.corpus.caption_image[c])), self.corpus.caption_item(c)
 
 
-def collate_pairs(items: list[tuple[dict, dict]]) -> tuple[Batch, Batch]:
-    return collate_images([a for a, _ in items]), collate_captions([b for _, b in items])
+def collate_pairs(items: list[tuple[dict, dict]], float16: bool = False) -> tuple[Batch, Batch]:
+    return collate_images([a for a, _ in items], float16), collate_captions([b for _, b in items])
 
 
 class RowDataset(Dataset):
@@ -273,11 +337,36 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [perm[s:s + batch_size] for s in range(0, n, batch_size)]
 
 
-def loader(dataset: Dataset, batches: list[list[int]] | None = None, batch_size: int = 128,
-           num_workers: int = 0, collate=None) -> DataLoader:
-    kw: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate}
+class BatchList(Sampler[list[int]]):
+    """A batch sampler whose batches are set before each pass, so one DataLoader (and its persistent
+    workers) serves every epoch of a run: the indices are sent to the workers as each batch is requested."""
+
+    def __init__(self, batches: list[list[int]] | None = None):
+        self.batches: list[list[int]] = list(batches or [])
+
+    def set_batches(self, batches: list[list[int]]) -> None:
+        self.batches = list(batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+PREFETCH_FACTOR = 4  # batches each worker keeps ready (DataLoader prefetch)
+
+
+def loader(dataset: Dataset, batches: list[list[int]] | Sampler | None = None, batch_size: int = 128,
+           num_workers: int = 0, collate=None, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+    """A DataLoader over ``dataset``: given ``batches`` (lists of indices, or a batch sampler such as
+    :class:`BatchList`) or consecutive batches of ``batch_size``. With workers: ``PREFETCH_FACTOR`` batches
+    prefetched per worker and, when ``persistent``, workers kept alive between passes. ``pin_memory`` (for
+    a CUDA device) copies each batch to page-locked memory so host → GPU copies can overlap compute."""
+    kw: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": pin_memory}
     if num_workers > 0:
-        kw["prefetch_factor"] = 2
+        kw["prefetch_factor"] = PREFETCH_FACTOR
+        kw["persistent_workers"] = persistent
     if batches is not None:
         return DataLoader(dataset, batch_sampler=batches, **kw)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, **kw)

@@ -31,6 +31,7 @@ import pickle
 import random
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,9 @@ import torch
 from itmatch.evaluation.evaluate import NonFiniteSimilarityError, check_finite_similarity, similarity, split_rows
 from itmatch.evaluation.metrics import retrieval_metrics
 from itmatch.models.registry import build_model
-from itmatch.training.data import Corpus, PairDataset, collate_pairs, epoch_batches, loader
+from itmatch.training.data import BatchList, Corpus, PairDataset, collate_pairs, epoch_batches, loader
 from itmatch.training.loss import ContrastiveLoss
-from itmatch.utils.device import resolve_device, to_device
+from itmatch.utils.device import autocast, resolve_device, resolve_precision, to_device
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 
@@ -54,11 +55,12 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip": 2.0, "margin": 0.2, "max_violation": True, "warmup_epochs": 0, "val_every_steps": 0,
     "val_max_images": 1000,
     "checkpoint_every_steps": 100, "num_workers": 0, "threads": 1, "optimizer": "adam", "momentum": 0.9,
-    "weight_decay": 0.0, "device": "cpu", "nonfinite_patience": 0,
+    "weight_decay": 0.0, "device": "cpu", "precision": "fp32", "nonfinite_patience": 0,
 }
 # keys that do not change the trajectory of the steps already taken: a saved state stays valid when they change
 # (e.g. more epochs continue a finished-early run's state)
-RESOURCE_KEYS = ("num_workers", "threads", "mem_mb", "runtime", "device", "epochs", "checkpoint_every_steps")
+RESOURCE_KEYS = ("num_workers", "threads", "mem_mb", "runtime", "device", "epochs", "checkpoint_every_steps",
+                 "precision")  # (the resolved precision joins the state's key when it is not fp32)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -119,9 +121,11 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
 
 
-def validate(model, corpus: Corpus, max_images: int, num_workers: int = 0) -> dict[str, Any]:
+def validate(model, corpus: Corpus, max_images: int, num_workers: int = 0, precision: str = "fp32"
+             ) -> dict[str, Any]:
     image_rows, caption_rows, cap_image = split_rows(corpus, "val", max_images)
-    sim = similarity(model, corpus, image_rows, caption_rows, num_workers=num_workers, desc="val")
+    sim = similarity(model, corpus, image_rows, caption_rows, num_workers=num_workers, desc="val",
+                     precision=precision)
     check_finite_similarity(sim, "validation")
     return retrieval_metrics(sim, cap_image)
 
@@ -137,13 +141,18 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     data_info = dict(corpus.info)
     key = _settings_hash(model_name, model_cfg, {k: v for k, v in t.items() if k not in RESOURCE_KEYS},
                          data_info, part)
-    device = resolve_device(str(t["device"]))
+    device = resolve_device(str(t["device"]), "training.device")
+    precision = resolve_precision(str(t["precision"]), device, "training.precision")
+    log.info("training precision %s%s", precision, " (fp16 with a gradient scaler)" if precision == "fp16" else "")
+    if precision != "fp32":
+        key += f"-{precision}"
     torch.manual_seed(int(t["seed"]))
     np.random.seed(int(t["seed"]) % 2 ** 32)
     random.seed(int(t["seed"]))
     model = build_model(model_name, model_cfg, data_info).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, t)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     criterion = ContrastiveLoss(margin=float(t["margin"]), max_violation=bool(t["max_violation"]))
     # warm-up: sum over all negatives for the first epochs (hardest negatives from a random start can collapse)
     warmup = ContrastiveLoss(margin=float(t["margin"]), max_violation=False)
@@ -165,6 +174,8 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
         else:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
+            if "scaler" in saved:
+                scaler.load_state_dict(saved["scaler"])
             _set_rng_state(saved["rng"])
             st = {"nonfinite": 0, **saved["loop"]}
             log.info("resuming from %s: epoch %d, batch %d, step %d", state_path, st["epoch"], st["batch"],
@@ -181,7 +192,8 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     def save_state() -> None:
         st["seconds"] = time.time() - t_start
         _save(state_path, {"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "rng": _rng_state(), "loop": st})
+                           "rng": _rng_state(), "loop": st, **({"scaler": scaler.state_dict()} if scaler.is_enabled()
+                                                             else {})})
 
     def lr_at(epoch: int) -> float:
         return float(t["lr"]) * float(t["lr_decay"]) ** (epoch // max(1, int(t["lr_decay_epochs"])))
@@ -198,7 +210,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
 
     def do_validation(epoch: int) -> None:
         try:
-            m = validate(model, corpus, int(t["val_max_images"]), int(t["num_workers"]))
+            m = validate(model, corpus, int(t["val_max_images"]), int(t["num_workers"]), precision)
         except NonFiniteSimilarityError as e:
             raise TrainingDiverged(f"{who}: training diverged at epoch {epoch}, step {st['step']}: {e}; no model "
                                    f"is written. Lower training.lr or set training.grad_clip > 0.") from None
@@ -216,6 +228,13 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
             st["best_at"] = {"epoch": epoch, "step": st["step"]}
         model.train()
 
+    # One loader for the whole run (persistent workers, pinned memory on CUDA); each epoch sets its batches.
+    sampler = BatchList()
+    # On CUDA the features cross as stored (float16) and are cast on the GPU (to_device).
+    cuda = device.type == "cuda"
+    train_loader = loader(dataset, sampler, num_workers=int(t["num_workers"]),
+                          collate=partial(collate_pairs, float16=True) if cuda else collate_pairs,
+                          pin_memory=cuda, persistent=True)
     epochs = int(t["epochs"])
     every_ckpt = int(t["checkpoint_every_steps"])
     every_val = int(t["val_every_steps"])
@@ -228,27 +247,31 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
             model.train()
             if st["batch"] < len(batches):
                 rest = batches[st["batch"]:]
-                for images, captions in progress(loader(dataset, rest, num_workers=int(t["num_workers"]),
-                                                        collate=collate_pairs),
-                                                 desc=f"{part or model_name} epoch {epoch}", total=len(rest),
-                                                 unit="batch"):
+                sampler.set_batches(rest)
+                for images, captions in progress(train_loader, desc=f"{part or model_name} epoch {epoch}",
+                                                 total=len(rest), unit="batch"):
                     crit = warmup if epoch < int(t["warmup_epochs"]) else criterion
-                    loss, _ = model.loss(to_device(images, device), to_device(captions, device), crit)
+                    with autocast(device, precision):
+                        loss, _ = model.loss(to_device(images, device), to_device(captions, device), crit)
                     opt.zero_grad(set_to_none=True)
                     loss_value = float(loss.detach())
                     bad = None
                     if not math.isfinite(loss_value):
                         bad = ("loss", loss_value)
                     else:
-                        loss.backward()
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(opt)  # a no-op unless fp16
                         if float(t["grad_clip"]) > 0:
                             norm = torch.nn.utils.clip_grad_norm_(params, float(t["grad_clip"]))
                         else:
                             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                        if not math.isfinite(float(norm)):
+                        # fp16: an overflowing step is the gradient scaler's business (it skips the step and
+                        # lowers the scale), not a divergence
+                        if not math.isfinite(float(norm)) and not scaler.is_enabled():
                             bad = ("gradient norm", float(norm))
                     if bad is None:
-                        opt.step()
+                        scaler.step(opt)
+                        scaler.update()
                         st["nonfinite"] = 0
                         st["loss_sum"] += loss_value
                         st["loss_n"] += 1

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from itmatch.features.blocks import compute_blocks, write_blocks
 from itmatch.training.data import DataPaths
@@ -74,3 +75,37 @@ def write_synthetic_corpus(root: str | Path, n_train: int = 40, n_val: int = 10,
     return DataPaths(images=str(root / "images.parquet"), captions=str(root / "captions.parquet"),
                      tokens=str(root / "tokens.parquet"), vocab=str(root / "vocab.json"),
                      regions=str(root / "regions.h5"), blocks=str(root / "blocks.h5"))
+
+
+def synthetic_batches(n_img: int, n_cap: int, R: int = 36, D: int = 2048, vocab: int = 10_000, min_len: int = 8,
+                      max_len: int = 16, bert_dim: int = 768, K: int = 16, L: int = 15, seed: int = 0
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]:
+    """Random image and caption batches with every key any model reads (features, num_regions, boxes,
+    object_conf, block index/weight, tag vectors; tokens, lengths, BERT vectors, tree labels) and the matching
+    ``data_info``. Caption ``k`` belongs to image ``k % n_img``. Defaults: COCO-size inputs (36 × 2048 regions,
+    captions of 8–16 words, BERT-base width, the 16 × 16 block grid with 15 blocks per region)."""
+    g = torch.Generator().manual_seed(seed)
+    num = torch.randint(max(1, R - 6), R + 1, (n_img,), generator=g)
+    valid = torch.arange(R)[None] < num[:, None]
+    xy = torch.rand(n_img, R, 2, generator=g) * 400
+    images = {"features": torch.rand(n_img, R, D, generator=g) * valid[..., None], "num_regions": num,
+              "boxes": torch.cat([xy, xy + 1 + torch.rand(n_img, R, 2, generator=g) * 200], -1),
+              "image_hw": torch.tensor([[480, 640]]).repeat(n_img, 1),
+              "object_conf": torch.rand(n_img, R, generator=g) * valid,
+              "object_id": torch.randint(0, 1600, (n_img, R), generator=g),
+              "attribute_id": torch.randint(0, 400, (n_img, R), generator=g),
+              "block_index": torch.randint(0, K * K, (n_img, R, L), generator=g),
+              "block_weight": torch.softmax(torch.randn(n_img, R, L, generator=g), -1),
+              "tag_vectors": torch.randn(n_img, R, bert_dim, generator=g), "index": torch.arange(n_img)}
+    lens = torch.randint(min_len, max_len + 1, (n_cap,), generator=g)
+    tok = torch.randint(4, vocab, (n_cap, max_len), generator=g)
+    pad = torch.arange(max_len)[None] >= lens[:, None]
+    tok[pad] = 0
+    bert = torch.randn(n_cap, max_len, bert_dim, generator=g)
+    bert[pad] = 0
+    captions = {"tokens": tok, "lengths": lens, "image_index": torch.arange(n_cap) % n_img,
+                "index": torch.arange(n_cap), "bert": bert,
+                "tree_labels": torch.randint(-1, 50, (n_cap, 7), generator=g)}
+    info = {"vocab_size": vocab, "feature_dim": D, "num_regions": R, "blocks_K": K, "blocks_L": L,
+            "tag_dim": bert_dim, "bert_dim": bert_dim, "n_entities": 1440, "n_relations": 247}
+    return images, captions, info

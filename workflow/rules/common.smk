@@ -4,6 +4,7 @@ import os
 from snakemake.utils import validate
 
 from itmatch.config import DATASETS, MODELS, deep_update, validate_config
+from itmatch.utils.device import uses_gpu
 from itmatch.utils.hashing import code_hash
 
 # Our validator first (messages name the key and the allowed values), then Snakemake's (fills defaults).
@@ -64,5 +65,12 @@ def alternation(names):
 
 
 def gpu_resources(settings):
-    """``resources: gpu=1`` for a stage whose ``device`` setting is ``cuda``."""
-    return {"gpu": 1} if settings.get("device") == "cuda" else {}
+    """``resources: gpu=1`` exactly when a stage may run on CUDA (``device`` auto or cuda), ``gpu=0`` for ``cpu``.
+
+    ``settings``: the stage's settings, or a function of the wildcards returning them (per-dataset overrides).
+    Locally, ``--resources gpu=N`` runs N such jobs at once, each on a GPU of its own (itmatch.utils.device);
+    on SLURM the profile turns gpu=1 into ``sbatch --gpus=1``.
+    """
+    if callable(settings):
+        return {"gpu": lambda wc: uses_gpu(settings(wc).get("device", "auto"))}
+    return {"gpu": uses_gpu(settings.get("device", "auto"))}

@@ -143,6 +143,7 @@ rule train_detector:
     resources:
         mem_mb=4000,
         runtime=60,
+        **gpu_resources(lambda wc: _detector_cfg(wc.dataset)["training"]),
     log:
         "logs/train_detector/{dataset}.log",
     conda:

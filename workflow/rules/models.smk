@@ -34,7 +34,7 @@ rule train_part:
     resources:
         mem_mb=lambda wc: _training(wc)["mem_mb"],
         runtime=lambda wc: _training(wc)["runtime"],
-        **gpu_resources(_T),
+        **gpu_resources(_training),
     log:
         "logs/train/{model}/{dataset}.{part}.log",
     conda:
@@ -60,7 +60,7 @@ rule train_model:
     resources:
         mem_mb=lambda wc: _training(wc)["mem_mb"],
         runtime=lambda wc: _training(wc)["runtime"],
-        **gpu_resources(_T),
+        **gpu_resources(_training),
     log:
         "logs/train/{model}/{dataset}.log",
     conda:
@@ -109,7 +109,7 @@ rule evaluate:
     resources:
         mem_mb=lambda wc: evaluation_settings(config, wc.dataset)["mem_mb"],
         runtime=_E["runtime"],
-        **gpu_resources(_E),
+        **gpu_resources(lambda wc: evaluation_settings(config, wc.dataset)),
     log:
         "logs/evaluate/{model}/{dataset}.log",
     conda:

@@ -43,7 +43,7 @@ rule referral_trees:
     resources:
         mem_mb=16000,
         runtime=lambda wc: 60 if _text_parser(wc.dataset) == "gold" else 720,
-        gpu=lambda wc: int(_text_parser(wc.dataset) == "stanza" and config["text"]["trees"]["device"] != "cpu"),
+        gpu=lambda wc: int(_text_parser(wc.dataset) == "stanza") * uses_gpu(config["text"]["trees"]["device"]),
     log:
         "logs/text/referral_trees_{dataset}.log",
     conda:
@@ -68,7 +68,7 @@ rule bert_features:
     resources:
         mem_mb=12000,
         runtime=480,
-        **({"gpu": 1} if config["text"]["bert"]["device"] != "cpu" else {}),
+        **gpu_resources(config["text"]["bert"]),
     log:
         "logs/text/bert_features_{dataset}.log",
     conda:
@@ -94,7 +94,7 @@ rule tag_vectors:
     resources:
         mem_mb=8000,
         runtime=60,
-        **({"gpu": 1} if config["text"]["bert"]["device"] != "cpu" else {}),
+        **gpu_resources(config["text"]["bert"]),
     log:
         "logs/text/tag_vectors_{dataset}.log",
     conda:

@@ -14,8 +14,6 @@ embedding of that class; attribute tag = argmax over attributes without the "no 
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +21,7 @@ from PIL import Image
 
 from itmatch.features.detector.model import BottomUpDetector
 from itmatch.features.detector.ops import batched_nms, clip_boxes, decode_boxes, per_class_nms_max_scores
+from itmatch.utils.device import autocast, resolve_precision
 
 
 def resize_scale(h: int, w: int, min_size: int, max_size: int) -> float:
@@ -62,9 +61,8 @@ def batch_images(images: list[torch.Tensor], device: torch.device | str) -> tupl
 
 
 def _autocast(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in ("fp16", "bf16"):
-        return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-    return contextlib.nullcontext()
+    """``detector.inference.precision`` (auto: fp32 on CPU, bf16 on GPUs with bf16) as an autocast context."""
+    return autocast(device, resolve_precision(precision, device, "detector.inference.precision"))
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -34,6 +34,7 @@ from itmatch.features.detector.inference import batch_images, preprocess
 from itmatch.features.detector.model import BottomUpDetector, build_model
 from itmatch.features.detector.ops import box_iou, encode_boxes
 from itmatch.features.detector.rpn import rpn_loss
+from itmatch.utils.device import resolve_device
 from itmatch.utils.io import atomic_path, write_json
 from itmatch.utils.logs import log, progress
 
@@ -101,26 +102,27 @@ def roi_targets(proposals: list[torch.Tensor], gts: list[dict], batch_per_image:
     boxes_out, labels_out, targets_out, gt_index = [], [], [], []
     for props, g in zip(proposals, gts, strict=True):
         gt_boxes, gt_labels = g["boxes_t"], g["labels_t"]
+        dev = props.device
         cand = torch.cat([props, gt_boxes])
         if len(gt_boxes):
             best, which = box_iou(cand, gt_boxes).max(dim=1)
         else:
-            best, which = torch.zeros(len(cand)), torch.zeros(len(cand), dtype=torch.long)
+            best, which = torch.zeros(len(cand), device=dev), torch.zeros(len(cand), dtype=torch.long, device=dev)
         fg = torch.nonzero(best >= 0.5).squeeze(1)
         bg = torch.nonzero(best < 0.5).squeeze(1)
         n_fg = min(len(fg), int(batch_per_image * fg_fraction))
-        fg = fg[torch.randperm(len(fg))[:n_fg]]
-        bg = bg[torch.randperm(len(bg))[:batch_per_image - n_fg]]
+        fg = fg[torch.randperm(len(fg)).to(dev)[:n_fg]]  # (permutations from the CPU generator on any device)
+        bg = bg[torch.randperm(len(bg)).to(dev)[:batch_per_image - n_fg]]
         sel = torch.cat([fg, bg])
-        labels = torch.zeros(len(sel), dtype=torch.long)
+        labels = torch.zeros(len(sel), dtype=torch.long, device=dev)
         labels[:n_fg] = gt_labels[which[fg]] + 1
-        tgt = torch.zeros(len(sel), 4)
+        tgt = torch.zeros(len(sel), 4, device=dev)
         if n_fg:
             tgt[:n_fg] = encode_boxes(cand[fg], gt_boxes[which[fg]], box_weights)
         boxes_out.append(cand[sel])
         labels_out.append(labels)
         targets_out.append(tgt)
-        gt_index.append(torch.cat([which[fg], torch.full((len(bg),), -1, dtype=torch.long)]))
+        gt_index.append(torch.cat([which[fg], torch.full((len(bg),), -1, dtype=torch.long, device=dev)]))
     return boxes_out, torch.cat(labels_out), torch.cat(targets_out), gt_index
 
 
@@ -157,7 +159,7 @@ def training_step(model: BottomUpDetector, batch: torch.Tensor, hw: list[tuple[i
     pred = box_deltas.reshape(len(labels), -1, 4)[fg, labels[fg]]
     box_loss = F.smooth_l1_loss(pred, targets[fg], beta=1.0, reduction="sum") / max(1, len(labels))
     attr_t = attribute_targets(gts, gt_index, model.roi_heads.attribute_head.score.out_features,
-                               tcfg["attribute_rank_decay"])
+                               tcfg["attribute_rank_decay"]).to(pooled.device)
     if len(fg):
         attr_logits = model.roi_heads.attribute_head(pooled[fg], labels[fg])
         attr_loss = -(attr_t * F.log_softmax(attr_logits, dim=1)).sum(dim=1).mean()
@@ -207,7 +209,8 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
              len(train.images), len(val.images), len(train.categories), len(train.attributes), time.time() - t0)
     arch = {**cfg["architecture"], "num_object_classes": len(train.categories) + 1,
             "num_attribute_classes": len(train.attributes) + 1}
-    model = build_model(arch)
+    device = resolve_device(str(tcfg.get("device", "auto")), "detector.training.device")
+    model = build_model(arch).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     bs = tcfg["batch_size"]
     steps = math.ceil(len(train.images) / bs)
@@ -249,8 +252,9 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
                 if flip:
                     x = x.flip(2)
                 ims.append(x)
-                gts.append(_gt_tensors(train.gts[i], x.shape[2] if flip else None, scale))
-            batch, hw = batch_images(ims, "cpu")
+                g = _gt_tensors(train.gts[i], x.shape[2] if flip else None, scale)
+                gts.append({**g, "boxes_t": g["boxes_t"].to(device), "labels_t": g["labels_t"].to(device)})
+            batch, hw = batch_images(ims, device)
             losses = training_step(model, batch, hw, gts, tcfg)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
