@@ -30,9 +30,10 @@ PAPER_DATASETS = ("coco", "f30k")
 
 _SCAN_TRAIN = "SCAN train.py argparse defaults"
 _SCAN_F30K = "SCAN README, 'Arguments used to train Flickr30K models' (train.py defaults otherwise)"
-_SCAN_COCO = "SCAN README, 'Arguments used to train MS-COCO models': --num_epochs=20 --lr_update=10 --learning_rate=.0005"
-_PFAN_F30K = ("PFAN run_train.sh line 12 and README 'For Flickr30K': --agg_func=Mean --lambda_softmax=9 (t-i) / 4 (i-t) "
-              "--num_epochs=30 --lr_update=15 --learning_rate=.0002 --embed_size=1024 --batch_size=128")
+_SCAN_COCO = ("SCAN README, 'Arguments used to train MS-COCO models': --num_epochs=20 --lr_update=10 "
+              "--learning_rate=.0005")
+_PFAN_F30K = ("PFAN run_train.sh line 12 and README 'For Flickr30K': --agg_func=Mean --lambda_softmax=9 (t-i) / "
+              "4 (i-t) --num_epochs=30 --lr_update=15 --learning_rate=.0002 --embed_size=1024 --batch_size=128")
 _PFAN_COCO = ("PFAN README 'For MS-COCO': --agg_func=Mean --lambda_softmax=9 (t-i) / 4 (i-t) --num_epoches=30 "
               "--lr_update=15 --learning_rate=.0005 --embed_size=1024 --batch_size=128")
 _CAAN_COCO = "CAAN §4.2: Adam; MS-COCO 0.0005 for the first 10 epochs, then decayed by 10 times for the next 10"
@@ -82,8 +83,10 @@ SOURCES: dict[str, dict[str, dict[str, str]]] = {
             "training.optimizer": "PFAN §3.1 'Adam optimization algorithm'",
             "training.batch_size": "PFAN §3.1 'The mini-batch size is 128'",
             "training.max_violation": "PFAN README: --max_violation; §2.4 'triplet loss with the hardest negative'",
-            "training.grad_clip": "SCAN train.py default --grad_clip 2. (PFAN §3.1: training details as [Lee et al., 2018])",
-            "training.margin": "SCAN train.py default --margin 0.2 (PFAN §3.1: training details as [Lee et al., 2018])",
+            "training.grad_clip": "SCAN train.py default --grad_clip 2. (PFAN §3.1: 'the training details are the "
+                                  "same as reference [Lee et al., 2018]')",
+            "training.margin": "SCAN train.py default --margin 0.2 (PFAN §3.1: 'the training details are the same "
+                               "as reference [Lee et al., 2018]')",
             "model.embed_dim": "PFAN §3.1 'joint embedding is fixed as 1024'",
             "model.word_dim": "PFAN §3.1 'embedded into 300-dimensional dense representation'",
             "model.block_dim": "PFAN §3.1 'block index is first embedded into 200-dimensional space'",
@@ -144,7 +147,8 @@ SOURCES: dict[str, dict[str, dict[str, str]]] = {
             "training.optimizer": _BSSAN, "training.lr": _BSSAN, "training.momentum": _BSSAN,
             "model.word_dim": "BSSAN §IV-B: GloVe '300-dimensional vector'",
             "model.glove": "BSSAN §IV-B: 'pre-trained word embedding built on GloVe [52]'",
-            "model.tokens.max_words": "BSSAN §IV-B: 'zero padding ... max length of 30 ... longer than 30 are truncated'",
+            "model.tokens.max_words": "BSSAN §IV-B: 'zero padding ... max length of the text descriptions with 30, "
+                                      "and the sequences which are longer than 30 are truncated'",
             "model.lam": "BSSAN §IV-B 'λ and δ are experimentally set with 0.6 and 0.01'",
             "model.delta": "BSSAN §IV-B 'λ and δ are experimentally set with 0.6 and 0.01'",
             "model.num_objects": "BSSAN §IV-B 'the top 10 object proposals'",
@@ -258,6 +262,11 @@ def _fmt(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
 
+def _md(text: str) -> str:
+    """Plain text safe in a Markdown table cell (no HTML tags, no column breaks)."""
+    return text.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
 def markdown(config: dict[str, Any]) -> str:
     """docs/recipes.md: per model, every recipe key with its coco / f30k / shapes value and its source."""
     lines = ["# Training recipes of every model", "",
@@ -279,11 +288,13 @@ def markdown(config: dict[str, Any]) -> str:
             vals = [_fmt(flat[d].get(k, "—")) for d in cols]
             src = {d: rec[d]["sources"].get(k) for d in PAPER_DATASETS if d in rec}
             uniq = list(dict.fromkeys(v for v in src.values() if v))
-            if len(uniq) > 1:
-                text = "; ".join(f"{d}: {v}" for d, v in src.items() if v)
+            if len(uniq) == 1 and all(src.values()):
+                text = uniq[0]
+            elif uniq:
+                text = "; ".join(f"{d}: {v or 'unstated'}" for d, v in src.items())
             else:
-                text = uniq[0] if uniq else "unstated (config default)"
-            cells = [f"`{k}`", *(f"`{v}`" for v in vals), text.replace("|", "\\|")]
+                text = "unstated (config default)"
+            cells = [f"`{k}`", *(f"`{v}`" for v in vals), _md(text)]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "Deliberate deviations:", ""] + [f"- {d}" for d in DEVIATIONS.get(model, [])] + [""]
+        lines += ["", "Deliberate deviations:", ""] + [f"- {_md(d)}" for d in DEVIATIONS.get(model, [])] + [""]
     return "\n".join(lines)

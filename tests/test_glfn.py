@@ -143,4 +143,4 @@ def test_glfn_without_tags_plans_no_tag_vectors(tmp_path):
                             str(REPO / "config" / "config.yaml"), str(TEST_CONFIG), str(override))
     assert "rule tag_vectors:" in with_tags.stdout
     assert "rule tag_vectors:" not in without.stdout
-    assert "rule train_model:" in without.stdout
+    assert "rule train_part:" in without.stdout
