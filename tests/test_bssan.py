@@ -181,3 +181,81 @@ def test_negatives_come_from_other_images():
 def test_bad_branches_are_rejected():
     with pytest.raises(ValueError, match="branches"):
         BSSAN(VOCAB, FEAT, branches="w2o")
+
+
+# ---- recipe inputs: GloVe word vectors and 30-word captions (§IV-B)
+TINY_CFG = dict(word_dim=12, w2r_hidden=16, w2r_mlp=[8, 4], o2w_hidden=10, o2w_mlp=[8, 6, 4], num_objects=3)
+
+
+def _corpus_with_long_caption(tmp_path, n_words: int = 40):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from itmatch.training.synthetic import write_synthetic_corpus
+
+    paths = write_synthetic_corpus(tmp_path, n_train=8, n_val=2, n_test=2, R=4, D=FEAT)
+    t = pq.read_table(paths.tokens)
+    toks = t.column("tokens").to_pylist()
+    toks[0] = [4 + (k % 20) for k in range(n_words)]      # a 40-word caption
+    pq.write_table(pa.table({"caption_id": t.column("caption_id"), "tokens": pa.array(toks, pa.list_(pa.int32()))}),
+                   paths.tokens)
+    return paths, toks[0]
+
+
+def test_captions_longer_than_30_words_are_truncated(tmp_path):
+    from itmatch.training.data import Corpus, TextOptions, collate_captions
+
+    paths, words = _corpus_with_long_caption(tmp_path)
+    cfg = {"tokens": {"start_end": False, "max_words": 30}}
+    corpus = Corpus(paths, frozenset(), TextOptions.from_config(cfg))
+    item = corpus.caption_item(0)
+    assert item["tokens"].tolist() == words[:30]
+    batch_ = collate_captions([item, corpus.caption_item(1)])
+    assert int(batch_["lengths"][0]) == 30 and batch_["tokens"].shape[1] == 30
+    assert len(Corpus(paths).caption_item(0)["tokens"]) == 40                     # no tokens block: all words
+    with pytest.raises(ValueError, match="max_words must be >= 1"):
+        TextOptions.from_config({"tokens": {"max_words": 0}})
+
+
+def test_glove_initialises_known_words_and_errors_name_the_file(tmp_path):
+    from itmatch.models.bssan import load_glove
+
+    words = ["<pad>", "<start>", "<end>", "<unk>", "dog", "cat", "zebra"]
+    glove = tmp_path / "glove.txt"
+    glove.write_text("dog 1 2 3\nthe 0 0 0\ncat -1 0.5 2e-1\n", encoding="utf-8")
+    w = torch.zeros(len(words), 3)
+    assert load_glove(glove, words, w) == 2
+    assert w[4].tolist() == [1.0, 2.0, 3.0] and torch.allclose(w[5], torch.tensor([-1.0, 0.5, 0.2]))
+    assert w[6].abs().sum() == 0                                                  # not in GloVe: untouched
+    with pytest.raises(FileNotFoundError, match=r"models\.bssan\.glove: GloVe file .*missing\.txt does not exist"):
+        load_glove(tmp_path / "missing.txt", words, w)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("x 1\ncat 1 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.txt line 2: 2 values for 'cat', the word vectors have 3"):
+        load_glove(bad, words, w)
+
+
+def test_prepare_training_logs_glove_or_random_init(tmp_path, caplog):
+    import logging
+
+    from itmatch.text.vocab import Vocab
+    from itmatch.training.data import Corpus
+
+    paths, _ = _corpus_with_long_caption(tmp_path)
+    corpus = Corpus(paths)
+    vocab = Vocab.load(paths.vocab)
+    caplog.set_level(logging.INFO)
+    m = tiny()
+    m.prepare_training(corpus)
+    assert "random init (models.bssan.glove is not set)" in caplog.text
+    word = vocab.idx2word[5]
+    glove = tmp_path / "g.txt"
+    glove.write_text(f"{word} " + " ".join(["0.25"] * m.embed.weight.shape[1]) + "\n", encoding="utf-8")
+    m = build_model("bssan", {**TINY_CFG, "glove": str(glove)}, {"vocab_size": len(vocab), "feature_dim": FEAT})
+    m.prepare_training(corpus)
+    assert torch.all(m.embed.weight[5] == 0.25)
+    assert f"1 of {len(vocab)} vocabulary words from GloVe {glove}" in caplog.text
+    m = build_model("bssan", {**TINY_CFG, "glove": str(tmp_path / "nope.txt")},
+                    {"vocab_size": len(vocab), "feature_dim": FEAT})
+    with pytest.raises(FileNotFoundError, match="models.bssan.glove"):
+        m.prepare_training(corpus)

@@ -166,3 +166,14 @@ def test_checkpointed_chunks_give_the_same_gradients():
 def test_bad_intra_attention_is_rejected():
     with pytest.raises(ValueError, match="intra_attention"):
         CAAN(VOCAB, FEAT, intra_attention="both")
+
+
+def test_parameter_count_matches_the_papers_11m():
+    """§4.4: "ours is only 11 M" — the configured D = 768, z = 512 with Flickr30K's 8,481-word vocabulary."""
+    from itmatch.recipes import load_recipe_config, resolve
+
+    cfg = resolve(load_recipe_config(), "caan", "f30k")["model"]
+    m = build_model("caan", cfg, {"vocab_size": 8481, "feature_dim": 2048})
+    n = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert n == 11_212_204
+    assert (cfg["embed_dim"], cfg["attn_dim"]) == (768, 512)

@@ -143,4 +143,38 @@ def test_glfn_without_tags_plans_no_tag_vectors(tmp_path):
                             str(REPO / "config" / "config.yaml"), str(TEST_CONFIG), str(override))
     assert "rule tag_vectors:" in with_tags.stdout
     assert "rule tag_vectors:" not in without.stdout
-    assert "rule train_model:" in without.stdout
+    assert "rule train_part:" in without.stdout
+
+
+def test_fused_parts_are_one_direction_each_and_fuse_with_alpha(tmp_path):
+    """fuse: [t2i, i2t] (§4.2): each part holds one encoder set, scores and trains its own direction; evaluation
+    sums the parts' similarities weighted α (i2t) and 1 − α (t2i), eq. 33."""
+    imgs, caps = _batch()
+    both = _model(alpha=0.3)
+    parts = {}
+    for d in ("t2i", "i2t"):
+        m = GLFN.from_config({**TINY, "alpha": 0.3, "direction": d}, DATA)
+        other = "i2t" if d == "t2i" else "t2i"
+        assert not hasattr(m, other) and all(n.startswith(f"{d}.") for n, _ in m.named_parameters())
+        getattr(m, d).load_state_dict(getattr(both, d).state_dict())
+        parts[d] = m
+        s = m.score(m.encode_images(imgs), m.encode_captions(caps))
+        ref = both.direction_scores(both.encode_images(imgs)[d], both.encode_captions(caps)[d], d)
+        assert torch.allclose(s, ref, atol=1e-6)
+        loss, _ = m.loss(imgs, caps, ContrastiveLoss(0.2, True))
+        loss.backward()
+        assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    assert parts["i2t"].fusion_weight == pytest.approx(0.3) and parts["t2i"].fusion_weight == pytest.approx(0.7)
+    assert both.fusion_weight is None
+    fused = sum(p.fusion_weight * p.score(p.encode_images(imgs), p.encode_captions(caps)) for p in parts.values())
+    assert torch.allclose(fused, both.score(both.encode_images(imgs), both.encode_captions(caps)), atol=1e-6)
+    with pytest.raises(ValueError, match="direction must be 't2i' or 'i2t'"):
+        GLFN.from_config({**TINY, "direction": "both"}, DATA)
+
+
+def test_glfn_trains_as_two_jobs_with_their_own_logs(tmp_path):
+    """The DAG plans GLFN as two train_part jobs (own logs and best epochs) joined by fuse_parts."""
+    out = run_snakemake(tmp_path, "-n", "results/glfn/shapes/model.pt").stdout
+    assert out.count("rule train_part:") == 2 and "rule fuse_parts:" in out and "rule train_model:" not in out
+    for d in ("t2i", "i2t"):
+        assert f"results/glfn/shapes/{d}/train_log.csv" in out and f"logs/train/glfn/shapes.{d}.log" in out

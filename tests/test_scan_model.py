@@ -24,3 +24,23 @@ def test_scan_trains_one_step(direction):
     assert m.score(m.encode_images(images), m.encode_captions(caps)).shape == (3, 3)
     with pytest.raises(ValueError, match="direction"):
         build_model("scan", {"direction": "both"}, info)
+
+
+def test_scan_family_captions_are_wrapped_in_start_and_end(tmp_path):
+    """models.scan.tokens.start_end (SCAN data.py): <start> (1) + words + <end> (2); stored tokens unchanged."""
+    import pyarrow.parquet as pq
+
+    from itmatch.recipes import load_recipe_config, resolve
+    from itmatch.training.data import Corpus, TextOptions
+    from itmatch.training.synthetic import write_synthetic_corpus
+
+    paths = write_synthetic_corpus(tmp_path, n_train=6, n_val=2, n_test=2, R=3, D=8)
+    stored = pq.read_table(paths.tokens).column("tokens").to_pylist()[0]
+    config = load_recipe_config()
+    opts = {m: TextOptions.from_config(resolve(config, m, "coco")["model"]) for m in ("scan", "pfan", "glfn")}
+    assert opts["scan"].start_end and opts["pfan"].start_end and not opts["glfn"].start_end
+    item = Corpus(paths, frozenset(), opts["scan"]).caption_item(0)
+    assert item["tokens"].tolist() == [1, *stored, 2]
+    assert Corpus(paths, frozenset(), opts["glfn"]).caption_item(0)["tokens"].tolist() == stored
+    with pytest.raises(ValueError, match="start_end: true needs token ids"):
+        Corpus(paths, frozenset({"bert"}), TextOptions(True, None))

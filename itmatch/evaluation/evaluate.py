@@ -103,19 +103,25 @@ def load_parts(checkpoint: str, device: str | torch.device = "cpu") -> tuple[str
 def evaluate_checkpoint(checkpoint: str, corpus: Corpus, split: str = "test", folds: int = 1, full: bool = False,
                         image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, device: str = "cpu",
                         precision: str = "fp32") -> tuple[dict[str, Any], int, int]:
-    """(protocols block, n_images, n_captions) of a checkpoint on a split; fused parts averaged."""
+    """(protocols block, n_images, n_captions) of a checkpoint on a split; fused parts averaged, or summed with
+    the parts' ``fusion_weight`` where every part has one (GLFN eq. 33: α S_i2t + (1 − α) S_t2i)."""
     dev = resolve_device(device, "evaluation.device")
     precision = resolve_precision(precision, dev, "evaluation.precision")
     log.info("scoring precision %s", precision)
     _, models = load_parts(checkpoint, dev)
     image_rows, caption_rows, cap_image = split_rows(corpus, split)
+    weights = [getattr(m, "fusion_weight", None) for m in models]
+    weighted = all(w is not None for w in weights)
     sim = None
-    for k, m in enumerate(models):
+    for k, (m, w) in enumerate(zip(models, weights, strict=True)):
         s = similarity(m, corpus, image_rows, caption_rows, image_batch, caption_batch, num_workers,
                        desc=f"{split} part {k + 1}/{len(models)}", precision=precision)
         check_finite_similarity(s, f"{checkpoint} part {k + 1}/{len(models)} on the {split} split")
+        if weighted:
+            s *= np.float32(w)
         sim = s if sim is None else sim + s
-    sim /= len(models)
+    if not weighted:
+        sim /= len(models)
     return protocols(sim, cap_image, folds=folds, full=full), len(image_rows), len(caption_rows)
 
 

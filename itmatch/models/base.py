@@ -59,6 +59,10 @@ class MatchingModel(nn.Module):
         settings overrides this."""
         return cls.requires
 
+    def prepare_training(self, corpus: Any) -> None:
+        """Called once on a freshly built model before training starts (not when a checkpoint is loaded):
+        initialisation from pretrained resources (BSSAN: GloVe word vectors). Default: nothing."""
+
     def encode_images(self, images: Batch) -> Any:
         raise NotImplementedError
 

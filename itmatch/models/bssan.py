@@ -26,8 +26,8 @@ For a pair (image i, caption with words t¹..t^L, 300-d embeddings):
   regulariser covers every weight matrix/tensor of θ_w2r and θ_o2w (dim ≥ 2: attention W, W', LSTMs,
   MLPs) but not biases, BatchNorm or the word embedding (GloVe, not part of θ in the paper;
   ``reg_embedding`` adds it). Because δ‖θ‖² is inside the loss, the optimizer should use **no extra
-  weight decay**. The paper trains with SGD (lr 0.01, momentum 0.9); the shared loop
-  (``training.models.bssan``) uses Adam, which is what runs here.
+  weight decay**. The paper trains with SGD (lr 0.01, momentum 0.9): the COCO / Flickr30K recipes of the
+  shared loop (``training.models.bssan.datasets``) do the same; the shapes demo keeps Adam.
 - **Score** (eq. 19): ``MS = Y + λ·Y'``. Ablations: ``branches: w2r`` (BSSAN_w2r, score Y), ``o2w``
   (BSSAN_o2w, score Y'), ``delta: 0`` (BSSAN_no_reg).
 
@@ -38,7 +38,10 @@ Deviations from the paper (its inputs are not ours):
   2048-d): W2R all valid regions, O2W the top ``num_objects`` (P, default 10) regions by
   ``object_conf``. Region features are l2-normalised first (``normalize_regions``; raw bottom-up
   features have large norms that saturate the tanh attention).
-- Word embeddings are learned from scratch (no GloVe), shared by the two branches.
+- Word embeddings (shared by the two branches) start from GloVe when ``glove`` names a GloVe text file
+  (``word v1 … v300`` a line, §IV-B; vocabulary words it lacks keep the random init, the count is logged),
+  and from the random init otherwise (logged). Captions are truncated to 30 words (§IV-B) by the data
+  layer (``tokens.max_words``); zero padding is the batch padding, masked everywhere.
 - MLP widths from Table I read as: W2R 1024 (the LSTM state) → 512 → 128 → 1; O2W [o; u] → 512 → 256 →
   64 → 1 (Table I's "512-256-64-1" has the concatenation as input). BatchNorm on the hidden layers
   (``batch_norm``); at evaluation it uses running statistics, so a pair's score is independent of the
@@ -51,6 +54,7 @@ dimension of the LSTM / MLPs (padding handled by ``pack_padded_sequence``), no p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +64,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itmatch.models.base import Batch, MatchingModel, chunked_pair_scores
 from itmatch.models.encoders import length_mask, masked_softmax
+from itmatch.text.vocab import Vocab
+from itmatch.utils.logs import log
 
 BRANCHES = ("both", "w2r", "o2w")
 
@@ -122,6 +128,35 @@ def lstm_last_state(gx: torch.Tensor, lengths: torch.Tensor, lstm: nn.LSTM) -> t
     return h
 
 
+def load_glove(path: str | Path, words: Sequence[str], weight: torch.Tensor) -> int:
+    """Copy the GloVe vector of every word of ``words`` found in the text file ``path`` (``word v1 … vD`` a
+    line) into row ``i`` of ``weight`` [len(words), D]; returns how many rows were set. Errors name the key,
+    the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"models.bssan.glove: GloVe file {path} does not exist (set a GloVe text file, "
+                                f"e.g. glove.840B.300d.txt, or null for a random init)")
+    index = {w: i for i, w in enumerate(words)}
+    dim = weight.shape[1]
+    found = 0
+    with open(path, encoding="utf-8") as fh, torch.no_grad():
+        for n, line in enumerate(fh, 1):
+            word, _, rest = line.rstrip("\n").partition(" ")
+            i = index.get(word)
+            if i is None:
+                continue
+            vals = rest.split(" ")
+            if len(vals) != dim:
+                raise ValueError(f"{path} line {n}: {len(vals)} values for {word!r}, the word vectors have {dim} "
+                                 f"(models.bssan.word_dim)")
+            try:
+                weight[i] = torch.tensor([float(v) for v in vals], dtype=weight.dtype)
+            except ValueError as e:
+                raise ValueError(f"{path} line {n}: not a number in the vector of {word!r} ({e})") from None
+            found += 1
+    return found
+
+
 class BSSAN(MatchingModel):
     requires = frozenset()
 
@@ -129,8 +164,10 @@ class BSSAN(MatchingModel):
                  w2r_mlp: Sequence[int] = (512, 128), o2w_hidden: int = 512, o2w_mlp: Sequence[int] = (512, 256, 64),
                  num_objects: int = 10, lam: float = 0.6, delta: float = 0.01, margin: float = 1.0,
                  branches: str = "both", batch_norm: bool = True, normalize_regions: bool = True,
-                 uniform_negative_attention: bool = True, reg_embedding: bool = False, pair_chunk: int = 256):
+                 uniform_negative_attention: bool = True, reg_embedding: bool = False, pair_chunk: int = 256,
+                 glove: str | None = None):
         super().__init__()
+        self.glove = glove
         if branches not in BRANCHES:
             raise ValueError(f"models.bssan.branches must be one of {BRANCHES}, got {branches!r}")
         if num_objects < 1 or pair_chunk < 1:
@@ -167,9 +204,19 @@ class BSSAN(MatchingModel):
     def from_config(cls, cfg: dict[str, Any], data_info: dict[str, Any]) -> BSSAN:
         keys = ("word_dim", "w2r_hidden", "w2r_mlp", "o2w_hidden", "o2w_mlp", "num_objects", "lam", "delta",
                 "margin", "branches", "batch_norm", "normalize_regions", "uniform_negative_attention",
-                "reg_embedding", "pair_chunk")
+                "reg_embedding", "pair_chunk", "glove")
         return cls(vocab_size=int(data_info["vocab_size"]), feature_dim=int(data_info["feature_dim"]),
                    **{k: cfg[k] for k in keys if k in cfg})
+
+    def prepare_training(self, corpus: Any) -> None:
+        """Word vectors from GloVe (``glove``: a path) or the random init (``glove`` unset), logged."""
+        if self.glove is None:
+            log.info("BSSAN word vectors: random init (models.bssan.glove is not set)")
+            return
+        words = Vocab.load(corpus.paths.vocab).idx2word
+        found = load_glove(self.glove, words, self.embed.weight)
+        log.info("BSSAN word vectors: %d of %d vocabulary words from GloVe %s (the rest: random init)", found,
+                 len(words), self.glove)
 
     # ---- encoders: everything that depends on one modality only ----
     def encode_images(self, images: Batch) -> dict[str, torch.Tensor]:

@@ -28,7 +28,23 @@ Ablations (Table 4) through ``inter_attention`` (IA: the Huv / Hvu terms) and ``
 
 Choices where the paper is silent (all in ``config.yaml`` → ``models.caan``):
 
-- D = ``embed_dim`` = 1024 (SCAN's, whose features CAAN follows), z = ``attn_dim`` = 256.
+- D = ``embed_dim`` = 768 and z = ``attn_dim`` = 512, chosen so that the model has the size §4.4 states
+  ("ViLBERT has parameters of 275 M, while ours is only 11 M"). Everything else is fixed by the paper:
+  300-d word embedding (§3.2), a one-layer bi-GRU with D hidden units per direction, averaged (eq. 2–4),
+  FC 2048 → D (eq. 1), K ∈ R^{D×D} (eq. 7), Q1..Q4 ∈ R^{D×z} and Wv, Wu ∈ R^z (eq. 8–11). Trainable
+  parameters with the Flickr30K vocabulary of 8,481 words (SCAN's, as SMFEA §4.2 counts it)::
+
+      word embedding 8,481 × 300           2,544,300
+      region FC 2048 × 768 + 768           1,573,632
+      bi-GRU 300 → 768, 2 directions       4,930,560
+      K 768 × 768                            589,824
+      Q1..Q4 4 × 768 × 512                 1,572,864
+      Wv, Wu 2 × 512                           1,024
+      total                               11,212,204  (≈ 11 M; COCO's 11,353 words: 12,073,804)
+
+  The earlier D = 1024, z = 256 (SCAN's D) gave 14,887,084: with D = 1024 the GRU alone has 8.1 M and
+  the total is ≥ 13.8 M for any z, so the paper's D must be smaller than 1024 (the paper does not state
+  D or z; the FA variant adds M1, M2 ∈ R^{D×D}, not part of the 11 M model, which uses SA).
 - Fragments are l2-normalised after eq. 1 / eq. 4 (``normalize_fragments``, as SCAN's encoders) and
   v̂, û before the inner product (``normalize_embeddings``), so S is a cosine in [-1, 1] that suits the
   margin of the ranking loss; set both false for the literal un-normalised eq. 1 / inner product.
@@ -96,8 +112,8 @@ def _per_caption(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 class CAAN(MatchingModel):
     requires = frozenset()
 
-    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 1024, word_dim: int = 300,
-                 attn_dim: int = 256, inter_attention: bool = True, intra_attention: str = "sa",
+    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 768, word_dim: int = 300,
+                 attn_dim: int = 512, inter_attention: bool = True, intra_attention: str = "sa",
                  normalize_fragments: bool = True, normalize_embeddings: bool = True,
                  pair_chunk: int = 4096, checkpoint: bool = True):
         super().__init__()

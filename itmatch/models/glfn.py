@@ -21,12 +21,14 @@ release builds on) PyTorch's GRU dropout has no effect.
 
 Similarity (eq. 28–33): SCAN's stacked cross attention (``itmatch.models.attention``) in both
 directions, each averaged over the query fragments (eq. 31–32, SCAN's AVG aggregation), fused as
-S = α S_i2t + (1−α) S_t2i (α = 0.5). The paper trains the t2i and the i2t model separately and fuses
-their similarity matrices at test time; ``separate_branches: true`` (default) does exactly that
-inside one module: two independent encoder sets, each trained with its own hardest-negative loss
-(eq. 34) on its own direction — the two losses are summed, which, with disjoint parameters, is
-the same as training them apart. ``separate_branches: false`` shares the encoders and trains on
-the fused similarity.
+S = α S_i2t + (1−α) S_t2i (α = 0.5). The paper (§4.2) trains the t2i and the i2t model separately and
+fuses their similarity matrices at test time: ``fuse: [t2i, i2t]`` (the default) trains one model per
+``direction`` (rule train_part: each with its own optimiser, gradient clipping, log and best epoch) and
+evaluation sums the parts weighted by :attr:`GLFN.fusion_weight` (α for i2t, 1 − α for t2i). Without
+``fuse`` (``fuse: []``) one module holds both: ``separate_branches: true`` gives two independent encoder
+sets, each trained with its own hardest-negative loss (eq. 34) on its own direction (the two losses
+summed, one optimiser and one best epoch for both); ``separate_branches: false`` shares the encoders and
+trains on the fused similarity.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "lambda_t2i": 9.0,        # SCAN's softmax temperatures λ1 (t2i) / λ (i2t)
     "lambda_i2t": 4.0,
     "max_elems": 1 << 23,     # shard bound of the batched cross attention (memory)
+    "direction": None,        # t2i | i2t: one part of a fused GLFN (set by the workflow per part)
 }
 TEXT_MODES = ("bert_gru", "gru", "bert")
 
@@ -148,10 +151,16 @@ class GLFN(MatchingModel):
             raise ValueError(f"models.glfn.text must be one of {TEXT_MODES}, got {c['text']!r}")
         if not 0.0 <= c["alpha"] <= 1.0:
             raise ValueError(f"models.glfn.alpha must be in [0, 1], got {c['alpha']}")
+        if c["direction"] not in (None, "t2i", "i2t"):
+            raise ValueError(f"models.glfn direction must be 't2i' or 'i2t', got {c['direction']!r}")
         self.cfg = c
+        self.direction = c["direction"]
         args = (c, vocab_size, feature_dim, tag_dim, blocks_K, bert_dim)
-        self.t2i = _Branch(*args)
-        self.i2t = _Branch(*args) if c["separate_branches"] else self.t2i
+        if self.direction is not None:                 # one separately trained part of the fused model
+            setattr(self, self.direction, _Branch(*args))
+        else:
+            self.t2i = _Branch(*args)
+            self.i2t = _Branch(*args) if c["separate_branches"] else self.t2i
         self.requires = self.inputs(c)
 
     @classmethod
@@ -174,7 +183,17 @@ class GLFN(MatchingModel):
                    data_info["blocks_K"], data_info.get("bert_dim", 0), **cfg)
 
     @property
+    def fusion_weight(self) -> float | None:
+        """Weight of this part's similarities when evaluation fuses the parts (eq. 33): α for i2t, 1 − α for
+        t2i; None for an unfused model."""
+        if self.direction is None:
+            return None
+        return self.cfg["alpha"] if self.direction == "i2t" else 1.0 - self.cfg["alpha"]
+
+    @property
     def branches(self) -> list[tuple[str, _Branch]]:
+        if self.direction is not None:
+            return [(self.direction, getattr(self, self.direction))]
         return [("t2i", self.t2i), ("i2t", self.i2t)] if self.cfg["separate_branches"] else [("shared", self.t2i)]
 
     def encode_images(self, images: Batch) -> dict[str, dict[str, torch.Tensor]]:
@@ -198,11 +217,15 @@ class GLFN(MatchingModel):
                 self.direction_scores(img["shared"], cap["shared"], "i2t"))
 
     def score(self, img: dict, cap: dict) -> torch.Tensor:
+        if self.direction is not None:                                       # one part: its own direction
+            return self.direction_scores(img[self.direction], cap[self.direction], self.direction)
         s_t2i, s_i2t = self._pair(img, cap)
         a = self.cfg["alpha"]
         return a * s_i2t + (1 - a) * s_t2i                                   # eq. 33
 
     def loss(self, images: Batch, captions: Batch, criterion: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.direction is not None:
+            return super().loss(images, captions, criterion)
         s_t2i, s_i2t = self._pair(self.encode_images(images), self.encode_captions(captions))
         if self.cfg["separate_branches"]:
             l_t2i, l_i2t = criterion(s_t2i), criterion(s_i2t)

@@ -24,14 +24,23 @@ def model_class(name: str) -> type[MatchingModel]:
     return getattr(importlib.import_module(module), cls)
 
 
+#: keys of a model's settings read by the data layer, not by the model class (``TextOptions``)
+DATA_KEYS = ("tokens",)
+
+
+def model_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` without the keys the data layer reads (``tokens``): what the model class is built from."""
+    return {k: v for k, v in cfg.items() if k not in DATA_KEYS}
+
+
 def model_inputs(name: str, cfg: dict[str, Any]) -> frozenset[str]:
     """The optional artifacts (``blocks``, ``tags``, ``bert``, ``trees``) that model ``name`` reads with the
     resolved settings ``cfg``, beyond regions.h5 and tokens.parquet."""
-    return model_class(name).inputs(cfg)
+    return model_class(name).inputs(model_keys(cfg))
 
 
 def build_model(name: str, cfg: dict[str, Any], data_info: dict[str, Any]) -> MatchingModel:
     """``cfg`` is ``config['models'][name]`` (merged with overrides); ``data_info`` holds the data's
     dimensions: vocab_size, feature_dim, and where relevant blocks_K, bert_dim, tag_dim, n_entities,
     n_relations, n_objects, n_attributes."""
-    return model_class(name).from_config(cfg, data_info)
+    return model_class(name).from_config(model_keys(cfg), data_info)

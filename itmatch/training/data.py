@@ -133,11 +133,37 @@ def _ragged(path: str, column: str, key_column: str) -> tuple[np.ndarray, np.nda
     return values[: offsets[-1]], offsets, table.column(key_column).to_numpy()
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    """Caption tokenisation of one model (config ``models.<model>.tokens``): ``start_end`` wraps every
+    caption in ``<start>`` / ``<end>`` (ids 1 and 2 of vocab.json, as SCAN's data loader does); ``max_words``
+    keeps the first words of longer captions (BSSAN: 30), before the wrapping."""
+
+    start_end: bool
+    max_words: int | None
+
+    @classmethod
+    def from_config(cls, model_cfg: dict[str, Any]) -> TextOptions:
+        """From a model's resolved settings; without a ``tokens`` block, captions are used as stored."""
+        t = model_cfg.get("tokens") or {}
+        max_words = t.get("max_words")
+        if max_words is not None and int(max_words) < 1:
+            raise ValueError(f"models.<model>.tokens.max_words must be >= 1 or null, got {max_words!r}")
+        return cls(bool(t.get("start_end", False)), None if max_words is None else int(max_words))
+
+
+START_ID, END_ID = 1, 2   # vocab.json specials (itmatch.text.vocab.SPECIALS)
+
+
 class Corpus:
     """Everything per caption / per image that is small, plus lazy handles to the big arrays."""
 
-    def __init__(self, paths: DataPaths, requires: frozenset[str] = frozenset()):
+    def __init__(self, paths: DataPaths, requires: frozenset[str] = frozenset(), text: TextOptions | None = None):
         self.paths = paths
+        self.text = text or TextOptions(False, None)
+        if self.text.start_end and "bert" in requires:
+            raise ValueError("models.<model>.tokens.start_end: true needs token ids, but this model reads BERT "
+                             "vectors (bert.h5 has one vector per word, no <start>/<end>)")
         img = _read_column(paths.images, ["image_id", "split"])
         cap = _read_column(paths.captions, ["caption_id", "image_id", "split"])
         self.image_split = img["split"].astype(str)
@@ -237,13 +263,18 @@ class Corpus:
         toks = self.tokens[s:e]
         if len(toks) == 0:
             toks = np.array([3], dtype=np.int64)  # an empty caption reads as one <unk>
+        max_words = self.text.max_words
+        if max_words is not None:
+            toks = toks[:max_words]
+        if self.text.start_end:
+            toks = np.concatenate([[START_ID], toks, [END_ID]]).astype(np.int64)
         item: dict[str, Any] = {"tokens": toks, "index": row, "image_index": int(self.caption_image[row])}
         if self.bert is not None:
             o, values = self.bert.dataset("offsets"), self.bert.dataset("values")
             with reading(self.bert.path, f"caption row {row}"):
                 bs, be = int(o[row]), int(o[row + 1])
                 vec = values[bs:be].astype(np.float32) if be > bs else np.zeros((1, values.shape[1]), np.float32)
-            item["bert"] = vec
+            item["bert"] = vec if max_words is None else vec[:max_words]
         if self.trees is not None:
             item["tree_labels"] = self.trees[row]
         return item

@@ -8,6 +8,8 @@
 - ``evaluation``: defaults, then ``evaluation.datasets.<dataset>`` (COCO: 5 folds + 5K).
 - Fused models: ``models.<model>.fuse`` lists the directions trained separately (``[t2i, i2t]``); each part
   gets the model config with ``direction`` set.
+- :func:`recipe`: the ``training`` and ``model`` settings of one model × dataset together: what the train
+  rules use (their ``training`` / ``model_cfg`` params) and what ``itmatch recipe`` prints.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ def model_settings(config: dict[str, Any], model: str, dataset: str) -> dict[str
     m = (config.get("models") or {}).get(model) or {}
     base = {k: v for k, v in m.items() if k not in ("datasets", "training")}
     return _merge(base, (m.get("datasets") or {}).get(dataset))
+
+
+def recipe(config: dict[str, Any], model: str, dataset: str) -> dict[str, dict[str, Any]]:
+    """``{"training": ..., "model": ...}``: the resolved settings a training run of ``model`` on ``dataset``
+    uses (``config`` validated with the schema's defaults filled). The train rules read exactly this (a fused
+    model's part gets :func:`part_config` of ``model``)."""
+    return {"training": training_settings(config, model, dataset), "model": model_settings(config, model, dataset)}
 
 
 def evaluation_settings(config: dict[str, Any], dataset: str) -> dict[str, Any]:

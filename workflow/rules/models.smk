@@ -1,4 +1,5 @@
 # Training and evaluation of every model: results/{model}/{dataset}/{model.pt,train_log.csv,metrics.json}.
+# The train rules' `training` / `model_cfg` params are itmatch.training.settings.recipe (= `itmatch recipe`).
 # Generic over {model}: the inputs come from model_inputs(model, settings) (itmatch/models/registry.py). Models with
 # models.<model>.fuse (SCAN, PFAN: [t2i, i2t]) train one model per direction under
 # results/{model}/{dataset}/{part}/ and rule fuse_parts combines them (evaluation averages their scores).
@@ -6,8 +7,7 @@
 include: "models_functions.smk"
 
 from itmatch.models.registry import MODEL_CLASSES, model_inputs
-from itmatch.training.settings import (evaluation_settings, fused_parts, model_settings, part_config,
-                                       training_settings)
+from itmatch.training.settings import evaluation_settings, fused_parts, model_settings, part_config, recipe
 
 _FUSED = [m for m in MODELS if fused_parts((config["models"].get(m) or {}))]
 _SINGLE = [m for m in MODELS if m not in _FUSED]
@@ -17,14 +17,14 @@ _E = config["evaluation"]
 
 
 rule train_part:
-    """Train one direction (t2i or i2t) of a fused model (SCAN, PFAN); best model by validation rSum; resumable."""
+    """Train one direction (t2i or i2t) of a fused model (SCAN, PFAN, GLFN); best model by validation rSum; resumable."""
     input:
         unpack(_model_inputs),
     output:
         model="results/{model}/{dataset}/{part}/model.pt",
         log="results/{model}/{dataset}/{part}/train_log.csv",
     params:
-        model_cfg=lambda wc: part_config(model_settings(config, wc.model, wc.dataset), wc.part),
+        model_cfg=_model_cfg,
         training=_training,
         code=lambda wc: _model_code(wc.model, "train.py"),
     wildcard_constraints:
@@ -51,7 +51,7 @@ rule train_model:
         model="results/{model}/{dataset}/model.pt",
         log="results/{model}/{dataset}/train_log.csv",
     params:
-        model_cfg=lambda wc: part_config(model_settings(config, wc.model, wc.dataset), None),
+        model_cfg=_model_cfg,
         training=_training,
         code=lambda wc: _model_code(wc.model, "train.py"),
     wildcard_constraints:

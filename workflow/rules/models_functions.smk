@@ -24,7 +24,12 @@ def _model_inputs(wc):
 
 
 def _training(wc):
-    return training_settings(config, wc.model, wc.dataset)
+    return recipe(config, wc.model, wc.dataset)["training"]
+
+
+def _model_cfg(wc):
+    """The model block of the recipe; a fused model's part gets its direction."""
+    return part_config(recipe(config, wc.model, wc.dataset)["model"], getattr(wc, "part", None))
 
 
 def _parts(wc):

@@ -2,7 +2,7 @@
 
 from itmatch.evaluation.evaluate import run_evaluation
 from itmatch.models.registry import model_inputs
-from itmatch.training.data import Corpus, DataPaths
+from itmatch.training.data import Corpus, DataPaths, TextOptions
 from itmatch.utils.logs import setup_job_logging
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
@@ -12,5 +12,6 @@ paths = DataPaths.from_inputs(inp)
 model = sm.wildcards.model
 config = {"dataset": sm.wildcards.dataset, "model": sm.params.model_cfg, "training": sm.params.training,
           "evaluation": sm.params.evaluation}
-run_evaluation(model, inp.checkpoint, Corpus(paths, model_inputs(model, sm.params.model_cfg)), sm.output.metrics,
+run_evaluation(model, inp.checkpoint, Corpus(paths, model_inputs(model, sm.params.model_cfg),
+                TextOptions.from_config(sm.params.model_cfg)), sm.output.metrics,
                {**sm.params.evaluation, "threads": sm.threads}, config, sm.params.code)

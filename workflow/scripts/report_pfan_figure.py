@@ -4,13 +4,14 @@ import json
 
 from itmatch.models.registry import model_inputs
 from itmatch.report.pfan_figure import pfan_figure
-from itmatch.training.data import Corpus, DataPaths
+from itmatch.training.data import Corpus, DataPaths, TextOptions
 from itmatch.utils.logs import log, setup_job_logging
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_job_logging(sm.log[0])
 inp = sm.input
-corpus = Corpus(DataPaths.from_inputs(inp), model_inputs("pfan", sm.params.model_cfg))
+corpus = Corpus(DataPaths.from_inputs(inp), model_inputs("pfan", sm.params.model_cfg),
+                TextOptions.from_config(sm.params.model_cfg))
 with open(inp.vocab, encoding="utf-8") as fh:
     words = json.load(fh)["idx2word"]
 fig = sm.params.figure

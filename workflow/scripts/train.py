@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from itmatch.models.registry import model_inputs
-from itmatch.training.data import Corpus, DataPaths
+from itmatch.training.data import Corpus, DataPaths, TextOptions
 from itmatch.training.loop import train_model
 from itmatch.utils.logs import setup_job_logging
 
@@ -14,6 +14,7 @@ paths = DataPaths.from_inputs(inp)
 model = sm.wildcards.model
 part = getattr(sm.wildcards, "part", "")
 training = {**sm.params.training, "threads": sm.threads}
-corpus = Corpus(paths, model_inputs(model, sm.params.model_cfg))
+corpus = Corpus(paths, model_inputs(model, sm.params.model_cfg),
+                TextOptions.from_config(sm.params.model_cfg))
 train_model(model, sm.params.model_cfg, training, corpus, sm.output.model, sm.output.log,
             state_path=Path(sm.output.model).parent / ".train_state.pt", input_files=list(sm.input), part=part)
