@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
+from itmatch.corpus.data import Corpus
+from itmatch.corpus.synthetic import write_synthetic_corpus
 from itmatch.evaluation.evaluate import evaluate_checkpoint
-from itmatch.training.data import Corpus
-from itmatch.training.synthetic import write_synthetic_corpus
 
 RUNNER = r"""
 import json, sys
-from itmatch.training.data import Corpus, DataPaths
+from itmatch.corpus.data import Corpus, DataPaths
 from itmatch.training.loop import train_model
 a = json.loads(sys.argv[1])
 corpus = Corpus(DataPaths(**a["paths"]), frozenset({"blocks"}))

@@ -6,7 +6,7 @@ inputs (the contract's regions.h5: float16 features [N, 36, 2048], one image per
 
 The inputs are written once by ``create_regions`` (the extraction's own writer, so the chunk layout is the
 contract's) and reused while their shape matches. The full COCO size is 113,287 × 36 × 2048 × 2 bytes ≈ 16.7 GB.
-It times ``itmatch.training.data`` exactly as training uses it (PairDataset → loader with the epoch's seeded
+It times ``itmatch.corpus.data`` exactly as training uses it (PairDataset → loader with the epoch's seeded
 random batches, collate_pairs) after a warm-up of ``--warmup`` batches, and checks that the chunking lets a
 worker read one image's regions in one read (one chunk = one image). Prints a JSON summary (``--json`` writes it).
 Target: ≥ 5,000 samples/s per worker (issue 18: a GPU step should never wait on I/O).
@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from itmatch.corpus.data import Corpus, DataPaths, PairDataset, collate_pairs, epoch_batches, loader  # noqa: E402
 from itmatch.features.regions_io import RegionsMeta, create_regions  # noqa: E402
-from itmatch.training.data import Corpus, DataPaths, PairDataset, collate_pairs, epoch_batches, loader  # noqa: E402
 
 COCO_TRAIN_IMAGES = 113_287  # Karpathy split train + restval (shared/design.md)
 VOCAB = 10_000

@@ -19,7 +19,7 @@ import time
 
 CHILD = r"""
 import json, resource, sys
-from itmatch.training.data import Corpus, DataPaths
+from itmatch.corpus.data import Corpus, DataPaths
 from itmatch.training.loop import train_model
 a = json.loads(sys.argv[1])
 corpus = Corpus(DataPaths(**a["paths"]))
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    from itmatch.training.synthetic import write_synthetic_corpus
+    from itmatch.corpus.synthetic import write_synthetic_corpus
 
     for n in a.sizes:
         with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from itmatch.corpus.data import Corpus, DataPaths, RowDataset, collate_images, loader
+from itmatch.corpus.synthetic import write_synthetic_corpus
 from itmatch.evaluation.evaluate import NonFiniteSimilarityError, evaluate_checkpoint, run_evaluation
 from itmatch.features.blocks import write_blocks
 from itmatch.features.regions_io import (
@@ -23,9 +25,7 @@ from itmatch.features.regions_io import (
     write_regions_parquet,
     write_rows,
 )
-from itmatch.training.data import Corpus, DataPaths, RowDataset, collate_images, loader
 from itmatch.training.loop import TrainingDiverged, train_model
-from itmatch.training.synthetic import write_synthetic_corpus
 from itmatch.utils.h5 import ArtifactReadError, NonFiniteError
 
 MODEL_CFG = {"embed_dim": 16, "word_dim": 8, "block_dim": 4, "direction": "t2i"}

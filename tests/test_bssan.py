@@ -191,7 +191,7 @@ def _corpus_with_long_caption(tmp_path, n_words: int = 40):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from itmatch.training.synthetic import write_synthetic_corpus
+    from itmatch.corpus.synthetic import write_synthetic_corpus
 
     paths = write_synthetic_corpus(tmp_path, n_train=8, n_val=2, n_test=2, R=4, D=FEAT)
     t = pq.read_table(paths.tokens)
@@ -203,7 +203,7 @@ def _corpus_with_long_caption(tmp_path, n_words: int = 40):
 
 
 def test_captions_longer_than_30_words_are_truncated(tmp_path):
-    from itmatch.training.data import Corpus, TextOptions, collate_captions
+    from itmatch.corpus.data import Corpus, TextOptions, collate_captions
 
     paths, words = _corpus_with_long_caption(tmp_path)
     cfg = {"tokens": {"start_end": False, "max_words": 30}}
@@ -238,8 +238,8 @@ def test_glove_initialises_known_words_and_errors_name_the_file(tmp_path):
 def test_prepare_training_logs_glove_or_random_init(tmp_path, caplog):
     import logging
 
+    from itmatch.corpus.data import Corpus
     from itmatch.text.vocab import Vocab
-    from itmatch.training.data import Corpus
 
     paths, _ = _corpus_with_long_caption(tmp_path)
     corpus = Corpus(paths)

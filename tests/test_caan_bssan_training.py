@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from itmatch.corpus.data import Corpus
+from itmatch.corpus.synthetic import write_synthetic_corpus
 from itmatch.evaluation.evaluate import run_evaluation
 from itmatch.models.registry import model_inputs
-from itmatch.training.data import Corpus
 from itmatch.training.loop import train_model
-from itmatch.training.synthetic import write_synthetic_corpus
 
 TINY = {
     "caan": {"embed_dim": 16, "word_dim": 16, "attn_dim": 8},

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from itmatch.corpus.data import Corpus
+from itmatch.corpus.synthetic import write_synthetic_corpus
 from itmatch.evaluation.evaluate import similarity, split_rows
 from itmatch.models.registry import build_model
 from itmatch.models.scan import SCAN
-from itmatch.training.data import Corpus
 from itmatch.training.loop import train_model
-from itmatch.training.synthetic import write_synthetic_corpus
 from itmatch.utils import device as D
 
 REPO = Path(__file__).resolve().parent.parent

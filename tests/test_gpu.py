@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from itmatch.config import MODELS, load_config
+from itmatch.corpus.synthetic import synthetic_batches
 from itmatch.features.detector import detect, detector_config, load_detector, preprocess
 from itmatch.features.detector.ops import box_iou
 from itmatch.models.registry import build_model
 from itmatch.training.loss import ContrastiveLoss
 from itmatch.training.settings import model_settings, part_config
-from itmatch.training.synthetic import synthetic_batches
 from itmatch.utils.device import autocast, resolve_precision
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from itmatch.evaluation.evaluate import load_parts
 from itmatch.features.detector.checkpoint import CheckpointError, read_checkpoint, read_state_dict
 from itmatch.features.detector.convert import UnsafePickleError, convert, read_arrays_pickle
-from itmatch.training.loop import load_tensors
+from itmatch.models.checkpoint import load_parts, load_tensors
 from tests.conftest import REPO
 
 
@@ -148,9 +147,9 @@ def test_no_unsafe_loader_in_the_package():
 def test_crafted_training_state_is_ignored_and_training_runs(tmp_path):
     """A ``.train_state.pt`` next to the outputs is read weights-only: a payload in it never runs, and the
     unreadable state is ignored (training starts afresh), as is an old state holding numpy RNG arrays."""
-    from itmatch.training.data import Corpus
+    from itmatch.corpus.data import Corpus
+    from itmatch.corpus.synthetic import write_synthetic_corpus
     from itmatch.training.loop import train_model
-    from itmatch.training.synthetic import write_synthetic_corpus
 
     paths = write_synthetic_corpus(tmp_path / "corpus", n_train=8, n_val=4, n_test=4, R=3, D=8)
     corpus = Corpus(paths, frozenset({"blocks"}))

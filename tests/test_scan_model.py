@@ -30,9 +30,9 @@ def test_scan_family_captions_are_wrapped_in_start_and_end(tmp_path):
     """models.scan.tokens.start_end (SCAN data.py): <start> (1) + words + <end> (2); stored tokens unchanged."""
     import pyarrow.parquet as pq
 
+    from itmatch.corpus.data import Corpus, TextOptions
+    from itmatch.corpus.synthetic import write_synthetic_corpus
     from itmatch.recipes import load_recipe_config, resolve
-    from itmatch.training.data import Corpus, TextOptions
-    from itmatch.training.synthetic import write_synthetic_corpus
 
     paths = write_synthetic_corpus(tmp_path, n_train=6, n_val=2, n_test=2, R=3, D=8)
     stored = pq.read_table(paths.tokens).column("tokens").to_pylist()[0]

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from itmatch.corpus.data import Corpus, DataPaths
+from itmatch.corpus.synthetic import write_synthetic_corpus
 from itmatch.evaluation.evaluate import evaluate_checkpoint
-from itmatch.training.data import Corpus, DataPaths
 from itmatch.training.loop import train_model
-from itmatch.training.synthetic import write_synthetic_corpus
 
 
 def _extend(paths: DataPaths, root: Path, H: int = 16) -> DataPaths:

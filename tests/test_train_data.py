@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from itmatch.training.data import Corpus, PairDataset, collate_pairs, epoch_batches, loader
+from itmatch.corpus.data import Corpus, PairDataset, collate_pairs, epoch_batches, loader
+from itmatch.corpus.synthetic import write_synthetic_corpus
 from itmatch.training.settings import model_settings, part_config, training_settings
-from itmatch.training.synthetic import write_synthetic_corpus
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_settings_merge():
 def test_data_paths_from_rule_inputs_takes_the_named_fields_only():
     from types import SimpleNamespace
 
-    from itmatch.training.data import DataPaths
+    from itmatch.corpus.data import DataPaths
 
     inputs = SimpleNamespace(images="i.parquet", captions="c.parquet", tokens="t.parquet", vocab="v.json",
                              regions="r.h5", blocks="b.h5", tree_vocab="tv.json", checkpoint="m.pt")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from itmatch.corpus.data import Corpus, DataPaths
+from itmatch.corpus.synthetic import write_synthetic_corpus
 from itmatch.evaluation.evaluate import evaluate_checkpoint
-from itmatch.training.data import Corpus, DataPaths
-from itmatch.training.synthetic import write_synthetic_corpus
 
 MODEL_CFG = {"embed_dim": 16, "word_dim": 8, "block_dim": 4, "direction": "t2i"}
 TRAIN_CFG = {"epochs": 3, "batch_size": 8, "lr": 2e-3, "lr_decay_epochs": 2, "val_max_images": 8,
@@ -24,7 +24,7 @@ TRAIN_CFG = {"epochs": 3, "batch_size": 8, "lr": 2e-3, "lr_decay_epochs": 2, "va
 RUNNER = r"""
 import json, sys, time
 from itmatch.models.pfan import PFAN
-from itmatch.training.data import Corpus, DataPaths
+from itmatch.corpus.data import Corpus, DataPaths
 from itmatch.training.loop import train_model
 args = json.loads(sys.argv[1])
 if args["delay"]:

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from itmatch.corpus.data import Corpus, RowDataset, collate_captions, collate_images, loader
 from itmatch.evaluation.metrics import protocols
 from itmatch.models.base import MatchingModel
-from itmatch.models.registry import build_model
-from itmatch.training.data import Corpus, RowDataset, collate_captions, collate_images, loader
+from itmatch.models.checkpoint import load_parts
 from itmatch.utils.device import autocast, resolve_device, resolve_precision, to_device
 from itmatch.utils.logs import log, progress
 
@@ -84,20 +84,6 @@ def split_rows(corpus: Corpus, split: str, max_images: int | None = None) -> tup
     if len(image_rows) == 0:
         raise ValueError(f"split {split!r} has no images")
     return image_rows, caption_rows, cap_image
-
-
-def load_parts(checkpoint: str, device: str | torch.device = "cpu") -> tuple[str, list[MatchingModel]]:
-    """Models of every part of a checkpoint written by :func:`itmatch.training.loop.write_checkpoint`."""
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)  # tensors only: cannot run code
-    if not isinstance(ck, dict) or ck.get("format") != "itmatch-checkpoint":
-        raise ValueError(f"{checkpoint}: not an itmatch checkpoint")
-    models = []
-    for part in ck["parts"]:
-        m = build_model(ck["model"], part["config"], part["data_info"])
-        m.load_state_dict(part["state_dict"])
-        m.to(device).eval()
-        models.append(m)
-    return ck["model"], models
 
 
 def evaluate_checkpoint(checkpoint: str, corpus: Corpus, split: str = "test", folds: int = 1, full: bool = False,

@@ -18,7 +18,7 @@ For a pair (image i, caption with words t¹..t^L, 300-d embeddings):
   training loss fell to 0 while test retrieval stayed at chance (``uniform_negative_attention: false``
   learned), and on the default shapes config the loss fell 17 → 0.09 in 6 epochs with test rSum 5.6
   (chance 6.4) against 227.5 with it off (README, "CAAN and BSSAN"). On the synthetic corpus of
-  ``itmatch.training.synthetic`` both settings reach the same rSum.
+  ``itmatch.corpus.synthetic`` both settings reach the same rSum.
 - **Loss** (eq. 7, 17, 18), in :meth:`BSSAN.loss`: per image one negative caption sampled from the batch
   (a caption of another image), ``L1 = Σ_i [M - Y_i + Y_i⁻]₊``, ``L2`` the same on Y', total
   ``L1 + λ·L2 + δ·Σ‖W‖²`` (λ = 0.6, δ = 0.01). The shared ``criterion`` is not used: BSSAN has its own

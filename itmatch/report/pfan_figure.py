@@ -36,7 +36,7 @@ from itmatch.report.figures import save_figure  # noqa: E402
 def pfan_attention(model, image: dict[str, torch.Tensor], caption: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """γ [R, L] (position attention), α [W, R] (word→region attention) for one image and one caption.
 
-    ``image`` / ``caption``: collated batches of size 1 (``itmatch.training.data``); ``model``: a PFAN.
+    ``image`` / ``caption``: collated batches of size 1 (``itmatch.corpus.data``); ``model``: a PFAN.
     """
     idx = image["block_index"]
     gamma, _ = model.position.weights(image["features"], idx, image["block_weight"])  # [1, R, L]
@@ -86,8 +86,8 @@ def pfan_figure(checkpoint: str | Path, corpus, image_dir: str | Path, vocab_wor
                 out_png: str | Path, n_images: int = 2, n_regions: int = 3, n_blocks: int = 6
                 ) -> list[dict[str, Any]]:
     """Figure 6 for the first ``n_images`` test images (first caption each); returns what was drawn."""
-    from itmatch.evaluation.evaluate import load_parts
-    from itmatch.training.data import collate_captions, collate_images
+    from itmatch.corpus.data import collate_captions, collate_images
+    from itmatch.models.checkpoint import load_parts
 
     name, parts = load_parts(str(checkpoint))
     if name != "pfan":

@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from itmatch.corpus.data import BatchList, Corpus, PairDataset, collate_pairs, epoch_batches, loader
 from itmatch.evaluation.evaluate import NonFiniteSimilarityError, check_finite_similarity, similarity, split_rows
 from itmatch.evaluation.metrics import retrieval_metrics
+from itmatch.models.checkpoint import load_tensors, read_checkpoint, save_tensors, write_checkpoint
 from itmatch.models.registry import build_model
-from itmatch.training.data import BatchList, Corpus, PairDataset, collate_pairs, epoch_batches, loader
 from itmatch.training.loss import ContrastiveLoss
 from itmatch.utils.device import autocast, resolve_device, resolve_precision, to_device
 from itmatch.utils.io import atomic_path
@@ -78,22 +79,6 @@ def make_optimizer(params: list[torch.nn.Parameter], t: dict[str, Any]) -> torch
 
 def _settings_hash(*objs: Any) -> str:
     return hashlib.sha256(json.dumps(objs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def load_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True`` (tensors and plain containers; a crafted file cannot run code)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _save(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def write_checkpoint(path: str | Path, model_name: str, parts: list[dict[str, Any]]) -> None:
-    """model.pt: ``{"format": "itmatch-checkpoint", "model": name, "parts": [{name, config, data_info,
-    state_dict, epoch, step, val_rsum}, ...]}`` (one part per separately trained direction)."""
-    _save(Path(path), {"format": "itmatch-checkpoint", "model": model_name, "parts": parts})
 
 
 def write_log(path: str | Path, rows: list[dict[str, Any]], extra: list[str] | None = None) -> None:
@@ -193,7 +178,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
 
     def save_state() -> None:
         st["seconds"] = time.time() - t_start
-        _save(state_path, {"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        save_tensors(state_path, {"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "rng": _rng_state(), "loop": st, **({"scaler": scaler.state_dict()} if scaler.is_enabled()
                                                              else {})})
 
@@ -321,7 +306,7 @@ def fuse_checkpoints(model_name: str, part_models: list[str], part_logs: list[st
     log with a ``part`` column."""
     all_parts, rows = [], []
     for name, mp, lp in zip(parts, part_models, part_logs, strict=True):
-        ck = load_tensors(mp)
+        ck = read_checkpoint(mp)
         for p in ck["parts"]:
             p["name"] = name
             all_parts.append(p)

@@ -1,8 +1,8 @@
 """Rule evaluate: test-split metrics of results/{model}/{dataset}/model.pt → metrics.json."""
 
+from itmatch.corpus.data import Corpus, DataPaths, TextOptions
 from itmatch.evaluation.evaluate import run_evaluation
 from itmatch.models.registry import model_inputs
-from itmatch.training.data import Corpus, DataPaths, TextOptions
 from itmatch.utils.logs import setup_job_logging
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)

@@ -2,9 +2,9 @@
 
 import json
 
+from itmatch.corpus.data import Corpus, DataPaths, TextOptions
 from itmatch.models.registry import model_inputs
 from itmatch.report.pfan_figure import pfan_figure
-from itmatch.training.data import Corpus, DataPaths, TextOptions
 from itmatch.utils.logs import log, setup_job_logging
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)

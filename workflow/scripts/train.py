@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from itmatch.corpus.data import Corpus, DataPaths, TextOptions
 from itmatch.models.registry import model_inputs
-from itmatch.training.data import Corpus, DataPaths, TextOptions
 from itmatch.training.loop import train_model
 from itmatch.utils.logs import setup_job_logging
 

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from itmatch.corpus.data import DataPaths
 from itmatch.features.blocks import compute_blocks, write_blocks
-from itmatch.training.data import DataPaths
 
 
 def write_synthetic_corpus(root: str | Path, n_train: int = 40, n_val: int = 10, n_test: int = 10, R: int = 6,

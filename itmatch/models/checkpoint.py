@@ -1,0 +1,55 @@
+"""Model checkpoints (``model.pt``): the one writer and the one reader of their format.
+
+``{"format": "itmatch-checkpoint", "model": name, "parts": [{name, config, data_info, state_dict, epoch, step,
+val_rsum, ...}, ...]}``, one part per separately trained direction (fused models). Tensors and plain values
+only, read with ``torch.load(weights_only=True)``, so a crafted file cannot run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from itmatch.models.base import MatchingModel
+from itmatch.models.registry import build_model
+from itmatch.utils.io import atomic_path
+
+FORMAT = "itmatch-checkpoint"
+
+
+def load_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers; a crafted file cannot run code)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save_tensors(path: str | Path, obj: dict[str, Any]) -> None:
+    """``torch.save`` under a temporary name, renamed when complete."""
+    with atomic_path(Path(path)) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_checkpoint(path: str | Path, model_name: str, parts: list[dict[str, Any]]) -> None:
+    """Write ``model.pt`` of ``model_name`` with these parts."""
+    save_tensors(path, {"format": FORMAT, "model": model_name, "parts": parts})
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict (on the CPU), with an error naming the file when it is not one of ours."""
+    ck = load_tensors(path)
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an itmatch checkpoint")
+    return ck
+
+
+def load_parts(path: str | Path, device: str | torch.device = "cpu") -> tuple[str, list[MatchingModel]]:
+    """(model name, the model of every part in eval mode on ``device``)."""
+    ck = read_checkpoint(path)
+    models = []
+    for part in ck["parts"]:
+        m = build_model(ck["model"], part["config"], part["data_info"])
+        m.load_state_dict(part["state_dict"])
+        m.to(device).eval()
+        models.append(m)
+    return ck["model"], models
