@@ -21,7 +21,6 @@ from tests.conftest import REPO, TEST_CONFIG
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^ *```(\w*)\n(.*?)^ *```", flags=re.M | re.S)
-VALUE_OPTIONS = {"--configfile", "--configfiles", "--config", "-C"}  # options taking one or more values
 DROPPED = {"--use-conda": 0, "--directory": 1, "-d": 1, "--report": 1}  # option → number of values dropped
 
 
