@@ -6,13 +6,15 @@ so a typo stops the run before any job starts.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+#: the JSON schema of the config: the one home of every default (the workflow links to it from workflow/schemas/)
+SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 
 DATASETS = ("coco", "f30k", "shapes")
 MODELS = ("scan", "pfan", "caan", "smfea", "glfn", "bssan")
@@ -29,6 +31,19 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
 
 def _key(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
+
+
+def schema_defaults(section: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The defaults the schema gives the keys of the config section ``section`` (e.g. ``training``), without its
+    per-dataset / per-model override maps: what a library caller gets for the keys it leaves out."""
+    schema = schema or load_schema()
+    props = _ref(schema["properties"][section], schema).get("properties", {})
+    out = {}
+    for key, sub in props.items():
+        sub = _ref(sub, schema)
+        if "default" in sub and key not in ("datasets", "models"):
+            out[key] = copy.deepcopy(sub["default"])
+    return out
 
 
 def _ref(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:

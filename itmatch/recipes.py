@@ -24,8 +24,7 @@ from snakemake.utils import validate as snakemake_validate
 from itmatch.config import DATASETS, MODELS, SCHEMA_PATH, load_config
 from itmatch.training.settings import recipe
 
-CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
-DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
+CONFIG_PATH = Path("config") / "config.yaml"  # relative to the working directory (the repository root), as Snakemake's
 PAPER_DATASETS = ("coco", "f30k")
 
 _SCAN_TRAIN = "SCAN train.py argparse defaults"

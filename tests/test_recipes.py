@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from itmatch.config import MODELS
-from itmatch.recipes import DOCS_PATH, SOURCES, flatten, load_recipe_config, markdown, resolve
+from itmatch.recipes import SOURCES, flatten, load_recipe_config, markdown, resolve
 from itmatch.training.settings import part_config
 from tests.conftest import REPO
 
@@ -76,7 +76,7 @@ def test_unknown_model_or_dataset_names_the_valid_ones():
 
 
 def test_every_cited_key_exists_in_the_recipe():
-    config = load_recipe_config()
+    config = load_recipe_config(REPO / "config" / "config.yaml")
     for model, by_dataset in SOURCES.items():
         for dataset in ("coco", "f30k"):
             keys = set(flatten({k: v for k, v in resolve(config, model, dataset).items() if k != "sources"}))
@@ -86,8 +86,8 @@ def test_every_cited_key_exists_in_the_recipe():
 
 
 def test_docs_recipes_md_is_up_to_date():
-    expected = markdown(load_recipe_config())
-    assert DOCS_PATH.read_text(encoding="utf-8") == expected, \
+    expected = markdown(load_recipe_config(REPO / "config" / "config.yaml"))
+    assert (REPO / "docs" / "recipes.md").read_text(encoding="utf-8") == expected, \
         "docs/recipes.md is stale: run `itmatch recipe --markdown > docs/recipes.md`"
     assert itmatch("recipe", "--markdown").stdout == expected
     assert "| `model.t2i.agg` |" in expected and "SCAN paper Table 2" in expected

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from itmatch.config import schema_defaults
 from itmatch.corpus.data import Corpus, RowDataset, collate_captions, collate_images, loader
 from itmatch.evaluation.metrics import protocols
 from itmatch.models.base import MatchingModel
@@ -117,12 +118,12 @@ def run_evaluation(model_name: str, checkpoint: str, corpus: Corpus, out_json: s
     from itmatch.utils.io import write_json
 
     t0 = time.time()
-    torch.set_num_threads(int(eval_cfg.get("threads", 1)))
+    e = {**schema_defaults("evaluation"), **eval_cfg}  # the schema is the one home of the defaults
+    torch.set_num_threads(int(e["threads"]))
     prot, n_img, n_cap = evaluate_checkpoint(
-        checkpoint, corpus, split=eval_cfg.get("split", "test"), folds=int(eval_cfg.get("folds", 1)),
-        full=bool(eval_cfg.get("full", False)), image_batch=int(eval_cfg.get("image_batch", 128)),
-        caption_batch=int(eval_cfg.get("caption_batch", 512)), num_workers=int(eval_cfg.get("num_workers", 0)),
-        device=str(eval_cfg.get("device", "cpu")), precision=str(eval_cfg.get("precision", "fp32")))
+        checkpoint, corpus, split=e["split"], folds=int(e["folds"]), full=bool(e["full"]),
+        image_batch=int(e["image_batch"]), caption_batch=int(e["caption_batch"]), num_workers=int(e["num_workers"]),
+        device=str(e["device"]), precision=str(e["precision"]))
     out = {"model": model_name, "dataset": config.get("dataset", ""), "protocols": prot, "n_images": n_img,
            "n_captions": n_cap, "checkpoint": str(checkpoint), "config": config, "code_version": code_version,
            "seconds": round(time.time() - t0, 2)}

@@ -1,4 +1,4 @@
-"""The papers' published numbers (``workflow/report/published.yaml``), loaded and checked."""
+"""The papers' published numbers (``published.yaml`` next to this module), loaded and checked."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import yaml
 
 from itmatch.config import DATASETS, MODELS
 
-PUBLISHED_PATH = Path(__file__).resolve().parents[2] / "workflow" / "report" / "published.yaml"
+PUBLISHED_PATH = Path(__file__).resolve().parent / "published.yaml"
 DIRECTIONS = ("i2t", "t2i")
 RECALLS = ("r1", "r5", "r10")
 PROTOCOLS = ("1k", "5k")

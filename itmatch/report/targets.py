@@ -1,4 +1,4 @@
-"""Which files the report covers, from the config's ``report`` section (used by workflow/rules/report.smk)."""
+"""Which files the report covers, from the config's ``report`` section (used by the report rules)."""
 
 from __future__ import annotations
 

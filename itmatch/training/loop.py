@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from itmatch.config import schema_defaults
 from itmatch.corpus.data import BatchList, Corpus, PairDataset, collate_pairs, epoch_batches, loader
 from itmatch.evaluation.evaluate import NonFiniteSimilarityError, check_finite_similarity, similarity, split_rows
 from itmatch.evaluation.metrics import retrieval_metrics
@@ -51,13 +52,6 @@ from itmatch.utils.logs import log, progress
 LOG_COLUMNS = ["epoch", "step", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "lr",
                "seconds"]
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0, "epochs": 30, "batch_size": 128, "lr": 2e-4, "lr_decay": 0.1, "lr_decay_epochs": 15,
-    "grad_clip": 2.0, "margin": 0.2, "max_violation": True, "warmup_epochs": 0, "val_every_steps": 0,
-    "val_max_images": 1000,
-    "checkpoint_every_steps": 100, "num_workers": 0, "threads": 1, "optimizer": "adam", "momentum": 0.9,
-    "weight_decay": 0.0, "device": "cpu", "precision": "fp32", "nonfinite_patience": 0,
-}
 # keys that do not change the trajectory of the steps already taken: a saved state stays valid when they change
 # (e.g. more epochs continue a finished-early run's state)
 RESOURCE_KEYS = ("num_workers", "threads", "mem_mb", "runtime", "device", "epochs", "checkpoint_every_steps",
@@ -120,7 +114,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
                 input_files: list[str] | None = None, part: str = "",
                 stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train one model (one part of a fused model), write its checkpoint and log; returns the best part."""
-    t = {**DEFAULTS, **tcfg}
+    t = {**schema_defaults("training"), **tcfg}  # the schema is the one home of the defaults
     state_path = Path(state_path)
     torch.set_num_threads(int(t["threads"]))
     data_info = dict(corpus.info)
