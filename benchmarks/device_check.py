@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from itmatch.config import MODELS, load_config  # noqa: E402
+from itmatch.config import load_config  # noqa: E402
 from itmatch.corpus.synthetic import synthetic_batches  # noqa: E402
-from itmatch.models.registry import build_model  # noqa: E402
+from itmatch.models.registry import MODELS, build_model  # noqa: E402
 from itmatch.training.loss import ContrastiveLoss  # noqa: E402
 from itmatch.training.settings import model_settings, part_config  # noqa: E402
 from itmatch.utils.device import autocast, cuda_unavailable_reason, resolve_precision  # noqa: E402

@@ -17,7 +17,6 @@ import yaml
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 
 DATASETS = ("coco", "f30k", "shapes")
-MODELS = ("scan", "pfan", "caan", "smfea", "glfn", "bssan")
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,8 @@ from typing import Any
 
 from snakemake.utils import validate as snakemake_validate
 
-from itmatch.config import DATASETS, MODELS, SCHEMA_PATH, load_config
+from itmatch.config import DATASETS, SCHEMA_PATH, load_config
+from itmatch.models.registry import MODELS
 from itmatch.training.settings import recipe
 
 CONFIG_PATH = Path("config") / "config.yaml"  # relative to the working directory (the repository root), as Snakemake's

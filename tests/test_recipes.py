@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from itmatch.config import MODELS
+from itmatch.models.registry import MODELS
 from itmatch.recipes import SOURCES, flatten, load_recipe_config, markdown, resolve
 from itmatch.training.settings import part_config
 from tests.conftest import REPO

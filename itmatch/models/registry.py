@@ -11,10 +11,19 @@ MODEL_CLASSES: dict[str, str] = {
     "scan": "itmatch.models.scan:SCAN",
     "pfan": "itmatch.models.pfan:PFAN",
     "caan": "itmatch.models.caan:CAAN",
-    "bssan": "itmatch.models.bssan:BSSAN",
     "smfea": "itmatch.models.smfea:SMFEA",
     "glfn": "itmatch.models.glfn:GLFN",
+    "bssan": "itmatch.models.bssan:BSSAN",
 }
+
+
+#: the registered model names (the workflow's ``{model}`` wildcard follows them)
+MODELS: tuple[str, ...] = tuple(MODEL_CLASSES)
+
+
+def display_name(name: str) -> str:
+    """The model's name for people (its class name: ``pfan`` → ``PFAN``)."""
+    return MODEL_CLASSES[name].split(":")[1] if name in MODEL_CLASSES else name
 
 
 def model_class(name: str) -> type[MatchingModel]:

@@ -12,8 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from itmatch.models.registry import display_name  # noqa: E402
 from itmatch.report.published import DIRECTIONS, RECALLS  # noqa: E402
-from itmatch.report.table import MODEL_NAMES, read_metrics  # noqa: E402
+from itmatch.report.table import read_metrics  # noqa: E402
 from itmatch.utils.io import atomic_path  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def plot_recalls(metrics_files: list[str | Path], published: dict[str, Any], out
             continue
         n += 1
         color = colors[i % len(colors)]
-        name = MODEL_NAMES.get(m["model"], m["model"])
+        name = display_name(m["model"])
         paper = published.get(m["model"], {}).get(dataset, {}).get(protocol)
         for ax, d in zip(axes, DIRECTIONS, strict=True):
             ax.plot(ks, [m["protocols"][protocol][d][r] for r in RECALLS], marker="o", color=color, label=name)

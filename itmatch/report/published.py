@@ -7,7 +7,8 @@ from typing import Any
 
 import yaml
 
-from itmatch.config import DATASETS, MODELS
+from itmatch.config import DATASETS
+from itmatch.models.registry import MODELS
 
 PUBLISHED_PATH = Path(__file__).resolve().parent / "published.yaml"
 DIRECTIONS = ("i2t", "t2i")

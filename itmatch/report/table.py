@@ -10,11 +10,11 @@ from typing import Any
 
 import pandas as pd
 
+from itmatch.models.registry import display_name
 from itmatch.report.published import DIRECTIONS, RECALLS, published_rsum
 
 COLUMNS = ["model", "dataset", "protocol", "source",
            "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "train_min", "eval_min"]
-MODEL_NAMES = {"scan": "SCAN", "pfan": "PFAN", "caan": "CAAN", "smfea": "SMFEA", "glfn": "GLFN", "bssan": "BSSAN"}
 DATASET_NAMES = {"coco": "MS-COCO", "f30k": "Flickr30K", "shapes": "shapes"}
 
 
@@ -86,6 +86,6 @@ def to_markdown(df: pd.DataFrame) -> str:
         if not ours:
             nums = [n if n == "–" else f"*{n}*" for n in nums]
         src = "this repository" if ours else f"*paper: {r.source}*"
-        lines.append(f"| {MODEL_NAMES.get(r.model, r.model)} | {DATASET_NAMES.get(r.dataset, r.dataset)} | "
+        lines.append(f"| {display_name(r.model)} | {DATASET_NAMES.get(r.dataset, r.dataset)} | "
                      f"{r.protocol} | {src} | " + " | ".join(nums) + " |")
     return head + "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@ import os
 
 from snakemake.utils import validate
 
-from itmatch.config import DATASETS, MODELS, deep_update, validate_config
+from itmatch.config import DATASETS, deep_update, validate_config
+from itmatch.models.registry import MODELS
 from itmatch.utils.device import uses_gpu
 from itmatch.utils.hashing import code_hash
 
