@@ -24,6 +24,7 @@ from itmatch.evaluation.metrics import protocols
 from itmatch.models.base import MatchingModel
 from itmatch.models.checkpoint import load_parts
 from itmatch.utils.device import autocast, resolve_device, resolve_precision, to_device
+from itmatch.utils.io import write_json
 from itmatch.utils.logs import log, progress
 
 
@@ -115,7 +116,6 @@ def evaluate_checkpoint(checkpoint: str, corpus: Corpus, split: str = "test", fo
 def run_evaluation(model_name: str, checkpoint: str, corpus: Corpus, out_json: str, eval_cfg: dict[str, Any],
                    config: dict[str, Any], code_version: str) -> dict[str, Any]:
     """Test metrics of ``checkpoint`` → ``out_json`` (the contract's metrics.json)."""
-    from itmatch.utils.io import write_json
 
     t0 = time.time()
     e = {**schema_defaults("evaluation"), **eval_cfg}  # the schema is the one home of the defaults

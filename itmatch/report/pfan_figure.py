@@ -28,7 +28,9 @@ import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from itmatch.corpus.data import collate_captions, collate_images
 from itmatch.models.attention import attention_weights  # noqa: E402
+from itmatch.models.checkpoint import load_parts
 from itmatch.report.figures import save_figure  # noqa: E402
 
 
@@ -86,8 +88,6 @@ def pfan_figure(checkpoint: str | Path, corpus, image_dir: str | Path, vocab_wor
                 out_png: str | Path, n_images: int = 2, n_regions: int = 3, n_blocks: int = 6
                 ) -> list[dict[str, Any]]:
     """Figure 6 for the first ``n_images`` test images (first caption each); returns what was drawn."""
-    from itmatch.corpus.data import collate_captions, collate_images
-    from itmatch.models.checkpoint import load_parts
 
     name, parts = load_parts(str(checkpoint))
     if name != "pfan":

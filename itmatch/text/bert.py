@@ -24,8 +24,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import h5py
 import numpy as np
+import pyarrow.parquet as pq
+import torch
 
+from itmatch.text.captions import read_captions
+from itmatch.text.tokenize import tokenize_all
+from itmatch.utils.device import resolve_device
+from itmatch.utils.h5 import NonFiniteError, checksum, open_h5, reading
+from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 
 FETCH_BERT_COMMAND = "snakemake --cores 1 fetch_bert_model"
@@ -55,7 +63,6 @@ def resolve_model_dir(spec: str, key: str = "text.bert.model") -> Path:
 
 
 def pick_device(device: str = "auto") -> str:
-    from itmatch.utils.device import resolve_device
 
     return str(resolve_device(device, "text.bert.device"))
 
@@ -76,7 +83,6 @@ def load_bert(spec: str, device: str = "cpu"):
 
 def word_features(batch: Sequence[Sequence[str]], tok, model, max_length: int = 512) -> list[np.ndarray]:
     """Per-word features ([n_words, H] float32) of pre-split captions: mean of each word's pieces."""
-    import torch
 
     nonempty = [i for i, w in enumerate(batch) if len(w)]
     H = model.config.hidden_size
@@ -121,12 +127,7 @@ def _fingerprint(words: Sequence[Sequence[str]], spec: str, max_length: int) -> 
 def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: int = 128,
                  max_length: int = 512, device: str = "auto", block: int = 8192) -> None:
     """Rule ``bert_features``: captions.parquet (+ tokens.parquet lengths) → bert.h5 (resumable)."""
-    import h5py
-    import pyarrow.parquet as pq
 
-    from itmatch.text.captions import read_captions
-    from itmatch.text.tokenize import tokenize_all
-    from itmatch.utils.h5 import NonFiniteError, checksum
 
     caps = read_captions(captions_path)
     words = tokenize_all(caps["text"].tolist())
@@ -195,7 +196,6 @@ def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: i
             f.attrs["done_blocks"] = k + 1
             f.flush()
         f.attrs["complete"] = True
-    from itmatch.utils.io import atomic_path
 
     with atomic_path(out_path) as tmp:
         os.replace(partial, tmp)
@@ -204,7 +204,6 @@ def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: i
 
 def read_caption(path, i: int) -> np.ndarray:
     """Vectors [n_words, H] (float16) of caption row ``i`` of a ``bert.h5``."""
-    from itmatch.utils.h5 import open_h5, reading
 
     with open_h5(path) as f, reading(path, f"caption row {i}"):
         a, b = f["offsets"][i], f["offsets"][i + 1]

@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from itmatch.utils.device import resolve_device
 from itmatch.utils.logs import log, progress
 
 STANZA_PROCESSORS = "tokenize,pos,lemma,constituency"
@@ -47,7 +48,6 @@ def stanza_parse(texts: Sequence[str], model_dir: str | Path, batch_size: int = 
     d = check_stanza_models(model_dir)
     import stanza
 
-    from itmatch.utils.device import resolve_device
 
     use_gpu = resolve_device(device, "text.trees.device").type == "cuda"  # logged; warns / fails as elsewhere
     nlp = stanza.Pipeline("en", dir=str(d), processors=STANZA_PROCESSORS, download_method=None,

@@ -17,9 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 
+from itmatch.text.bert import load_bert, pick_device, word_features
+from itmatch.text.tokenize import tokenize
+from itmatch.utils.h5 import NonFiniteError, checksum, open_h5, reading
+from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 
 REGION_COLUMNS = ("image_id", "region", "object", "attribute")
@@ -54,8 +59,6 @@ def region_index(image_ids: np.ndarray, regions: pd.DataFrame, phrase_ids: np.nd
 
 def embed_phrases(phrases: list[str], tok, model, batch_size: int = 256, max_length: int = 64) -> np.ndarray:
     """[P, H] float32: mean of the phrase's word vectors."""
-    from itmatch.text.bert import word_features
-    from itmatch.text.tokenize import tokenize
 
     H = model.config.hidden_size
     out = np.zeros((len(phrases), H), dtype=np.float32)
@@ -72,11 +75,7 @@ def embed_phrases(phrases: list[str], tok, model, batch_size: int = 256, max_len
 def make_tags(images_path, regions_path, out_path, model: str, R: int | None = None, regions_h5=None,
               batch_size: int = 256, device: str = "auto") -> None:
     """Rule ``tag_vectors``: images.parquet + regions.parquet (+ R from regions.h5) → tags.h5."""
-    import h5py
 
-    from itmatch.text.bert import load_bert, pick_device
-    from itmatch.utils.h5 import NonFiniteError, checksum, open_h5, reading
-    from itmatch.utils.io import atomic_path
 
     images = pd.read_parquet(images_path, columns=["image_id"])
     regions = pd.read_parquet(regions_path)

@@ -68,6 +68,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
+
+from itmatch.text.captions import read_captions
+from itmatch.text.parsers import gold_parses, stanza_parse
+from itmatch.utils.io import write_json, write_parquet
+from itmatch.utils.logs import log, progress
+
 NODE_KINDS = ("entity", "relation", "entity", "relation", "entity", "relation", "entity")
 ENTITY_NODES = (0, 2, 4, 6)  # 0-based positions of nodes 1, 3, 5, 7
 RELATION_NODES = (1, 3, 5)
@@ -466,8 +474,6 @@ def tree_nodes(ptb: str, lemmas: Sequence[str] | None = None) -> list[Item | Non
 
 def trees_table(caption_ids, nodes: Sequence[list[Item | None]], vocab: TreeVocab):
     """``trees.parquet`` as an Arrow table (see the module docstring)."""
-    import numpy as np
-    import pyarrow as pa
 
     labels = np.full((len(nodes), 7), NULL, dtype=np.int32)
     names: list[str] = []
@@ -491,10 +497,6 @@ def make_trees(captions_path, trees_out, vocab_out, parser: str = "gold", json_p
                entity_min_count: int = 5, relation_min_count: int = 5, max_entities: int = 1440,
                max_relations: int = 247) -> TreeVocab:
     """Rule ``referral_trees``: captions.parquet (+ parses) → trees.parquet + tree_vocab.json."""
-    from itmatch.text.captions import read_captions
-    from itmatch.text.parsers import gold_parses, stanza_parse
-    from itmatch.utils.io import write_json, write_parquet
-    from itmatch.utils.logs import log, progress
 
     caps = read_captions(captions_path)
     if parser == "gold":
@@ -519,7 +521,6 @@ def make_trees(captions_path, trees_out, vocab_out, parser: str = "gold", json_p
                                relation_min_count, max_entities, max_relations)
     vocab.settings["parser"] = parser
     table = trees_table(caps["caption_id"].to_numpy(), nodes, vocab)
-    import numpy as np
 
     lab = np.stack(table.column("labels").to_numpy(zero_copy_only=False))
     log.info("referral trees: %d captions, %d entities, %d relations; non-null nodes per position %s",

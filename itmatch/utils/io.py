@@ -10,6 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from itmatch.utils.logs import log
 
 
@@ -72,8 +75,6 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Non
 
 def write_parquet(path: str | os.PathLike, table) -> None:
     """Write a pandas DataFrame or pyarrow Table to Parquet atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if not isinstance(table, pa.Table):
         table = pa.Table.from_pandas(table, preserve_index=False)
