@@ -86,6 +86,8 @@ GAPS = [
                                                   r"allowed keys here: attn_dim, checkpoint, embed_dim"),
     ("models.glfn.datasets.coco.alhpa", 0.5, r"config key models\.glfn\.datasets\.coco\.alhpa: unknown"),
     ("models.scan.datasets.shapes.training", {"lr": 1.0}, r"models\.scan\.datasets\.shapes\.training: unknown"),
+    # one spelling of a model's training overrides: training.models.<model>, not models.<model>.training
+    ("models.pfan.training", {"lr": 1.0}, r"config key models\.pfan\.training: unknown"),
     ("detector.per_dataset.shapes.input.fromat", "RGB", r"config key detector\.per_dataset\.shapes\.input\.fromat: "
                                                          r"unknown; allowed keys here: format, pixel_mean, pixel_std"),
     ("text.trees.parser.shapez", "gold", r"config key text\.trees\.parser\.shapez: unknown; allowed keys here: "

@@ -1,10 +1,10 @@
 """Effective settings of one training run: config sections merged with their per-dataset / per-model overrides.
 
 - ``training``: defaults, then ``training.datasets.<dataset>`` (e.g. COCO's 5e-4 / decay at 10 of 20 epochs),
-  then the model's own ``models.<model>.training`` block, then ``training.models.<model>``, then
+  then ``training.models.<model>`` (the one place of a model's training overrides), then
   ``training.models.<model>.datasets.<dataset>``.
-- ``models.<model>``: the model's block, then ``models.<model>.datasets.<dataset>``; the ``datasets``,
-  ``training`` and ``fuse`` keys are dropped before the model sees its config.
+- ``models.<model>``: the model's block, then ``models.<model>.datasets.<dataset>``; the ``datasets`` and
+  ``fuse`` keys are dropped before the model sees its config.
 - ``evaluation``: defaults, then ``evaluation.datasets.<dataset>`` (COCO: 5 folds + 5K).
 - Fused models: ``models.<model>.fuse`` lists the directions trained separately (``[t2i, i2t]``); each part
   gets the model config with ``direction`` set.
@@ -29,7 +29,6 @@ def training_settings(config: dict[str, Any], model: str, dataset: str) -> dict[
     t = config.get("training") or {}
     base = {k: v for k, v in t.items() if k not in ("datasets", "models")}
     base = _merge(base, (t.get("datasets") or {}).get(dataset))
-    base = _merge(base, ((config.get("models") or {}).get(model) or {}).get("training"))
     m = (t.get("models") or {}).get(model) or {}
     base = _merge(base, {k: v for k, v in m.items() if k != "datasets"})
     return _merge(base, (m.get("datasets") or {}).get(dataset))
@@ -37,7 +36,7 @@ def training_settings(config: dict[str, Any], model: str, dataset: str) -> dict[
 
 def model_settings(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
     m = (config.get("models") or {}).get(model) or {}
-    base = {k: v for k, v in m.items() if k not in ("datasets", "training")}
+    base = {k: v for k, v in m.items() if k != "datasets"}
     return _merge(base, (m.get("datasets") or {}).get(dataset))
 
 
