@@ -47,7 +47,7 @@ def published_r101_shapes() -> dict[str, tuple[int, ...]]:
     bp = "roi_heads.box_predictor"
     shapes.update({f"{bp}.cls_score.weight": (1601, 2048), f"{bp}.cls_score.bias": (1601,),
                    f"{bp}.bbox_pred.weight": (1601 * 4, 2048), f"{bp}.bbox_pred.bias": (1601 * 4,),
-                   f"{bp}.cls_embed.weight": (1602, 256),
+                   f"{bp}.cls_embed.weight": (1601, 256),  # nn.Embedding(NUM_CLASSES, 256), reference head
                    f"{bp}.attr_linear1.weight": (512, 2048 + 256), f"{bp}.attr_linear1.bias": (512,),
                    f"{bp}.attr_linear2.weight": (401, 512), f"{bp}.attr_linear2.bias": (401,)})
     return shapes
