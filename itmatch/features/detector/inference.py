@@ -123,6 +123,27 @@ def _numpy(d: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.cpu().numpy().astype(np.int64 if k in ints else np.float32) for k, v in d.items()}
 
 
+def regions(model: BottomUpDetector, out: dict[str, torch.Tensor], scale: float, hw: tuple[int, int],
+            orig_hw: tuple[int, int], inf: dict) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """One image's extracted regions from its :meth:`BottomUpDetector.forward` output (numpy, see :func:`detect`)
+    and the selection (:func:`select_regions`)."""
+    sel = select_regions(out, scale, inf, model.convention)
+    rows, feat, boxes = sel["rows"], out["features"][sel["rows"]], sel["boxes"]
+    attr_conf, attr = sel["attribute_conf"], sel["attribute_id"]
+    if inf.get("box_source", "proposals") == "regressed" and len(rows):
+        obj = sel["object_id"]
+        d = out["box_deltas"][rows].reshape(len(rows), -1, 4)[torch.arange(len(rows), device=rows.device), obj + 1]
+        reg = clip(decode_boxes(d, out["proposals"][rows], model.box_weights, model.convention), *hw,
+                   model.convention)
+        with _autocast(rows.device, inf.get("precision", "fp32")):
+            feat = model.roi_heads.pooled_features(out["feature_map"], [reg], model.stride).float()
+            a_prob = F.softmax(model.roi_heads.attribute_head(feat, obj + 1).float(), dim=1)
+        attr_conf, attr = a_prob[:, 1:].max(dim=1)
+        boxes = clip(reg / scale, *orig_hw, model.convention)
+    return _numpy({"features": feat.float(), "boxes": boxes, "object_id": sel["object_id"],
+                   "object_conf": sel["object_conf"], "attribute_id": attr, "attribute_conf": attr_conf}), sel
+
+
 @torch.inference_mode()
 def detect(model: BottomUpDetector, images: list[torch.Tensor], scales: list[float], orig_hw: list[tuple[int, int]],
            cfg: dict, stages: list[dict] | None = None) -> list[dict]:
@@ -132,7 +153,7 @@ def detect(model: BottomUpDetector, images: list[torch.Tensor], scales: list[flo
     (adaptive); it is smaller only when the RPN yields fewer proposals than that.
     ``stages``: when a list is given, one dict per image of every intermediate tensor is appended to it
     (``blob``, ``scale``, ``res4``, ``proposals``, ``proposal_scores``, ``pooled``, ``features``, ``cls_prob``,
-    ``attr_prob``, ``max_conf``, ``rows``) for the comparison with the reference."""
+    ``attr_prob``, ``box_deltas``, ``max_conf``, ``rows``, ``boxes``) for the comparison with the reference."""
     inf = cfg["inference"]
     device = _device(model)
     batch, hw = batch_images(images, device)
@@ -140,25 +161,11 @@ def detect(model: BottomUpDetector, images: list[torch.Tensor], scales: list[flo
         outs = model(batch, hw, scales, inf["pre_nms"], inf["post_nms"], stages=stages is not None)
     result = []
     for i, o in enumerate(outs):
-        sel = select_regions(o, scales[i], inf, model.convention)
-        rows, feat, boxes = sel["rows"], o["features"][sel["rows"]], sel["boxes"]
-        attr_conf, attr = sel["attribute_conf"], sel["attribute_id"]
-        if inf.get("box_source", "proposals") == "regressed" and len(rows):
-            obj = sel["object_id"]
-            d = o["box_deltas"][rows].reshape(len(rows), -1, 4)[torch.arange(len(rows), device=device), obj + 1]
-            reg = clip(decode_boxes(d, o["proposals"][rows], model.box_weights, model.convention), *hw[i],
-                       model.convention)
-            with _autocast(device, inf.get("precision", "fp32")):
-                feat = model.roi_heads.pooled_features(o["feature_map"], [reg], model.stride).float()
-                a_prob = F.softmax(model.roi_heads.attribute_head(feat, obj + 1).float(), dim=1)
-            attr_conf, attr = a_prob[:, 1:].max(dim=1)
-            oh, ow = orig_hw[i]
-            boxes = clip(reg / scales[i], oh, ow, model.convention)
-        result.append(_numpy({"features": feat.float(), "boxes": boxes, "object_id": sel["object_id"],
-                              "object_conf": sel["object_conf"], "attribute_id": attr, "attribute_conf": attr_conf}))
+        r, sel = regions(model, o, scales[i], hw[i], orig_hw[i], inf)
+        result.append(r)
         if stages is not None:
             stages.append({"blob": images[i], "scale": scales[i], **{k: v for k, v in o.items() if k != "feature_map"},
-                           "max_conf": sel["max_conf"], "rows": rows, "boxes": sel["boxes"]})
+                           "max_conf": sel["max_conf"], "rows": sel["rows"], "boxes": sel["boxes"]})
     return result
 
 
