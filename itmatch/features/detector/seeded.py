@@ -52,7 +52,9 @@ CAFFE_ANCHORS = [
 # Scales (chosen by running the reference on tests/fixtures/reference/images; see tests/fixtures/reference/README.md).
 STEM_GAIN = 1.0 / 64.0  # input pixels are mean-subtracted 0..255 values: bring stem outputs near unit scale
 LAST_BN_SCALE = 0.2  # BN scale of each bottleneck's conv3 norm (residual branch near, not at, the identity)
-RPN_OBJECTNESS_SCALE = 0.25  # std of RPN logits ≈ this (per unit-scale input)
+RPN_OBJECTNESS_SCALE = 0.6  # std of RPN logits ≈ this (per unit-scale input): fg-bg differences spread widely ...
+RPN_OBJECTNESS_SHIFT = 3.5  # ... and shifted down by 2x this (bg biases +, fg biases -), so the kept proposals' fg
+# probabilities lie mid-range (~0.3-0.99) where float32 resolves them finely, instead of all crowding near 1
 RPN_DELTA_SCALE = 0.05  # std of RPN box deltas
 CLS_SCALE = 0.75  # std of class logits across classes
 CLS_BIAS = 1.0  # half-width of the uniform class-logit biases
@@ -147,7 +149,12 @@ def seeded_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         elif kind == "conv_bias":
             state.update(_linear(g, prefix, shape, 2.0**0.5, bias_half=0.05))
         elif kind == "objectness":
-            state.update(_linear(g, prefix, shape, RPN_OBJECTNESS_SCALE, bias_half=0.5))
+            layer = _linear(g, prefix, shape, RPN_OBJECTNESS_SCALE, bias_half=0.5)
+            # channels [0, A) are background logits, [A, 2A) foreground (softmax over the pair, rpn_outputs.py)
+            shift = torch.full((shape[0],), RPN_OBJECTNESS_SHIFT)
+            shift[NUM_ANCHORS:] = -RPN_OBJECTNESS_SHIFT
+            layer[f"{prefix}.bias"] = layer[f"{prefix}.bias"] + shift
+            state.update(layer)
         elif kind == "deltas":
             state.update(_linear(g, prefix, shape, RPN_DELTA_SCALE, bias_half=0.05))
         elif kind == "cls":
