@@ -133,6 +133,12 @@ def test_stages_match_the_reference(image, extractor):
     rel_err(sample(out["res4"], ref["res4_idx"]), ref["res4_val"], f"res4 {image.name}")
     rel_err(out["res4"].double().mean(dim=(1, 2)), ref["res4_chan_mean"], f"res4_chan_mean {image.name}")
 
+    # RPN head outputs (raw objectness logits, box deltas)
+    for key in ("rpn_logits", "rpn_deltas"):
+        if f"{key}_idx" in ref:
+            assert list(out[key].shape) == ref[f"{key}_shape"].tolist()
+            rel_err(sample(out[key], ref[f"{key}_idx"]), ref[f"{key}_val"], f"{key} {image.name}")
+
     # RPN proposals after NMS, in the reference's order, and their scores
     assert len(out["proposals"]) == len(ref["proposals"]), f"{image.name}: proposal count"
     rel_err(out["proposals"], ref["proposals"], f"proposals {image.name}")

@@ -49,8 +49,9 @@ class BottomUpDetector(nn.Module):
         its resize factor in ``scales``). Per image: ``proposals`` [P, 4] (resized-image pixels), ``proposal_scores``
         [P] (RPN foreground probability), ``features`` [P, D], ``cls_prob`` [P, C+1], ``box_deltas``
         [P, (C+1)·4], ``attr_prob`` [P, A+1], ``feature_map`` [1, C4, H/16, W/16] (the padded batch's res4 map);
-        with ``stages``, also ``res4`` [C4, h, w] (the image's part of the padded map) and ``pooled``
-        [P, C4, S, S] (ROI-pooled res4)."""
+        with ``stages``, also ``res4`` [C4, h, w] (the image's part of the padded map), the RPN head's raw
+        ``rpn_logits`` [2A, h, w] and ``rpn_deltas`` [4A, h, w] (channel 4a + k: delta k of anchor a) and
+        ``pooled`` [P, C4, S, S] (ROI-pooled res4)."""
         res4 = self.features(batch)
         rpn = self.rpn(res4, image_hw, scales, self.stride, pre_nms, post_nms)
         proposals = rpn["proposals"]
@@ -69,6 +70,10 @@ class BottomUpDetector(nn.Module):
             if stages:
                 fh, fw = self.backbone.output_size(*image_hw[i])
                 d["res4"] = res4[i, :, :fh, :fw]
+                d["rpn_logits"] = rpn["logits"][i, :, :fh, :fw]
+                a = rpn["logits"].shape[1] // 2
+                deltas_map = rpn["deltas"][i].view(res4.shape[2], res4.shape[3], a, 4).permute(2, 3, 0, 1)
+                d["rpn_deltas"] = deltas_map.reshape(4 * a, res4.shape[2], res4.shape[3])[:, :fh, :fw]
                 d["pooled"] = pooled[sl]
             out.append(d)
         return out
