@@ -80,6 +80,27 @@ def selection_gap(ours: list[int], ref: list[int], ref_conf: np.ndarray, thresh:
     return float(gap)
 
 
+def match_proposals(ours: torch.Tensor, ref: np.ndarray, ref_scores: np.ndarray, name: str) -> torch.Tensor:
+    """``perm`` with ``ours[perm[j]]`` ≈ ``ref[j]`` (relative ``RTOL``): row j itself when it matches, else the one
+    other row that does, allowed only when the reference's scores of the two rows differ by less than ``TIE``
+    (a near tie in the RPN's sort, recorded in NOTES); any other difference fails, naming the rows."""
+    a, b = ours.detach().double().numpy(), np.asarray(ref, np.float64)
+    dist = np.abs(a[:, None, :] - b[None, :, :]).max(axis=2) / max(np.abs(b).max(), 1e-30)  # [ours, ref]
+    perm = np.arange(len(b))
+    for j in np.nonzero(dist[np.arange(len(b)), np.arange(len(b))] > RTOL)[0]:
+        cand = np.nonzero(dist[:, j] <= RTOL)[0]
+        assert len(cand) == 1, f"{name}: reference proposal {j} {b[j]} has {len(cand)} matches among ours"
+        i = int(cand[0])
+        gap = abs(float(ref_scores[j]) - float(ref_scores[i]))
+        assert gap < TIE, (f"{name}: our proposal row {i} is the reference's row {j}, but their reference scores "
+                           f"differ by {gap:.3g} (not a near tie)")
+        NOTES.append(f"{name}: RPN near tie, reference proposal rows {j} and {i} (scores {ref_scores[j]:.9g}, "
+                     f"{ref_scores[i]:.9g}, gap {gap:.2g}) come out in the other order here")
+        perm[j] = i
+    assert len(set(perm.tolist())) == len(perm), f"{name}: proposals matched twice"
+    return torch.as_tensor(perm, dtype=torch.long)
+
+
 @pytest.fixture(scope="module")
 def extractor(tmp_path_factory):
     ckpt = write_seeded_checkpoint(tmp_path_factory.mktemp("seeded") / "bua-caffe-seeded.pth", seed=0)
@@ -139,16 +160,22 @@ def test_stages_match_the_reference(image, extractor):
             assert list(out[key].shape) == ref[f"{key}_shape"].tolist()
             rel_err(sample(out[key], ref[f"{key}_idx"]), ref[f"{key}_val"], f"{key} {image.name}")
 
-    # RPN proposals after NMS, in the reference's order, and their scores
+    # RPN proposals after NMS, in the reference's order, and their scores. Two proposals whose reference scores
+    # differ by less than TIE may come out in the other order here: ``perm[j]`` is our row of reference row j.
     assert len(out["proposals"]) == len(ref["proposals"]), f"{image.name}: proposal count"
-    rel_err(out["proposals"], ref["proposals"], f"proposals {image.name}")
-    if "proposal_scores" in ref:
-        rel_err(out["proposal_scores"], ref["proposal_scores"], f"proposal_scores {image.name}")
+    perm = match_proposals(out["proposals"], ref["proposals"], ref["proposal_scores"], image.name)
+    rel_err(out["proposals"][perm], ref["proposals"], f"proposals {image.name}")
+    rel_err(out["proposal_scores"][perm], ref["proposal_scores"], f"proposal_scores {image.name}")
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm))  # our row → reference row
 
     # ROI-pooled res4, res5 mean-pooled features, class and attribute probabilities (at the stored rows)
     assert list(out["pooled"].shape) == ref["pooled_shape"].tolist()
-    rel_err(sample(out["pooled"], ref["pooled_idx"]), ref["pooled_val"], f"pooled {image.name}")
-    rows = torch.as_tensor(ref["rows"], dtype=torch.long)
+    per_row = int(np.prod(ref["pooled_shape"][1:]))
+    pidx = torch.as_tensor(ref["pooled_idx"], dtype=torch.long)
+    rel_err(out["pooled"].reshape(-1)[perm[pidx // per_row] * per_row + pidx % per_row], ref["pooled_val"],
+            f"pooled {image.name}")
+    rows = perm[torch.as_tensor(ref["rows"], dtype=torch.long)]
     rel_err(out["features"][rows], ref["feats"], f"features {image.name}")
     rel_err(out["cls_prob"][rows], ref["cls_prob"], f"cls_prob {image.name}")
     rel_err(out["attr_prob"][rows], ref["attr_prob"], f"attr_prob {image.name}")
@@ -158,18 +185,29 @@ def test_stages_match_the_reference(image, extractor):
         inf.update(settings)
         got, sel = regions(model, out, scale, hw[0], tuple(im.shape[:2]), inf)
         if mode == "fix36":  # the selection score of every proposal (mode-independent)
-            rel_err(sel["max_conf"], ref["max_conf"], f"max_conf {image.name}")
-        ours_rows, ref_rows = sel["rows"].tolist(), ref[f"{mode}_rows"].tolist()
+            rel_err(sel["max_conf"][perm], ref["max_conf"], f"max_conf {image.name}")
+        ours_rows, ref_rows = inv[sel["rows"]].tolist(), ref[f"{mode}_rows"].tolist()  # in reference rows
         if ours_rows != ref_rows:
+            moved = {int(j) for j in torch.nonzero(perm != torch.arange(len(perm))).flatten()}
+            rpn_tie = sorted(ours_rows) == sorted(ref_rows) and all(
+                a in moved and b in moved for a, b in zip(ours_rows, ref_rows, strict=True) if a != b)
             gap = selection_gap(ours_rows, ref_rows, ref["max_conf"].astype(np.float64), inf["conf_thresh"])
-            assert gap < TIE, (f"{image.name} {mode}: chosen rows differ from the reference's beyond near ties "
-                               f"(reference max_conf gap {gap:.3g}); ours {ours_rows}, reference {ref_rows}")
-            NOTES.append(f"{image.name} {mode}: rows differ only between candidates whose reference max_conf "
+            assert rpn_tie or gap < TIE, (
+                f"{image.name} {mode}: chosen rows differ from the reference's beyond near ties (reference max_conf "
+                f"gap {gap:.3g}); ours {ours_rows}, reference {ref_rows} (reference row numbers)")
+            NOTES.append(f"{image.name} {mode}: same regions, output order follows the swapped near-tied proposals"
+                         if rpn_tie else
+                         f"{image.name} {mode}: rows differ only between candidates whose reference max_conf "
                          f"differ by {gap:.2g} (< {TIE}); ours {ours_rows}, reference {ref_rows}")
+        if f"{mode}_selection_margin" in ref and float(ref[f"{mode}_selection_margin"]) < TIE:
+            NOTES.append(f"{image.name} {mode}: the reference's own selection margin is "
+                         f"{float(ref[f'{mode}_selection_margin']):.2g} (< {TIE})")
         pairs = [(i, ref_rows.index(r)) for i, r in enumerate(ours_rows) if r in ref_rows]
         mine, theirs = [p[0] for p in pairs], [p[1] for p in pairs]
         rel_err(got["boxes"][mine], ref[f"{mode}_boxes"][theirs], f"boxes {image.name} {mode}")
-        rel_err(got["features"][mine], ref[f"{mode}_feats"][theirs], f"region_features {image.name} {mode}")
+        # the written features are the stored ``feats`` at the chosen rows (the fixtures keep them once)
+        written = ref.get(f"{mode}_feats", ref["feats"][np.searchsorted(ref["rows"], ref_rows)])
+        rel_err(got["features"][mine], written[theirs], f"region_features {image.name} {mode}")
         rel_err(got["object_conf"][mine], ref[f"{mode}_object_conf"][theirs], f"object_conf {image.name} {mode}")
         rel_err(got["attribute_conf"][mine], ref[f"{mode}_attr_conf"][theirs], f"attr_conf {image.name} {mode}")
         assert got["object_id"][mine].tolist() == ref[f"{mode}_objects"][theirs].tolist(), f"{image.name} {mode}"
