@@ -14,6 +14,7 @@ from itmatch.features.detector.seeded import (
     state_dict_sha256,
     write_seeded_checkpoint,
 )
+from tests.conftest import REPO
 
 # Recorded once from seeded_state_dict(0); equal on every machine (CPU torch.Generator, exact float32 arithmetic).
 SEED0_SHA256 = "23f39d8954adae4297875b2b76895d68652d4709cfd2bdcf959e0a65214afadd"
@@ -75,7 +76,7 @@ def test_written_checkpoint_loads_into_our_detector(state, tmp_path):
     stored = torch.load(path, map_location="cpu", weights_only=True)
     assert list(stored) == ["model"]  # the layout detectron2's DetectionCheckpointer reads
     assert state_dict_sha256(stored["model"]) == SEED0_SHA256
-    with open("config/config.yaml") as fh:
+    with open(REPO / "config" / "config.yaml") as fh:
         cfg = detector_config(yaml.safe_load(fh)["detector"])
     model, meta = load_detector(str(path), cfg)
     assert meta["feature_dim"] == 2048
