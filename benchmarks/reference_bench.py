@@ -52,9 +52,13 @@ def read_rgb(path: Path):  # noqa: ANN201 - numpy array
     return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
 
 
-def time_ours(checkpoint: Path, images: list[Path], device: str, threads: int, batch: int, repeat: int) -> dict:
+def time_ours(checkpoint: Path, images: list[Path], device: str, threads: int, batch: int, repeat: int,
+              precision: str | None) -> dict:
     cfg = copy.deepcopy(detector_config(load_config(ROOT / "config" / "config.yaml")["detector"]))
     cfg["inference"].update({"num_regions": "fixed", "regions": 36, "min_size": 600, "max_size": 1000})
+    if precision:
+        cfg["inference"]["precision"] = precision
+    precision = cfg["inference"].get("precision", "fp32") if device == "cuda" else "fp32"  # CPU always fp32
     torch.set_num_threads(threads)
     model, _ = load_detector(str(checkpoint), cfg, device=device)
 
@@ -75,7 +79,7 @@ def time_ours(checkpoint: Path, images: list[Path], device: str, threads: int, b
         t = time.perf_counter()
         run(chunk)
         seconds.extend([(time.perf_counter() - t) / len(chunk)] * len(chunk))
-    return {"device": device, "threads": threads, "batch": batch, "seconds": seconds,
+    return {"device": device, "threads": threads, "batch": batch, "precision": precision, "seconds": seconds,
             "images_per_s": len(seconds) / sum(seconds)}
 
 
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="our batch size (default: 1 on CPU, 16 on CUDA)")
     ap.add_argument("--repeat", type=int, default=None, help="passes over the images for ours "
                     "(default: 1 on CPU, 8 on CUDA)")
+    ap.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                    help="ours on CUDA (default: detector.inference.precision of the config; CPU is always fp32)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the seeded checkpoint (written to /tmp)")
     ap.add_argument("--reference-root", type=Path, default=None, help="MILVLG/bottom-up-attention.pytorch, built")
     ap.add_argument("--reference-python", type=Path, default=None, help="the reference environment's python")
@@ -118,15 +124,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no images in {args.images}")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or write_seeded_checkpoint(Path(tmp) / "seeded.pth")
-        ours = None if args.skip_ours else time_ours(checkpoint, images, args.device, args.threads, batch, repeat)
+        ours = None if args.skip_ours else time_ours(checkpoint, images, args.device, args.threads, batch, repeat,
+                                                        args.precision)
         ref = time_reference(args, checkpoint, args.images.resolve())
     print(f"{len(images)} images from {args.images}, R-101 C4, 36 regions, short side 600 / long side <= 1000")
-    print(f"{'extractor':<10} {'device':<6} {'threads':>7} {'batch':>5} {'images':>6} {'s/image (median)':>17} "
-          f"{'images/s':>9}")
+    print(f"{'extractor':<10} {'device':<6} {'precision':<9} {'threads':>7} {'batch':>5} {'images':>6} "
+          f"{'s/image (median)':>17} {'images/s':>9}")
     rows = [("ours", ours), ("reference", ref)]
     for name, r in rows:
         if isinstance(r, dict):
-            print(f"{name:<10} {r['device']:<6} {r['threads']:>7} {r.get('batch', 1):>5} {len(r['seconds']):>6} "
+            prec, b = r.get("precision", "fp32"), r.get("batch", 1)
+            print(f"{name:<10} {r['device']:<6} {prec:<9} {r['threads']:>7} {b:>5} {len(r['seconds']):>6} "
                   f"{statistics.median(r['seconds']):>17.2f} {r['images_per_s']:>9.3f}")
         elif r is not None:
             print(f"{name:<10} {r}")
