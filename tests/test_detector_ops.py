@@ -224,3 +224,32 @@ def test_resize_scale_and_preprocess_follow_get_image_blob():
     want = cv2.resize(bgr, None, None, fx=600 / 77, fy=600 / 77, interpolation=cv2.INTER_LINEAR)
     assert s == 600 / 77 and x.shape == (3, 958, 600)
     assert np.array_equal(x.permute(1, 2, 0).numpy(), want)
+
+
+def nms_in_sort_order(boxes, scores, thr) -> list[int]:
+    """The reference kernel's loop (legacy IoU, >=), visiting boxes in ``scores.sort(0, descending=True)`` order."""
+    order = scores.sort(0, descending=True)[1].tolist()
+    removed: set[int] = set()
+    for a, i in enumerate(order):
+        if i in removed:
+            continue
+        for j in order[a + 1:]:
+            if j not in removed and iou_ref(boxes[i].tolist(), boxes[j].tolist(), 1.0) >= thr:
+                removed.add(j)
+    return sorted(set(range(len(scores))) - removed)
+
+
+def test_tied_scores_are_visited_in_the_reference_sort_order():
+    """Caffe's ROIPool rounds boxes to the feature grid, so nearby proposals can get identical features and
+    identical scores; the box visited first among tied ones then survives. Ours follows the same sort."""
+    boxes = random_boxes(80, 21, size=60).float()
+    g = torch.Generator().manual_seed(22)
+    scores = (torch.rand(80, 12, generator=g) * 8).floor() / 8  # many exact ties
+    for c in range(12):
+        assert nms_in_input_order(boxes, scores[:, c], 0.3, "legacy").tolist() == \
+            nms_in_sort_order(boxes, scores[:, c], 0.3)
+    want = torch.zeros(80)
+    for c in range(12):
+        for i in nms_in_sort_order(boxes, scores[:, c], 0.3):
+            want[i] = max(want[i], scores[i, c])
+    assert torch.equal(per_class_max_conf(boxes, scores, 0.3, "legacy"), want)

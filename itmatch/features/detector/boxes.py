@@ -86,14 +86,23 @@ def decode_boxes(deltas: torch.Tensor, src: torch.Tensor, weights: tuple[float, 
     return out.reshape(deltas.shape)
 
 
+def _nms_in_order(boxes: torch.Tensor, order: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """torchvision ``nms`` that visits ``boxes`` exactly in ``order`` (positions into ``boxes``): it is given the
+    boxes in that order with strictly decreasing rank scores. → kept positions into ``boxes``."""
+    ranks = torch.arange(len(order), 0, -1, dtype=torch.float32, device=boxes.device)
+    return order[nms(boxes[order], ranks, iou_threshold)]
+
+
 def nms_in_input_order(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
                        convention: str) -> torch.Tensor:
-    """torchvision ``nms``; the kept indices in increasing index order, as the reference's NMS kernel returns them
-    (``nonzero`` of the not-suppressed mask). On score-sorted input that is decreasing score order."""
+    """Greedy NMS (torchvision ``nms``) as the reference's kernel (``nms_cpu.cpp``) runs it: boxes are visited in
+    the order of ``scores.sort(0, descending=True)`` (the same, unstable, sort: boxes with equal scores are visited
+    in the order that sort gives them, which matters when ROI pooling makes two proposals' scores identical);
+    kept indices are returned in increasing index order (``nonzero`` of the not-suppressed mask)."""
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    keep = nms(nms_boxes(boxes.float(), convention), scores.float(), iou_threshold)
-    return keep.sort().values
+    order = scores.sort(0, descending=True)[1]
+    return _nms_in_order(nms_boxes(boxes.float(), convention), order, iou_threshold).sort().values
 
 
 def per_class_max_conf(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
@@ -102,9 +111,11 @@ def per_class_max_conf(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold:
     survives NMS over all boxes (``max_conf`` of the reference's ``save_roi_features``).
 
     boxes [P, 4], scores [P, C] (foreground classes) → max_conf [P] (0 where a box survives in no class).
-    One torchvision ``nms`` per class, each on the boxes that can matter: a box's fate in greedy NMS depends
-    only on the boxes ranked above it, so class ``c`` runs on the boxes scoring at least the lowest score that
-    could still raise some box's max_conf (classes with none are skipped). The result equals the full loop."""
+    Per class, boxes are visited in the order of the reference kernel's ``sort(0, descending=True)`` of the
+    class's scores (see :func:`nms_in_input_order`) and torchvision ``nms`` runs on the part of that order that
+    can matter: a box's fate in greedy NMS depends only on the boxes visited before it, so the order is cut
+    after the last box whose score could still raise its max_conf (classes with none are skipped). The result
+    equals the full loop."""
     p, c = scores.shape
     best = torch.zeros(p, dtype=scores.dtype, device=scores.device)
     if p == 0:
@@ -116,7 +127,8 @@ def per_class_max_conf(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold:
         raise_ = s > best
         if not bool(raise_.any()):
             continue
-        sub = torch.nonzero(s >= s[raise_].min()).squeeze(1)
-        keep = sub[nms(tv_boxes[sub], s[sub].float(), iou_threshold)]
+        sorted_s, order = s.sort(0, descending=True)
+        n = int((sorted_s >= s[raise_].min()).sum())  # a prefix of the visiting order
+        keep = _nms_in_order(tv_boxes, order[:n], iou_threshold)
         best[keep] = torch.maximum(best[keep], s[keep])
     return best
