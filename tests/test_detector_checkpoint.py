@@ -48,7 +48,7 @@ def published_r101_shapes() -> dict[str, tuple[int, ...]]:
     bp = "roi_heads.box_predictor"
     shapes.update({f"{bp}.cls_score.weight": (1601, 2048), f"{bp}.cls_score.bias": (1601,),
                    f"{bp}.bbox_pred.weight": (1601 * 4, 2048), f"{bp}.bbox_pred.bias": (1601 * 4,),
-                   f"{bp}.cls_embed.weight": (1602, 256),
+                   f"{bp}.cls_embed.weight": (1601, 256),  # nn.Embedding(NUM_CLASSES, 256), reference head
                    f"{bp}.attr_linear1.weight": (512, 2048 + 256), f"{bp}.attr_linear1.bias": (512,),
                    f"{bp}.attr_linear2.weight": (401, 512), f"{bp}.attr_linear2.bias": (401,)})
     return shapes
@@ -145,6 +145,7 @@ def test_wrong_key_fails_naming_it(published, cfg, tmp_path):
         load_detector(str(_write(tmp_path, bad)), cfg)
     msg = str(err.value)
     assert "missing keys (1)" in msg and "roi_heads.box_predictor.attr_linear1.weight" in msg
+    assert "roi_heads.box_predictor.attr_linear1.weight (expected shape (512, 2304))" in msg
     assert "unexpected keys (1)" in msg and "roi_heads.box_predictor.attr_linear_1.weight" in msg
 
 
@@ -178,3 +179,20 @@ def test_adaptive_mode_tops_up_to_min_regions(loaded, cfg):
     r = detect(model, [x], [s], [(128, 128)], c)[0]
     assert (r["object_conf"] < 0.2).all()
     assert r["features"].shape == (10, 2048) and r["boxes"].shape == (10, 4)
+
+
+def test_checkpoint_anchors_replace_the_configured_ones(published, cfg, tmp_path):
+    """As detectron2's checkpointer in the reference: a stored anchor buffer is loaded (a mis-shaped one is
+    named); without it the configured caffe anchors stay."""
+    _, state = published
+    key = "proposal_generator.anchor_generator.cell_anchors.0"
+    model, _ = load_detector(str(_write(tmp_path, state, "no_anchors.pth")), cfg)
+    base = model.rpn.anchor_generator.base
+    assert base[0].tolist() == [-38, -16, 53, 31] and base.shape == (12, 4)  # caffe's generate_anchors
+    mine = dict(state)
+    mine[key] = (np.arange(48, dtype=np.float32).reshape(12, 4) - 20)
+    model, _ = load_detector(str(_write(tmp_path, mine, "anchors.pth")), cfg)
+    np.testing.assert_array_equal(model.rpn.anchor_generator.base.numpy(), mine[key])
+    mine[key] = np.zeros((9, 4), np.float32)
+    with pytest.raises(CheckpointError, match=rf"{key}: checkpoint \(9, 4\) vs model \(12, 4\)"):
+        load_detector(str(_write(tmp_path, mine, "bad_anchors.pth")), cfg)

@@ -270,6 +270,34 @@ def test_bad_image_names_the_file(image_set, tmp_path):
         ex.extract_shard(bad, root, tmp_path / "x.h5", 0, 1, "unused", CFG, _opts(), backend=FAKE)
 
 
+def test_undecodable_image_names_the_file_and_stops(image_set, tmp_path):
+    """A file that is present but not an image stops the shard with an error naming it (never skipped): the
+    shard is not renamed to its final name, so the gather cannot pick up a hole."""
+    pq, root = image_set
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    t = pd.read_parquet(pq).head(6)
+    for f in t["file"]:
+        (folder / f).write_bytes((root / f).read_bytes())
+    (folder / t["file"].iat[3]).write_bytes(b"not an image, just bytes")
+    t.to_parquet(tmp_path / "images.parquet")
+    with pytest.raises(RegionsError, match=rf"{t['file'].iat[3]}: cannot decode image"):
+        ex.extract_shard(tmp_path / "images.parquet", folder, tmp_path / "x.h5", 0, 1, "unused", CFG,
+                         _opts(batch_size=2), backend=FAKE)
+    assert not (tmp_path / "x.h5").exists()
+    with pytest.raises(RegionsError, match="cannot decode image"):
+        ex.load_image(folder / t["file"].iat[3])
+    assert ex.load_image(folder / t["file"].iat[0]).shape[2] == 3
+
+
+def test_load_image_is_opencv_rgb(image_set):
+    """Decoded with OpenCV (as the reference), returned as RGB: the same pixels as PIL for a PNG."""
+    pq, root = image_set
+    f = root / pd.read_parquet(pq)["file"].iat[0]
+    with Image.open(f) as im:
+        np.testing.assert_array_equal(ex.load_image(f), np.asarray(im.convert("RGB")))
+
+
 def test_require_boxes_refuses_missing_boxes(tmp_path):
     from itmatch.features.regions_io import RegionsMeta, create_regions
 

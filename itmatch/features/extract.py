@@ -27,11 +27,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import cv2
 import h5py
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from itmatch.features.regions_io import (
@@ -105,12 +105,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 HWC RGB, with an error naming the file."""
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"), dtype=np.uint8)  # writable, HWC RGB
-    except (OSError, ValueError) as e:
-        raise RegionsError(f"{path}: cannot decode image ({e})") from e
+    """Decode an image file to uint8 HWC RGB with OpenCV's ``cv2.imread(path, IMREAD_COLOR)``, as the reference
+    extractor reads images (so EXIF orientation and JPEG decoding are the same as there); an error names the
+    file when it is missing or cannot be decoded (never skipped silently)."""
+    if not Path(path).is_file():
+        raise RegionsError(f"{path}: image file does not exist")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise RegionsError(f"{path}: cannot decode image (OpenCV could not read it as an image)")
+    return np.ascontiguousarray(bgr[:, :, ::-1])  # HWC RGB
 
 
 class ImageFolderDataset(Dataset):

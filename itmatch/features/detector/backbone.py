@@ -111,6 +111,14 @@ class ResNetC4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.res4(self.res3(self.res2(self.stem(x))))
 
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """Size of the res4 map of an ``h × w`` image (its part of a padded batch's map)."""
+        def one(x: int) -> int:
+            x = (x - 1) // 2 + 1  # 7×7/2 conv, padding 3
+            x = -(-(x - 3) // 2) + 1 if self.stem.pool_ceil else (x - 1) // 2 + 1  # 3×3/2 max pool
+            return ((x - 1) // 2) // 2 + 1  # res3, res4: stride 2 each
+        return one(h), one(w)
+
 
 def make_res5(spec: ResNetSpec) -> nn.Sequential:
     """res5 applied to pooled regions: stride 2, or stride 1 with dilation 2 (bottom-up attention)."""

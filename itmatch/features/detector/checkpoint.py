@@ -18,12 +18,16 @@ roi_heads.box_predictor.cls_embed.weight [1602,256]              roi_heads.attri
 roi_heads.box_predictor.attr_linear1.* [512,2304]                roi_heads.attribute_head.fc
 roi_heads.box_predictor.attr_linear2.* [401,512]                 roi_heads.attribute_head.score
 
-(A = 12 anchors: 4 sizes × 3 ratios.)
+proposal_generator.anchor_generator.cell_anchors.0 [A,4]          rpn.anchor_generator.cell_anchors.0 (optional)
 
-``.norm.*`` = ``weight, bias, running_mean, running_var``. Keys that carry no weights are skipped by
-name: BN ``num_batches_tracked`` counters and stored anchors/pixel statistics (``anchor_generator.*``,
-``pixel_mean``, ``pixel_std``; ours come from the config). Any other missing, unexpected or mis-shaped key
-stops loading with a message naming it.
+(A = 12 anchors: 4 scales × 3 ratios.)
+
+``.norm.*`` = ``weight, bias, running_mean, running_var``. The anchors are a buffer of the reference model's
+state dict, so loading a checkpoint replaces the configured ones, as detectron2's checkpointer does in the
+reference; a checkpoint without them keeps the configured anchors (``detector.published``: caffe's
+``generate_anchors``). Keys that carry no weights are skipped by name: BN ``num_batches_tracked`` counters
+and stored pixel statistics (``pixel_mean``, ``pixel_std``; ours come from the config). Any other missing,
+unexpected or mis-shaped key stops loading with a message naming it and the shape the model expects.
 
 Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a crafted
 checkpoint cannot run code. A published ``.pkl`` (a pickle, which can) is refused with a pointer to the
@@ -49,6 +53,7 @@ FORMAT = "itmatch-bottom-up-detector"
 # (our prefix, published prefix): applied in order, first match wins; unlisted prefixes keep their name.
 KEY_MAP: list[tuple[str, str]] = [
     ("rpn.rpn_head.", "proposal_generator.rpn_head."),
+    ("rpn.anchor_generator.", "proposal_generator.anchor_generator."),
     ("roi_heads.attribute_head.cls_embed.", "roi_heads.box_predictor.cls_embed."),
     ("roi_heads.attribute_head.fc.", "roi_heads.box_predictor.attr_linear1."),
     ("roi_heads.attribute_head.score.", "roi_heads.box_predictor.attr_linear2."),
@@ -56,7 +61,8 @@ KEY_MAP: list[tuple[str, str]] = [
     ("roi_heads.res5.", "roi_heads.res5."),
     ("roi_heads.box_predictor.", "roi_heads.box_predictor."),
 ]
-IGNORED = re.compile(r"(\.num_batches_tracked$|(^|\.)anchor_generator\.|(^|\.)pixel_(mean|std)$)")
+IGNORED = re.compile(r"(\.num_batches_tracked$|(^|\.)pixel_(mean|std)$)")
+OPTIONAL = re.compile(r"(^|\.)anchor_generator\.cell_anchors\.0$")  # may be absent: the configured anchors stay
 
 
 class CheckpointError(ValueError):
@@ -138,9 +144,10 @@ def load_published(model: BottomUpDetector, path: str | Path, loaded: Any = None
     state = read_state_dict(path, loaded)
     mapping = key_mapping(model)
     ours = model.state_dict()
-    missing = sorted(k for k in mapping if k not in state)
+    missing = sorted(f"{k} (expected shape {tuple(ours[mapping[k]].shape)})" for k in mapping
+                     if k not in state and not OPTIONAL.search(k))
     unexpected = sorted(k for k in state if k not in mapping and not IGNORED.search(k))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[mapping[k]].shape)}"
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[mapping[k]].shape)} (expected)"
                     for k in mapping if k in state and tuple(state[k].shape) != tuple(ours[mapping[k]].shape))
     problems = []
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", shapes)):
@@ -150,8 +157,8 @@ def load_published(model: BottomUpDetector, path: str | Path, loaded: Any = None
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match the detector architecture "
                               "(config detector.published):\n" + "\n".join(problems))
-    new = {mapping[k]: state[k].to(ours[mapping[k]].dtype) for k in mapping}
-    model.load_state_dict(new, strict=False)  # only skipped counters remain unset
+    new = {mapping[k]: state[k].to(ours[mapping[k]].dtype) for k in mapping if k in state}
+    model.load_state_dict(new, strict=False)  # only skipped counters (and absent optional anchors) remain unset
 
 
 def is_own_checkpoint(path: str | Path) -> bool:
@@ -185,7 +192,7 @@ def load_own(path: str | Path, loaded: Any = None) -> tuple[BottomUpDetector, di
     obj = _torch_load(Path(path)) if loaded is None else loaded
     model = build_model(obj["arch"])
     missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
-    missing = [k for k in missing if not IGNORED.search(k)]
+    missing = [k for k in missing if not IGNORED.search(k) and not OPTIONAL.search(k)]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path}: missing keys {missing}, unexpected keys {unexpected}")
     return model, obj

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
 from itmatch.features.detector.inference import detect, detect_boxes
-from itmatch.features.detector.ops import box_iou
 
 
 def average_precision(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> float:

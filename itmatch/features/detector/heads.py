@@ -1,4 +1,4 @@
-"""Region head: ROI pooling → res5 → mean pool → box/class predictor and the attribute head.
+"""Region head: ROI pooling (torchvision) → res5 → mean pool → box/class predictor and the attribute head.
 
 Class index 0 is background in both classifiers (caffe bottom-up-attention layout: 1601 object logits =
 background + 1600, 401 attribute logits = "no attribute" + 400).
@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import roi_align, roi_pool
 
 from itmatch.features.detector.backbone import ResNetSpec, make_res5
-from itmatch.features.detector.ops import roi_align
+
+POOLERS = ("pool", "align")
 
 
 class BoxPredictor(nn.Module):
@@ -29,10 +31,7 @@ class BoxPredictor(nn.Module):
 
 
 class AttributeHead(nn.Module):
-    """Attribute logits from [pooled feature ; embedding of the object class] → hidden (ReLU) → logits.
-
-    ``embed_classes`` may exceed the number of object classes (the published checkpoint has one spare row).
-    """
+    """Attribute logits from [pooled feature ; embedding of the object class] → hidden (ReLU) → logits."""
 
     def __init__(self, dim: int, embed_classes: int, embed_dim: int, hidden: int, num_attributes: int):
         super().__init__()
@@ -50,6 +49,10 @@ class AttributeHead(nn.Module):
 
 
 class RegionHead(nn.Module):
+    """``pooler_type``: ``pool`` = torchvision ``roi_pool`` (caffe's ROIPool; the reference's detectron2
+    ``ROIPooler`` with ``POOLER_TYPE: ROIPool`` is torchvision's ``RoIPool``) or ``align`` = torchvision
+    ``roi_align`` with ``aligned=True`` and ``pooler_sampling_ratio`` samples per bin side (the demo)."""
+
     def __init__(self, spec: ResNetSpec, arch: dict):
         super().__init__()
         self.res5 = make_res5(spec)
@@ -60,10 +63,18 @@ class RegionHead(nn.Module):
                                             arch["num_attribute_classes"])
         self.pooler_resolution = arch["pooler_resolution"]
         self.sampling_ratio = arch.get("pooler_sampling_ratio", 2)
-        self.pooler_mode = "max" if arch.get("pooler_type", "align") == "max" else "avg"
+        self.pooler_type = arch.get("pooler_type", "align")
+        if self.pooler_type not in POOLERS:
+            raise ValueError(f"detector architecture: pooler_type {self.pooler_type!r} is not one of {POOLERS}")
         self.out_channels = dim
+
+    def pool(self, feats: torch.Tensor, boxes: list[torch.Tensor], stride: int) -> torch.Tensor:
+        """ROI-pooled map ``[R, C, S, S]`` of the given boxes (image pixels, per image)."""
+        boxes = [b.to(feats.dtype) for b in boxes]
+        if self.pooler_type == "pool":
+            return roi_pool(feats, boxes, self.pooler_resolution, 1.0 / stride)
+        return roi_align(feats, boxes, self.pooler_resolution, 1.0 / stride, self.sampling_ratio, aligned=True)
 
     def pooled_features(self, feats: torch.Tensor, boxes: list[torch.Tensor], stride: int) -> torch.Tensor:
         """Mean-pooled res5 features ``[R, D]`` of the given boxes (image pixels, per image)."""
-        x = roi_align(feats, boxes, self.pooler_resolution, 1.0 / stride, self.sampling_ratio, True, self.pooler_mode)
-        return self.res5(x).mean(dim=(2, 3))
+        return self.res5(self.pool(feats, boxes, stride)).mean(dim=(2, 3))

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from itmatch.features.detector.boxes import box_iou, encode_boxes
 from itmatch.features.detector.checkpoint import save_own
 from itmatch.features.detector.evaluate import evaluate_detector, tag_accuracy
 from itmatch.features.detector.inference import batch_images, preprocess
 from itmatch.features.detector.model import BottomUpDetector, build_model
-from itmatch.features.detector.ops import box_iou, encode_boxes
 from itmatch.features.detector.rpn import rpn_loss
 from itmatch.utils.device import resolve_device
 from itmatch.utils.io import atomic_path, write_json
@@ -97,7 +97,7 @@ def batch_loader(data: BoxData, cfg: dict, batch_size: int):
 
 
 def roi_targets(proposals: list[torch.Tensor], gts: list[dict], batch_per_image: int, fg_fraction: float,
-                box_weights: tuple[float, ...]):
+                box_weights: tuple[float, ...], convention: str = "continuous"):
     """Sampled region boxes per image, class labels (0 = background), box targets, gt index of each sample."""
     boxes_out, labels_out, targets_out, gt_index = [], [], [], []
     for props, g in zip(proposals, gts, strict=True):
@@ -118,7 +118,7 @@ def roi_targets(proposals: list[torch.Tensor], gts: list[dict], batch_per_image:
         labels[:n_fg] = gt_labels[which[fg]] + 1
         tgt = torch.zeros(len(sel), 4, device=dev)
         if n_fg:
-            tgt[:n_fg] = encode_boxes(cand[fg], gt_boxes[which[fg]], box_weights)
+            tgt[:n_fg] = encode_boxes(cand[fg], gt_boxes[which[fg]], box_weights, convention)
         boxes_out.append(cand[sel])
         labels_out.append(labels)
         targets_out.append(tgt)
@@ -146,12 +146,14 @@ def attribute_targets(gts: list[dict], gt_index: list[torch.Tensor], num_attr_lo
 def training_step(model: BottomUpDetector, batch: torch.Tensor, hw: list[tuple[int, int]], gts: list[dict],
                   tcfg: dict) -> dict[str, torch.Tensor]:
     feats = model.features(batch)
-    proposals, logits, deltas, anchors = model.rpn(feats, hw, model.stride, tcfg["rpn_pre_nms"],
-                                                   tcfg["rpn_post_nms"])
+    # scale 1: only rpn_min_size × scale uses it, and the demo trains with rpn_min_size 0
+    rpn = model.rpn(feats, hw, [1.0] * len(hw), model.stride, tcfg["rpn_pre_nms"], tcfg["rpn_post_nms"])
     gt_boxes = [g["boxes_t"] for g in gts]
-    rpn_cls, rpn_box = rpn_loss(logits, deltas, anchors, gt_boxes, model.rpn.weights, tcfg["rpn_batch_per_image"])
-    boxes, labels, targets, gt_index = roi_targets(proposals, gts, tcfg["roi_batch_per_image"],
-                                                   tcfg["roi_positive_fraction"], model.box_weights)
+    rpn_cls, rpn_box = rpn_loss(rpn["logits"], rpn["deltas"], rpn["anchors"], gt_boxes, model.rpn.weights,
+                                tcfg["rpn_batch_per_image"], convention=model.convention)
+    boxes, labels, targets, gt_index = roi_targets(rpn["proposals"], gts, tcfg["roi_batch_per_image"],
+                                                   tcfg["roi_positive_fraction"], model.box_weights,
+                                                   model.convention)
     pooled = model.roi_heads.pooled_features(feats, boxes, model.stride)
     cls_logits, box_deltas = model.roi_heads.box_predictor(pooled)
     cls_loss = F.cross_entropy(cls_logits, labels)
