@@ -120,7 +120,6 @@ def test_region_tags_of_the_trained_detector(one_thread):
     For an image with m objects the top m regions are checked; measured with the default config
     (3000 train images, 6 epochs): see docs/extraction.md "Region detector". Asserts ≥ 0.7 (shape) and ≥ 0.6
     (shape+colour)."""
-    from itmatch.data.shapes import COLOURS
     from itmatch.features.detector.evaluate import tag_accuracy
 
     c = detector_config(load_config(REPO / "config" / "config.yaml")["detector"], "shapes")
@@ -129,8 +128,7 @@ def test_region_tags_of_the_trained_detector(one_thread):
                                    REPO / "results" / "data" / "shapes" / "images.parquet", "test", 200)
     model, _ = load_detector(str(TRAINED), c)
     load, n = train_mod.batch_loader(data, c, 16)
-    colours = {i for i, a in enumerate(data.attributes) if a in COLOURS}
-    rates = tag_accuracy(model, c, load, n, data.gts, colours)
+    rates = tag_accuracy(model, c, load, n, data.gts)
     print(f"region tags on {rates['n_images']} test images: shape right {rates['object']:.3f}, "
           f"shape+colour right {rates['object_colour']:.3f} (top region: {rates['top1_object_colour']:.3f})")
     assert rates["object"] >= 0.7 and rates["object_colour"] >= 0.6

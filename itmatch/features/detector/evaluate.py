@@ -94,12 +94,13 @@ def evaluate_detector(model, cfg: dict, load: Callable[[int], tuple[list, list, 
 
 
 def tag_accuracy(model, cfg: dict, load: Callable[[int], tuple[list, list, list]], n_batches: int,
-                 gts: list[dict], colour_ids: set[int]) -> dict:
+                 gts: list[dict]) -> dict:
     """How often the extracted regions' tags are true of the image.
 
     For each image with m objects, the top m regions (by bottom-up confidence) are checked: ``object`` = the
     region's shape names a category present in the image; ``object_colour`` = some object in the image has
-    that shape and the region's attribute tag as colour (the attribute tag must be a colour). ``top1_*``:
+    that shape and the region's attribute tag as its primary attribute (the first one its annotation lists: the
+    colour on ``shapes``). ``top1_*``:
     the same for the single top region of each image.
     """
     model.eval()
@@ -112,7 +113,7 @@ def tag_accuracy(model, cfg: dict, load: Callable[[int], tuple[list, list, list]
             g = gts[k]
             k += 1
             pairs = {(int(lab), int(a)) for lab, attrs in zip(g["labels"], g["attributes"], strict=True)
-                     for a in attrs if a in colour_ids}
+                     for a in attrs[:1]}
             present = {int(lab) for lab in g["labels"]}
             m = len(g["labels"])
             if m == 0:

@@ -307,11 +307,8 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
 
 def evaluate(model: BottomUpDetector, cfg: dict, data: BoxData, score_thresh: float = 0.05) -> dict:
     """Object / attribute mAP@0.5 and region-tag accuracy of ``model`` on ``data``."""
-    from itmatch.data.shapes import COLOURS
-
     load, n = batch_loader(data, cfg, cfg["inference"].get("batch_size", 16))
     metrics = evaluate_detector(model, cfg, load, n, data.gts, len(data.categories), len(data.attributes),
                                 score_thresh)
-    colours = {i for i, a in enumerate(data.attributes) if a in COLOURS}
-    metrics["tags"] = tag_accuracy(model, cfg, load, n, data.gts, colours)
+    metrics["tags"] = tag_accuracy(model, cfg, load, n, data.gts)
     return metrics
