@@ -77,7 +77,8 @@ def image_set(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _opts(**kw) -> ex.ExtractOptions:
-    return ex.ExtractOptions(**{"batch_size": 4, "workers": 0, "max_regions": 8, **kw})
+    return ex.ExtractOptions(**{"batch_size": 4, "workers": 0, "max_regions": 8, "device": "auto", "threads": 0,
+                                "gather_block": 64, **kw})
 
 
 def _content(path: Path) -> dict:

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from itmatch.config import schema_defaults
 from itmatch.features.regions_io import (
     PER_IMAGE,
     RegionsError,
@@ -53,24 +54,23 @@ from itmatch.utils.logs import log, progress
 
 @dataclass
 class ExtractOptions:
-    """Run settings: the ``extraction`` config section plus the detector's batch size and region count."""
+    """Run settings: the ``extraction`` config section plus the detector's batch size and region count (no
+    defaults here: :meth:`from_config` fills what the config leaves out from the schema, their one home)."""
 
-    batch_size: int = 8  # images per detect() call (detector.inference.batch_size)
-    max_regions: int = 36  # R, the region axis of regions.h5 (see region_slots)
-    workers: int = 2  # DataLoader worker processes decoding + resizing images (0 = in the main process)
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    threads: int = 0  # torch intra-op threads (0 = leave torch's default)
-    gather_block: int = 64  # images copied at a time when gathering
+    batch_size: int  # images per detect() call (detector.inference.batch_size)
+    max_regions: int  # R, the region axis of regions.h5 (see region_slots)
+    workers: int  # DataLoader worker processes decoding + resizing images (0 = in the main process)
+    device: str  # auto (cuda when available) | cpu | cuda
+    threads: int  # torch intra-op threads (0 = leave torch's default)
+    gather_block: int  # images copied at a time when gathering
 
     @classmethod
     def from_config(cls, extraction: dict[str, Any], detector_cfg: dict[str, Any]) -> ExtractOptions:
         """From the ``extraction`` section and the (per-dataset) ``detector`` section."""
-        keys = set(cls.__dataclass_fields__)
-        opts = cls(**{k: v for k, v in extraction.items() if k in keys})
-        inf = detector_cfg.get("inference", {})
-        opts.batch_size = int(inf.get("batch_size", opts.batch_size))
-        opts.max_regions = region_slots(detector_cfg, opts.max_regions)
-        return opts
+        e = {**schema_defaults("extraction"), **extraction}
+        return cls(batch_size=int(detector_cfg["inference"]["batch_size"]), max_regions=region_slots(detector_cfg),
+                   workers=int(e["workers"]), device=str(e["device"]), threads=int(e["threads"]),
+                   gather_block=int(e["gather_block"]))
 
 
 def region_slots(detector_cfg: dict[str, Any], default: int = 36) -> int:
