@@ -164,6 +164,10 @@ DEVIATIONS: dict[str, list[str]] = {
     "scan": [
         "Regions are ours (bottom-up-attention extraction or an imported copy), not SCAN's data.zip features.",
         "shapes: demo schedule and sizes (embed 256, word 128, 6 epochs), not a paper setting.",
+        "Provenance of the ensemble pairs: the SCAN paper is not in ../shared/papers; the Flickr30K pair 't-i AVG "
+        "+ i-t LSE' (67.4 / 48.6 R@1) is named in public summaries of the paper, the MS-COCO pair 't-i LSE + i-t "
+        "AVG' (72.7 / 58.8 R@1, 1K) is the Table 2 row whose numbers PFAN Table 2 and SMFEA Table 2 print for "
+        "SCAN; re-check both against arXiv 1803.08024 Tables 1-2 when the text is at hand.",
     ],
     "pfan": [
         "COCO follows the released README (30 epochs, decay at 15, lr 5e-4); PFAN §3.1 only says 'the same as "

@@ -128,9 +128,8 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     torch.manual_seed(int(t["seed"]))
     np.random.seed(int(t["seed"]) % 2 ** 32)
     random.seed(int(t["seed"]))
-    model = build_model(model_name, model_cfg, data_info)
+    model = build_model(model_name, model_cfg, data_info).to(device)
     model.prepare_training(corpus)  # pretrained initialisation (e.g. BSSAN GloVe); a resumed state overwrites it
-    model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, t)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
