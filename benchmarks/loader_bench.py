@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from itmatch.corpus.data import Corpus, DataPaths, PairDataset, collate_pairs, epoch_batches, loader  # noqa: E402
 from itmatch.features.regions_io import RegionsMeta, create_regions  # noqa: E402
 
-COCO_TRAIN_IMAGES = 113_287  # Karpathy split train + restval (shared/design.md)
+COCO_TRAIN_IMAGES = 113_287  # Karpathy split train + restval (docs/contract.md)
 VOCAB = 10_000
 
 
