@@ -39,7 +39,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="determinism-"))
     paths = write_synthetic_corpus(root / "corpus", n_train=args.images, n_val=50, n_test=100, R=8, D=64)
     model = {"embed_dim": 64, "word_dim": 32, "block_dim": 16, "direction": "t2i"}
-    base = {"epochs": args.epochs, "batch_size": 32, "lr": 2e-3, "val_max_images": 50, "checkpoint_every_steps": 0,
+    base = {"num_workers": 0, "device": "cpu", "precision": "fp32",
+            "epochs": args.epochs, "batch_size": 32, "lr": 2e-3, "val_max_images": 50, "checkpoint_every_steps": 0,
             "threads": 1, "seed": 0}
     runs = {"a: seed 0, 1 thread": base, "a again (new process)": base,
             f"b: {args.threads_other} threads": {**base, "threads": args.threads_other},

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from itmatch.config import load_config  # noqa: E402
 from itmatch.corpus.synthetic import synthetic_batches  # noqa: E402
 from itmatch.features.detector import detect, detector_config, load_detector, preprocess  # noqa: E402
-from itmatch.features.detector.ops import box_iou  # noqa: E402
+from itmatch.features.detector.boxes import box_iou  # noqa: E402
 from itmatch.models.registry import build_model  # noqa: E402
 from itmatch.training.settings import model_settings, part_config  # noqa: E402
 from itmatch.utils.device import autocast  # noqa: E402

@@ -29,7 +29,8 @@ from itmatch.training.loop import TrainingDiverged, train_model
 from itmatch.utils.h5 import ArtifactReadError, NonFiniteError
 
 MODEL_CFG = {"embed_dim": 16, "word_dim": 8, "block_dim": 4, "direction": "t2i"}
-TRAIN_CFG = {"epochs": 1, "batch_size": 8, "lr": 2e-3, "val_max_images": 8, "checkpoint_every_steps": 0,
+TRAIN_CFG = {"num_workers": 0, "device": "cpu", "precision": "fp32",
+             "epochs": 1, "batch_size": 8, "lr": 2e-3, "val_max_images": 8, "checkpoint_every_steps": 0,
              "threads": 1, "seed": 5}
 
 

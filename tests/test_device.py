@@ -178,7 +178,8 @@ def corpus_paths(tmp_path_factory):
 
 
 MODEL_CFG = {"embed_dim": 16, "word_dim": 8, "direction": "t2i"}
-TRAIN_CFG = {"epochs": 1, "batch_size": 8, "lr": 2e-3, "val_max_images": 4, "checkpoint_every_steps": 0,
+TRAIN_CFG = {"num_workers": 0, "device": "cpu", "precision": "fp32",
+             "epochs": 1, "batch_size": 8, "lr": 2e-3, "val_max_images": 4, "checkpoint_every_steps": 0,
              "threads": 1, "seed": 1}
 
 

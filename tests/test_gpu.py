@@ -22,7 +22,7 @@ import torch
 from itmatch.config import load_config
 from itmatch.corpus.synthetic import synthetic_batches
 from itmatch.features.detector import detect, detector_config, load_detector, preprocess
-from itmatch.features.detector.ops import box_iou
+from itmatch.features.detector.boxes import box_iou
 from itmatch.models.registry import MODELS, build_model
 from itmatch.training.loss import ContrastiveLoss
 from itmatch.training.settings import model_settings, part_config

@@ -154,7 +154,8 @@ def test_crafted_training_state_is_ignored_and_training_runs(tmp_path):
     paths = write_synthetic_corpus(tmp_path / "corpus", n_train=8, n_val=4, n_test=4, R=3, D=8)
     corpus = Corpus(paths, frozenset({"blocks"}))
     marker = tmp_path / "pwned"
-    cfg = {"epochs": 1, "batch_size": 4, "val_max_images": 4, "threads": 1, "checkpoint_every_steps": 0}
+    cfg = {"num_workers": 0, "device": "cpu", "precision": "fp32",
+           "epochs": 1, "batch_size": 4, "val_max_images": 4, "threads": 1, "checkpoint_every_steps": 0}
     for k, state in enumerate(({"key": "x", "loop": Payload(marker)}, {"key": "x", "rng": np.random.get_state()})):
         out = tmp_path / f"o{k}"
         out.mkdir()

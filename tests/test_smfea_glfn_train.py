@@ -74,7 +74,9 @@ def test_train_two_epochs_then_evaluate(tmp_path, corpus_paths, name, cfg):
     if name == "smfea":
         assert (corpus.info["n_entities"], corpus.info["n_relations"]) == (6, 3)
     torch.manual_seed(0)
-    best = train_model(name, cfg, {"epochs": 2, "batch_size": 16, "lr": 1e-3, "val_max_images": 10}, corpus,
+    best = train_model(name, cfg, {"num_workers": 0, "device": "cpu", "precision": "fp32",
+                                   "epochs": 2, "batch_size": 16, "lr": 1e-3,
+                                         "val_max_images": 10}, corpus,
                        tmp_path / "model.pt", tmp_path / "log.csv", tmp_path / "state.pt")
     assert best["val_rsum"] > 0 and not (tmp_path / "state.pt").exists()
     prot, n_img, n_cap = evaluate_checkpoint(str(tmp_path / "model.pt"), corpus, split="test")

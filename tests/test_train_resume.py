@@ -18,7 +18,8 @@ from itmatch.corpus.synthetic import write_synthetic_corpus
 from itmatch.evaluation.evaluate import evaluate_checkpoint
 
 MODEL_CFG = {"embed_dim": 16, "word_dim": 8, "block_dim": 4, "direction": "t2i"}
-TRAIN_CFG = {"epochs": 3, "batch_size": 8, "lr": 2e-3, "lr_decay_epochs": 2, "val_max_images": 8,
+TRAIN_CFG = {"num_workers": 0, "device": "cpu", "precision": "fp32",
+             "epochs": 3, "batch_size": 8, "lr": 2e-3, "lr_decay_epochs": 2, "val_max_images": 8,
              "checkpoint_every_steps": 2, "val_every_steps": 7, "threads": 1, "seed": 5}
 
 RUNNER = r"""

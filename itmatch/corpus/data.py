@@ -2,11 +2,11 @@
 
 Region features are never loaded whole: HDF5 files (regions.h5, blocks.h5, tags.h5, bert.h5) are opened
 lazily in each process (DataLoader workers included) and read one image / caption at a time (regions.h5
-stores one image per chunk, read as one raw chunk). What is held in memory is small: per caption the token
-ids (one flat int32 array + offsets), the caption → image row map and split labels; per image the small
-arrays of regions.h5 (num_regions, boxes, image_hw, object ids and confidences: ≈ 0.8 KB per image at 36
-regions, ≈ 100 MB for COCO, shared with forked workers). Batches: float32 features (cast from the stored
-float16 while collating, in shared memory inside workers), pinned when the device is CUDA.
+stores one image per chunk, checksummed: a damaged chunk fails on read). What is held in memory is small:
+per caption the token ids (one flat int32 array + offsets), the caption → image row map and split labels;
+per image the small arrays of regions.h5 (num_regions, boxes, image_hw, object ids and confidences:
+≈ 0.8 KB per image at 36 regions, ≈ 100 MB for COCO, shared with forked workers). Batches: float32 features
+(cast from the stored float16 while collating, in shared memory inside workers), pinned when the device is CUDA.
 
 Inputs (see the artifact contract): images.parquet (row order = regions.h5 rows), captions.parquet,
 tokens.parquet (same row order as captions.parquet), vocab.json, and the optional blocks.h5, tags.h5,
@@ -80,40 +80,8 @@ class LazyH5:
             ds = self._ds[name] = f[name]
         return ds
 
-    def chunk_reader(self, name: str) -> ChunkReader:
-        """A :class:`ChunkReader` of one dataset, made once per process."""
-        self.file()
-        key = f"reader:{name}"
-        reader = self._ds.get(key)
-        if reader is None:
-            reader = self._ds[key] = ChunkReader(self.dataset(name))
-        return reader
-
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "_f": None, "_pid": -1, "_ds": {}}
-
-
-class ChunkReader:
-    """``ds[row]`` of a [N, ...] dataset stored one row per chunk without filters (the contract's features):
-    one raw chunk read straight into a new array, skipping h5py's selection machinery; any other layout (or a
-    chunk never written) falls back to the ordinary read."""
-
-    def __init__(self, ds: h5py.Dataset):
-        self.ds = ds
-        self.direct = (ds.chunks == (1, *ds.shape[1:]) and ds.compression is None and not ds.fletcher32
-                       and not ds.shuffle and ds.dtype.isnative)
-        self.zeros = (0,) * (ds.ndim - 1)
-
-    def __call__(self, row: int) -> np.ndarray:
-        if self.direct:
-            out = np.empty(self.ds.shape[1:], dtype=self.ds.dtype)
-            try:
-                mask, _ = self.ds.id.read_direct_chunk((row, *self.zeros), out=out.reshape(-1).view(np.uint8))
-                if mask == 0:
-                    return out
-            except (KeyError, RuntimeError, OSError, ValueError):
-                pass
-        return self.ds[row]
 
 
 def _read_column(path: str, columns: list[str]) -> dict[str, np.ndarray]:
@@ -243,7 +211,7 @@ class Corpus:
     def image_item(self, row: int) -> dict[str, np.ndarray]:
         # float16 as stored (one image = one chunk = one read); collate_images makes the batch float32
         with reading(self.regions.path, f"image row {row}"):
-            item = {"features": self.regions.chunk_reader("features")(row), "index": row}
+            item = {"features": self.regions.dataset("features")[row], "index": row}
         for key, value in self.image_meta.items():
             item[key] = int(value[row]) if key == "num_regions" else value[row].astype(IMAGE_META[key])
         if self.blocks is not None:
