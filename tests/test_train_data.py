@@ -61,9 +61,8 @@ def test_mismatched_tokens_rejected(paths, tmp_path):
 
 def test_settings_merge():
     cfg = {"training": {"lr": 1.0, "epochs": 30, "datasets": {"coco": {"lr": 5.0, "epochs": 20}},
-                        "models": {"pfan": {"epochs": 7, "datasets": {"coco": {"lr": 9.0}}}}},
-           "models": {"pfan": {"embed_dim": 1024, "fuse": ["t2i", "i2t"], "training": {"epochs": 3, "lr": 2.0},
-                               "datasets": {"shapes": {"embed_dim": 64}}}}}
+                        "models": {"pfan": {"epochs": 7, "lr": 2.0, "datasets": {"coco": {"lr": 9.0}}}}},
+           "models": {"pfan": {"embed_dim": 1024, "fuse": ["t2i", "i2t"], "datasets": {"shapes": {"embed_dim": 64}}}}}
     assert training_settings(cfg, "pfan", "coco") == {"lr": 9.0, "epochs": 7}
     assert training_settings(cfg, "scan", "coco") == {"lr": 5.0, "epochs": 20}
     assert training_settings(cfg, "pfan", "f30k") == {"lr": 2.0, "epochs": 7}
