@@ -18,7 +18,8 @@ import torch
 
 from itmatch.features.detector.checkpoint import CheckpointError, read_checkpoint, read_state_dict
 from itmatch.features.detector.convert import UnsafePickleError, convert, read_arrays_pickle
-from itmatch.models.checkpoint import load_parts, load_tensors
+from itmatch.models.checkpoint import load_parts
+from itmatch.utils.tensors import load_tensors
 from tests.conftest import REPO
 
 

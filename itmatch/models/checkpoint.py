@@ -14,20 +14,9 @@ import torch
 
 from itmatch.models.base import MatchingModel
 from itmatch.models.registry import build_model
-from itmatch.utils.io import atomic_path
+from itmatch.utils.tensors import load_tensors, save_tensors
 
 FORMAT = "itmatch-checkpoint"
-
-
-def load_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True`` (tensors and plain containers; a crafted file cannot run code)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def save_tensors(path: str | Path, obj: dict[str, Any]) -> None:
-    """``torch.save`` under a temporary name, renamed when complete."""
-    with atomic_path(Path(path)) as tmp:
-        torch.save(obj, tmp)
 
 
 def write_checkpoint(path: str | Path, model_name: str, parts: list[dict[str, Any]]) -> None:

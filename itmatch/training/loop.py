@@ -42,12 +42,13 @@ from itmatch.config import schema_defaults
 from itmatch.corpus.data import BatchList, Corpus, PairDataset, collate_pairs, epoch_batches, loader
 from itmatch.evaluation.evaluate import NonFiniteSimilarityError, check_finite_similarity, similarity, split_rows
 from itmatch.evaluation.metrics import retrieval_metrics
-from itmatch.models.checkpoint import load_tensors, read_checkpoint, save_tensors, write_checkpoint
+from itmatch.models.checkpoint import read_checkpoint, write_checkpoint
 from itmatch.models.registry import build_model
 from itmatch.training.loss import ContrastiveLoss
 from itmatch.utils.device import autocast, resolve_device, resolve_precision, to_device
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
+from itmatch.utils.tensors import load_tensors, save_tensors
 
 LOG_COLUMNS = ["epoch", "step", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "lr",
                "seconds"]

@@ -47,7 +47,7 @@ import torch
 
 from itmatch.features.detector.model import BottomUpDetector, build_model
 from itmatch.utils.hashing import sha256_file
-from itmatch.utils.io import atomic_path
+from itmatch.utils.tensors import save_tensors
 
 FORMAT = "itmatch-bottom-up-detector"
 # (our prefix, published prefix): applied in order, first match wins; unlisted prefixes keep their name.
@@ -182,8 +182,7 @@ def save_own(path: str | Path, model: BottomUpDetector, input_cfg: dict, object_
     payload = {"format": FORMAT, "version": 1, "arch": model.arch, "input": dict(input_cfg),
                "object_names": list(object_names), "attribute_names": list(attribute_names),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **(extra or {})}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_tensors(path, payload)
 
 
 def load_own(path: str | Path, loaded: Any = None) -> tuple[BottomUpDetector, dict]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from itmatch.utils.hashing import sha256_file
-from itmatch.utils.io import atomic_path
+from itmatch.utils.tensors import save_tensors
 
 # numpy moved its private modules from numpy.core to numpy._core in 2.0; pickles name either.
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
@@ -176,8 +176,7 @@ def convert(src: str | Path, dst: str | Path) -> int:
         else:
             raise ValueError(f"{src}: key {k!r} holds a {type(v).__name__}, not an array")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp:
-        torch.save({"model": out, "converted_from": src.name, "source_sha256": sha256_file(src)}, tmp)
+    save_tensors(dst, {"model": out, "converted_from": src.name, "source_sha256": sha256_file(src)})
     return len(out)
 
 

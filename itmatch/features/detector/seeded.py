@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from itmatch.utils.io import atomic_path
+from itmatch.utils.tensors import save_tensors
 
 # ResNet-101 (detectron2 R-101: blocks per stage res2..res5; res5 lives in roi_heads).
 BLOCKS = {"res2": 3, "res3": 4, "res4": 23, "res5": 3}
@@ -189,6 +189,5 @@ def write_seeded_checkpoint(path: str | Path, seed: int = 0) -> Path:
     ``DetectionCheckpointer`` reads from a ``.pth``), atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"model": seeded_state_dict(seed)}, tmp)
+    save_tensors(path, {"model": seeded_state_dict(seed)})
     return path

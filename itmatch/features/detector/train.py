@@ -35,8 +35,9 @@ from itmatch.features.detector.inference import batch_images, preprocess
 from itmatch.features.detector.model import BottomUpDetector, build_model
 from itmatch.features.detector.rpn import rpn_loss
 from itmatch.utils.device import resolve_device
-from itmatch.utils.io import atomic_path, write_json
+from itmatch.utils.io import write_json
 from itmatch.utils.logs import log, progress
+from itmatch.utils.tensors import save_tensors
 
 
 @dataclass
@@ -281,11 +282,10 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
                  mean["total"], ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "total"),
                  time.time() - te, time.process_time() - ce)
         state_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(state_path) as tmp:
-            torch.save({"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
-                        "optimizer": opt.state_dict(), "history": history, "seconds": train_seconds,
-                        "cpu_seconds": train_cpu,
-                        "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}, tmp)
+        save_tensors(state_path, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
+                                  "optimizer": opt.state_dict(), "history": history, "seconds": train_seconds,
+                                  "cpu_seconds": train_cpu,
+                                  "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()})
     metrics = evaluate(model, cfg, val, tcfg.get("eval_score_thresh", 0.05))
     metrics.update({"train_images": len(train.images), "epochs": tcfg["epochs"], "history": history,
                     "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(train_cpu, 1),
