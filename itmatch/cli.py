@@ -1,7 +1,9 @@
 """The ``itmatch`` command (console script; ``python -m itmatch.cli``). Subcommands:
 
 - ``itmatch recipe MODEL DATASET``: the resolved training recipe as JSON ``{training, model, sources}``;
-- ``itmatch recipe --markdown``: docs/recipes.md (every model's recipes with their sources).
+- ``itmatch recipe --markdown``: docs/recipes.md (every model's recipes with their sources);
+- ``itmatch export FEATURES --format scan-precomp|npz|tsv --out DIR``: region features in SCAN's / PFAN's
+  ``.npy``, MILVLG's per-image ``.npz`` or the bottom-up-attention TSV layout (:mod:`itmatch.features.exporters`).
 
 ``--configfile`` adds override files as Snakemake's ``--configfile`` does. Bad input exits with status 2 and
 a message naming the valid choices.
@@ -31,6 +33,42 @@ def _recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from itmatch.features.exporters import export_features  # numpy/h5py only when exporting
+
+    summary = export_features(args.features, args.format, args.out, images=args.images, captions=args.captions,
+                              blocks=args.blocks, tsv_tags=args.tsv_tags, npz_name=args.npz_name,
+                              block=args.block, overwrite=args.overwrite)
+    json.dump(summary, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+# = itmatch.features.exporters.FORMATS (repeated so that `itmatch --help` imports no numpy/h5py; a test checks)
+EXPORT_FORMATS = ("scan-precomp", "npz", "tsv")
+
+
+def _add_export(sub) -> None:
+    ex = sub.add_parser("export", help="write region features in SCAN/PFAN .npy, MILVLG .npz or BUTD TSV layout",
+                        description="Export regions.h5 (and its images.parquet, captions.parquet, blocks.h5 by "
+                                    "the contract's paths) into a new folder, written atomically.")
+    ex.add_argument("features", help="results/features/DATASET/regions.h5 (or its folder)")
+    ex.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                    help="scan-precomp: {split}_ims.npy, _caps.txt, _ids.txt (+ PFAN _boxes.npy); "
+                         "npz: one MILVLG-style .npz per image; tsv: bottom-up-attention regions.tsv")
+    ex.add_argument("--out", required=True, help="output folder (must not exist or be empty, see --overwrite)")
+    ex.add_argument("--images", help="images.parquet (default: results/data/DATASET/images.parquet)")
+    ex.add_argument("--captions", help="captions.parquet (default: results/data/DATASET/captions.parquet)")
+    ex.add_argument("--blocks", help="blocks.h5 for PFAN's *_boxes.npy (default: beside FEATURES, if there)")
+    ex.add_argument("--tsv-tags", action="store_true",
+                    help="tsv: append objects_id, objects_conf, attrs_id, attrs_conf fields (10 in all)")
+    ex.add_argument("--npz-name", choices=("stem", "image_id"), default="stem",
+                    help="npz: name files by the image file's stem (as MILVLG) or by image id")
+    ex.add_argument("--block", type=int, default=256, help="images read at a time (memory bound)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    ex.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="itmatch", description="itmatch workflow tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--config", default=str(CONFIG_PATH), help="config file (default: config/config.yaml)")
     rec.add_argument("--configfile", action="append", default=[], help="override file merged over --config")
     rec.set_defaults(func=_recipe)
+    _add_export(sub)
     return parser
 
 
@@ -48,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, ConfigError, FileNotFoundError) as e:
+    except (ValueError, ConfigError, OSError) as e:
         print(f"itmatch {args.command}: {e}", file=sys.stderr)
         return 2
 
