@@ -238,3 +238,30 @@ def test_refusals(tmp_path, toy):
         ex.export_features(toy["regions"], "scan-precomp", tmp_path / "s", images=tmp_path / "shuffled.parquet")
     with pytest.raises(FileNotFoundError, match="nope.h5: regions file not found"):
         ex.export_features(tmp_path / "nope.h5", "tsv", tmp_path / "t")
+
+
+def test_scan_precomp_of_ingested_shapes(tmp_path, tiny_shapes):
+    """With images.parquet / captions.parquet as ingest writes them (the caption order SCAN needs is the
+    contract's, not an accident of the toy fixture above)."""
+    from itmatch.data.ingest import IngestOptions, ingest
+
+    data, feats = tmp_path / "results" / "data" / "shapes", tmp_path / "results" / "features" / "shapes"
+    feats.mkdir(parents=True)
+    ingest(tiny_shapes / "dataset_shapes.json", tiny_shapes / "images", data / "images.parquet",
+           data / "captions.parquet", IngestOptions())
+    t = pd.read_parquet(data / "images.parquet")
+    rng = np.random.default_rng(0)
+    with create_regions(feats / "regions.h5", len(t), R, RegionsMeta("toy", "0", D), t.image_id.to_numpy()) as f:
+        write_rows(f, 0, [pad_regions({"features": rng.standard_normal((R, D))}, R, (96, 96)) for _ in range(len(t))])
+    out = tmp_path / "D"
+    assert cli.main(["export", str(feats / "regions.h5"), "--format", "scan-precomp", "--out", str(out)]) == 0
+    caps = pd.read_parquet(data / "captions.parquet")
+    for split, name in (("train", "train"), ("val", "dev"), ("test", "test")):
+        ids = [int(x) for x in (out / f"{name}_ids.txt").read_text().split()]
+        assert ids == t.loc[t.split == split, "image_id"].tolist()
+        lines = (out / f"{name}_caps.txt").read_text().splitlines()
+        by_image = caps[caps.split == split].groupby("image_id", sort=False)["text"].apply(list)
+        assert lines == [" ".join(c.split()) for i in ids for c in by_image[i]]
+    spec = {n: {"features": str(out / f"{n}_ims.npy")} for n in ("train", "dev", "test")}
+    im.import_scan_npy(spec, data / "images.parquet", tmp_path / "b.h5", tmp_path / "b.parquet")
+    _assert_same(_arrays(feats / "regions.h5"), _arrays(tmp_path / "b.h5"), ("image_id", "features"))
