@@ -122,7 +122,8 @@ rule import_pfan_blocks:
 
 # ---- Demo detector: trained on the boxes, categories and attributes of `shapes` ---------------------------
 # Resumable: each epoch's state goes to results/detector/{dataset}/train_state.pt (written atomically); a re-run
-# after an interruption continues from the last finished epoch. metrics.json: object/attribute mAP@0.5 on val.
+# after an interruption continues from the last finished epoch. metrics.json: object/attribute mAP on val
+# (pycocotools: AP@0.5 and AP@[.5:.95]).
 
 
 rule train_detector:

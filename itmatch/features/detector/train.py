@@ -1,5 +1,6 @@
 """Training the demo detector on ``shapes`` boxes, categories and attributes (RPN + box + class + attribute
-losses), resumable per epoch, then evaluated on val (object / attribute mAP@0.5 and region-tag accuracy).
+losses), resumable per epoch, then evaluated on val (object / attribute mAP@0.5 and @[.5:.95] by pycocotools;
+region-tag accuracy).
 
 Losses (summed): RPN objectness (2-way softmax ≡ logistic on fg − bg) + RPN smooth-L1 box deltas over 128
 sampled anchors per image; region classification (cross-entropy, background = 0) + class-specific smooth-L1
@@ -292,9 +293,10 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
                     "threads": threads, "total_seconds": round(time.time() - t0, 1),
                     "total_cpu_seconds": round(time.process_time() - c0, 1), "load_average": os.getloadavg(),
                     "object_names": train.categories, "attribute_names": train.attributes})
-    log.info("detector val: object mAP@0.5 %.3f, attribute mAP@0.5 %.3f, top-region tags right "
-             "(shape %.3f, shape+colour %.3f) on %d images; training %.0fs wall / %.0fs CPU (load average %s)",
-             metrics["object_map"], metrics["attribute_map"], metrics["tags"]["object"],
+    log.info("detector val (pycocotools): object mAP@0.5 %.3f (@[.5:.95] %.3f), attribute mAP@0.5 %.3f, top-region "
+             "tags right (shape %.3f, shape+colour %.3f) on %d images; training %.0fs wall / %.0fs CPU (load "
+             "average %s)", metrics["object_map"], metrics["object_map_50_95"], metrics["attribute_map"],
+             metrics["tags"]["object"],
              metrics["tags"]["object_colour"], len(val.images), train_seconds, train_cpu,
              " ".join(f"{x:.1f}" for x in os.getloadavg()))
     save_own(model_out, model, cfg["input"], train.categories, train.attributes,
@@ -306,7 +308,7 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
 
 
 def evaluate(model: BottomUpDetector, cfg: dict, data: BoxData, score_thresh: float = 0.05) -> dict:
-    """Object / attribute mAP@0.5 and region-tag accuracy of ``model`` on ``data``."""
+    """Object / attribute mAP (pycocotools: @0.5 and @[.5:.95]) and region-tag accuracy of ``model`` on ``data``."""
     load, n = batch_loader(data, cfg, cfg["inference"].get("batch_size", 16))
     metrics = evaluate_detector(model, cfg, load, n, data.gts, len(data.categories), len(data.attributes),
                                 score_thresh)
