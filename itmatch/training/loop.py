@@ -5,7 +5,8 @@ Adam; step-decay learning rate ``lr · lr_decay^(epoch // lr_decay_epochs)``; gr
 ``margin``; the first ``warmup_epochs`` epochs sum over all negatives instead); validation (rSum on up to
 ``val_max_images`` images of the val split) after every epoch and
 every ``val_every_steps`` steps; the best model by val rSum is kept; one ``train_log.csv`` row per
-validation (epoch, step, loss, val R@K both ways, rSum, lr, seconds).
+validation (epoch, step, loss, val R@K both ways, rSum, lr, seconds), and TensorBoard events in the same
+folder (:mod:`itmatch.training.board`).
 
 Resume: the complete state — model, optimizer, epoch, position in the epoch's batch order (a permutation
 from seed and epoch), best model and rSum, log rows, running loss, RNG states — is saved atomically to
@@ -44,6 +45,7 @@ from itmatch.evaluation.evaluate import NonFiniteSimilarityError, check_finite_s
 from itmatch.evaluation.metrics import retrieval_metrics
 from itmatch.models.checkpoint import read_checkpoint, write_checkpoint
 from itmatch.models.registry import build_model
+from itmatch.training.board import TrainingBoard
 from itmatch.training.loss import ContrastiveLoss
 from itmatch.utils.device import autocast, resolve_device, resolve_precision, to_device
 from itmatch.utils.io import atomic_path
@@ -199,6 +201,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
                **{f"{d}_r{k}": m[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)},
                "rsum": m["rsum"], "lr": lr_at(epoch), "seconds": round(time.time() - t_start, 2)}
         st["rows"].append(row)
+        board.validation(row)
         st["loss_sum"], st["loss_n"] = 0.0, 0
         log.info("%s%s epoch %d step %d: loss %.4f val rSum %.2f (i2t R@1 %.1f, t2i R@1 %.1f)", model_name,
                  f"/{part}" if part else "", epoch, st["step"], row["loss"], m["rsum"], m["i2t"]["r1"],
@@ -219,6 +222,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     epochs = int(t["epochs"])
     every_ckpt = int(t["checkpoint_every_steps"])
     every_val = int(t["val_every_steps"])
+    board = TrainingBoard(Path(out_log).parent, st["step"])  # TensorBoard events beside the CSV
     try:
         while st["epoch"] < epochs:
             epoch = st["epoch"]
@@ -265,6 +269,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
                                     who, bad[0], bad[1], epoch, st["step"] + 1, st["nonfinite"], patience)
                     st["batch"] += 1
                     st["step"] += 1
+                    board.step(st["step"], loss_value, opt.param_groups[0]["lr"])
                     if every_val and st["step"] % every_val == 0 and st["batch"] < len(batches):
                         do_validation(epoch)
                         save_state()
@@ -278,6 +283,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
             st["batch"] = 0
             save_state()
     finally:
+        board.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
 
