@@ -29,7 +29,7 @@ npz and tsv hold only the valid regions of each image (``num_regions``) and need
 import is refused). Class names, when the file has them, go to ``objects_vocab.txt`` / ``attributes_vocab.txt``
 (Visual Genome's file names) so that a re-import keeps them. Features are stored as float16 in ``regions.h5``
 and exported as float32 (exact), so a re-import gives bit-identical arrays; PFAN weights are re-normalised by
-the importer, which may move them by one float32 ulp.
+the importer, which may move them by up to 2 float32 ulp.
 
 Everything goes into a temporary folder beside DIR, renamed to DIR only when complete (an error or a kill
 leaves no DIR); images are read ``block`` at a time, never all at once.
