@@ -223,7 +223,7 @@ def preprocess(image: np.ndarray, size: int, resize: str) -> torch.Tensor:
     if resize not in RESIZES:
         raise ValueError(f"grid.resize must be one of {', '.join(RESIZES)}, got {resize!r}")
     t = WEIGHTS.transforms()
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)        # uint8 [3, H, W]
+    img = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)   # uint8 [3, H, W]
     if resize == "stretch":
         img = TF.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
     else:  # the weights' evaluation transform, scaled to `size` (224 → shorter side 256, crop 224)
