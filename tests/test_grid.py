@@ -210,7 +210,8 @@ def _tiny_f30k(root: Path) -> None:
     entries = []
     for i, split in enumerate(["train", "test"]):
         Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(images / f"{1000 + i}.jpg")
-        entries.append({"filename": f"{1000 + i}.jpg", "imgid": i, "split": split, "sentids": list(range(5 * i, 5 * i + 5)),
+        entries.append({"filename": f"{1000 + i}.jpg", "imgid": i, "split": split,
+                        "sentids": list(range(5 * i, 5 * i + 5)),
                         "sentences": [{"raw": f"a photo number {k}", "tokens": ["a", "photo", "number", str(k)],
                                        "imgid": i, "sentid": 5 * i + k} for k in range(5)]})
     (root / "resources" / "f30k" / "dataset_flickr30k.json").write_text(
