@@ -254,3 +254,22 @@ def test_workflow_schedules_the_grid_stage_only_for_grid_w2r(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "grid.weights is not set" in out and "models.bssan.datasets.f30k.w2r_input: regions" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+def test_grid_on_cuda_equals_cpu(seeded_vgg, known_images, tmp_path):
+    """``grid.device: cuda`` (fp32, TF32 off) gives the CPU's grid within float rounding (``pytest -m gpu``)."""
+    weights, _ = seeded_vgg
+    pq, root = known_images
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        gpu = gr.extract_grid_shard(pq, root, tmp_path / "gpu.h5", 0, 1, _opts(weights, batch_size=3, device="cuda"))
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    cpu = gr.extract_grid_shard(pq, root, tmp_path / "cpu.h5", 0, 1, _opts(weights, batch_size=3))
+    with h5py.File(gpu, "r") as a, h5py.File(cpu, "r") as b:
+        x, y = a["features"][:].astype(np.float32), b["features"][:].astype(np.float32)
+    assert x.shape == (3, 196, 512)
+    np.testing.assert_allclose(x, y, rtol=1e-2, atol=1e-3 * float(np.abs(y).max()))
