@@ -114,7 +114,7 @@ def test_relu_false_is_conv5_4_before_its_relu(seeded_vgg, known_images, tmp_pat
 
 def test_center_crop_is_the_weights_evaluation_transform(known_images):
     pq, root = known_images
-    img = np.asarray(Image.open(root / KNOWN[0]).convert("RGB"))
+    img = np.array(Image.open(root / KNOWN[0]).convert("RGB"))
     got = gr.preprocess(img, 224, "center_crop")
     ref = torchvision.models.VGG19_Weights.IMAGENET1K_V1.transforms()(torch.from_numpy(img).permute(2, 0, 1))
     assert torch.equal(got, ref)
