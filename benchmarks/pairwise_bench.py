@@ -1,8 +1,9 @@
 """Pairs/s of batched pairwise scoring: CAAN, BSSAN and SCAN (any registered model with ``--models``).
 
-Random inputs shaped like the real ones (``--regions`` bottom-up regions of 2048-d, captions of
-``--min-len``..``--max-len`` tokens); models built from ``config/config.yaml`` (the papers' sizes, or a
-dataset's overrides with ``--dataset``) with random weights, in eval mode under ``torch.inference_mode``.
+Random inputs shaped like the real ones (``--regions`` bottom-up regions of 2048-d, BSSAN's VGG-19 grid of
+``--grid-cells`` × 512 for ``w2r_input: grid``, captions of ``--min-len``..``--max-len`` tokens); models built
+from ``config/config.yaml`` (the papers' sizes, or a dataset's overrides with ``--dataset``) with random
+weights, in eval mode under ``torch.inference_mode``.
 Encoding is timed apart from scoring; ``pairs/s`` is I·C / scoring seconds (best of ``--repeat``).
 With ``--train-batch B`` it also times one training step per model (``model.loss`` on B aligned pairs with
 the shared hardest-negative criterion, forward + backward, train mode; best of ``--repeat``). Example::
@@ -25,16 +26,18 @@ from itmatch.models.registry import build_model
 from itmatch.training.settings import model_settings
 
 REPO = Path(__file__).resolve().parents[1]
+GRID_DIM = 512   # VGG-19 conv5_4 channels (BSSAN's W2R grid)
 
 
 def make_inputs(n_img: int, n_cap: int, regions: int, feat: int, vocab: int, min_len: int, max_len: int,
-                device: torch.device, seed: int = 0) -> tuple[dict, dict]:
+                device: torch.device, seed: int = 0, grid_cells: int = 196) -> tuple[dict, dict]:
     g = torch.Generator().manual_seed(seed)
     num = torch.randint(max(1, regions - 6), regions + 1, (n_img,), generator=g)
     valid = torch.arange(regions)[None] < num[:, None]
     images = {"features": torch.rand(n_img, regions, feat, generator=g) * valid[..., None],
               "num_regions": num, "object_conf": torch.rand(n_img, regions, generator=g) * valid,
-              "boxes": torch.zeros(n_img, regions, 4), "index": torch.arange(n_img)}
+              "boxes": torch.zeros(n_img, regions, 4), "index": torch.arange(n_img),
+              "grid": torch.randn(n_img, grid_cells, GRID_DIM, generator=g).relu()}   # conv5_4 after its ReLU
     lens = torch.randint(min_len, max_len + 1, (n_cap,), generator=g)
     tok = torch.randint(1, vocab, (n_cap, max_len), generator=g)
     tok[torch.arange(max_len)[None] >= lens[:, None]] = 0
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--captions", type=int, default=160)
     ap.add_argument("--regions", type=int, default=36)
+    ap.add_argument("--grid-cells", type=int, default=196, help="BSSAN's W2R grid cells (14 × 14 at 224 px)")
     ap.add_argument("--feature-dim", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=10000)
     ap.add_argument("--min-len", type=int, default=8)
@@ -125,9 +129,9 @@ def main() -> None:
             cfg_all[model][k] = json.loads(val)
         except json.JSONDecodeError:
             cfg_all[model][k] = val
-    data_info = {"vocab_size": args.vocab, "feature_dim": args.feature_dim}
+    data_info = {"vocab_size": args.vocab, "feature_dim": args.feature_dim, "grid_dim": GRID_DIM}
     images, captions = make_inputs(args.images, args.captions, args.regions, args.feature_dim, args.vocab,
-                                   args.min_len, args.max_len, device)
+                                   args.min_len, args.max_len, device, grid_cells=args.grid_cells)
     rows = []
     for name in args.models:
         row = bench(name, dict(cfg_all[name]), images, captions, data_info, args.repeat, device)

@@ -33,10 +33,14 @@ def _key(path) -> str:
 
 
 def schema_defaults(section: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The defaults the schema gives the keys of the config section ``section`` (e.g. ``training``), without its
-    per-dataset / per-model override maps: what a library caller gets for the keys it leaves out."""
+    """The defaults the schema gives the keys of the config section ``section`` (e.g. ``training``, or a dotted
+    path such as ``models.bssan``), without its per-dataset / per-model override maps: what a library caller
+    gets for the keys it leaves out."""
     schema = schema or load_schema()
-    props = _ref(schema["properties"][section], schema).get("properties", {})
+    node: dict[str, Any] = schema
+    for part in section.split("."):
+        node = _ref(node["properties"][part], schema)
+    props = node.get("properties", {})
     out = {}
     for key, sub in props.items():
         sub = _ref(sub, schema)

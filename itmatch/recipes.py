@@ -152,6 +152,8 @@ SOURCES: dict[str, dict[str, dict[str, str]]] = {
             "model.lam": "BSSAN §IV-B 'λ and δ are experimentally set with 0.6 and 0.01'",
             "model.delta": "BSSAN §IV-B 'λ and δ are experimentally set with 0.6 and 0.01'",
             "model.num_objects": "BSSAN §IV-B 'the top 10 object proposals'",
+            "model.w2r_input": "BSSAN §IV-B 'VGG-19 ... the output of layer conv5_4 is used as the region maps with "
+                               "the dimension of 196 × 512' (grid.h5; grid.weights: the ImageNet VGG-19)",
             "model.batch_norm": "BSSAN §IV-B 'tanh activation ... and employ Batch Normalization'",
             "model.w2r_hidden": "BSSAN Table I", "model.w2r_mlp": "BSSAN Table I",
             "model.o2w_hidden": "BSSAN Table I", "model.o2w_mlp": "BSSAN Table I",
@@ -197,15 +199,18 @@ DEVIATIONS: dict[str, list[str]] = {
         "shapes: demo schedule and sizes, and a small packaged BERT (text.bert.dataset_model).",
     ],
     "bssan": [
-        "Both branches use our 36 bottom-up regions (2048-d), not VGG-19 conv5_4 grids and fc7 proposals "
-        "(the model-completion issue covers the visual inputs).",
+        "W2R attends over the VGG-19 conv5_4 grid as published (torchvision's VGG-19 with the ImageNet weights of "
+        "grid.weights, the whole image resized to 224 × 224, conv5_4 after its ReLU; docs/models.md). O2W's objects "
+        "are the top 10 by object_conf of our 36 bottom-up-attention regions (Visual Genome, 2048-d), not the "
+        "paper's 4096-d fc7 of a Faster R-CNN fine-tuned on PASCAL VOC 2007 + 2012, which we do not have.",
         "GloVe is used when models.bssan.glove names a file; unset (the default, no download here) the word "
         "vectors start random and the log says so.",
         "No gradient clipping and a constant learning rate: the paper states neither ('SGD with an adaptive "
         "learning rate' without details); epochs and batch size are the shared coco / f30k ones (unstated).",
         "The hinge margin M (1.0) is unstated in the paper.",
-        "shapes: Adam at the shared demo schedule (tuned on shapes, README 'CAAN and BSSAN'), and "
-        "uniform_negative_attention: false (eq. 8 collapsed to chance on shapes).",
+        "shapes: Adam at the shared demo schedule (tuned on shapes, README 'CAAN and BSSAN'), "
+        "uniform_negative_attention: false (eq. 8 collapsed to chance on shapes), and W2R on the regions "
+        "(w2r_input: regions; no ImageNet weights offline).",
     ],
 }
 

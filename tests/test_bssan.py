@@ -29,7 +29,8 @@ def batch(n_img: int = 4, n_cap: int = 5, R: int = 6, seed: int = 0):
 
 def tiny(**kw) -> BSSAN:
     torch.manual_seed(0)
-    args = dict(word_dim=12, w2r_hidden=16, w2r_mlp=[8, 4], o2w_hidden=10, o2w_mlp=[8, 6, 4], num_objects=3)
+    args = dict(word_dim=12, w2r_hidden=16, w2r_mlp=[8, 4], o2w_hidden=10, o2w_mlp=[8, 6, 4], num_objects=3,
+                w2r_input="regions")
     return BSSAN(VOCAB, FEAT, **{**args, **kw})
 
 
@@ -150,7 +151,7 @@ def test_batched_scoring_equals_per_pair_loop(branches):
 @pytest.mark.parametrize("variant", [{}, {"branches": "w2r"}, {"branches": "o2w"}, {"delta": 0.0}])
 def test_variant_builds_and_every_parameter_gets_a_gradient(variant):
     cfg = {"word_dim": 12, "w2r_hidden": 16, "w2r_mlp": [8, 4], "o2w_hidden": 10, "o2w_mlp": [8, 6, 4],
-           "num_objects": 3, "training": {"optimizer": "sgd"}, **variant}
+           "num_objects": 3, "w2r_input": "regions", "training": {"optimizer": "sgd"}, **variant}
     torch.manual_seed(2)
     m = build_model("bssan", cfg, {"vocab_size": VOCAB, "feature_dim": FEAT}).train()
     images, captions = batch(6, 6)
@@ -181,10 +182,15 @@ def test_negatives_come_from_other_images():
 def test_bad_branches_are_rejected():
     with pytest.raises(ValueError, match="branches"):
         BSSAN(VOCAB, FEAT, branches="w2o")
+    with pytest.raises(ValueError, match="w2r_input must be one of"):
+        BSSAN(VOCAB, FEAT, w2r_input="vgg")
+    with pytest.raises(ValueError, match="no grid_dim"):
+        BSSAN(VOCAB, FEAT)                                  # grid (the default) without its dimension
 
 
 # ---- recipe inputs: GloVe word vectors and 30-word captions (§IV-B)
-TINY_CFG = dict(word_dim=12, w2r_hidden=16, w2r_mlp=[8, 4], o2w_hidden=10, o2w_mlp=[8, 6, 4], num_objects=3)
+TINY_CFG = dict(word_dim=12, w2r_hidden=16, w2r_mlp=[8, 4], o2w_hidden=10, o2w_mlp=[8, 6, 4], num_objects=3,
+                w2r_input="regions")
 
 
 def _corpus_with_long_caption(tmp_path, n_words: int = 40):
@@ -259,3 +265,84 @@ def test_prepare_training_logs_glove_or_random_init(tmp_path, caplog):
                     {"vocab_size": len(vocab), "feature_dim": FEAT})
     with pytest.raises(FileNotFoundError, match="models.bssan.glove"):
         m.prepare_training(corpus)
+
+
+# ---- published visual inputs (§IV-B): W2R on the VGG-19 conv5_4 grid, O2W on the top-10 objects ------------
+def test_o2w_picks_the_top_10_of_36_regions_by_confidence():
+    """O2W's objects are the 10 valid regions of highest object_conf, in descending order (values checked), also
+    when W2R reads the grid; fewer valid regions than 10 leave padding objects masked out."""
+    g = torch.Generator().manual_seed(5)
+    R, D = 36, 8
+    feats = torch.randn(2, R, D, generator=g)
+    conf = torch.rand(2, R, generator=g)
+    num = torch.tensor([36, 7])
+    valid = torch.arange(R)[None] < num[:, None]
+    feats, conf = feats * valid[..., None], conf * valid
+    conf[1, 20] = 0.99                                       # a padding region's confidence never counts
+    images = {"features": feats, "num_regions": num, "object_conf": conf,
+              "grid": torch.rand(2, 196, 16, generator=g)}
+    for w2r_input in ("regions", "grid"):
+        torch.manual_seed(0)
+        m = BSSAN(VOCAB, D, word_dim=8, w2r_hidden=8, w2r_mlp=[4], o2w_hidden=6, o2w_mlp=[4], num_objects=10,
+                  w2r_input=w2r_input, grid_dim=16, normalize_regions=False)
+        with torch.no_grad():
+            img = m.encode_images(images)
+        order = sorted(range(R), key=lambda j: -float(conf[0, j]))[:10]
+        assert torch.equal(img["O"][0], feats[0, order])
+        assert img["omask"][0].all()
+        order1 = sorted(range(7), key=lambda j: -float(conf[1, j]))
+        assert torch.equal(img["O"][1, :7], feats[1, order1])
+        assert img["omask"][1].tolist() == [True] * 7 + [False] * 3
+        assert torch.equal(img["R"], images["grid"] if w2r_input == "grid" else feats)
+
+
+def test_grid_inputs_forward_shapes_and_gradients():
+    """W2R over the 196 × 512 conv5_4 grid, O2W over 10 of 36 regions of 2048: shapes of every representation,
+    the score matrix and the loss; the grid reaches W2R only, the regions O2W only."""
+    g = torch.Generator().manual_seed(1)
+    I, C, L = 3, 4, 6
+    images = {"features": torch.rand(I, 36, 2048, generator=g), "num_regions": torch.tensor([36, 36, 20]),
+              "object_conf": torch.rand(I, 36, generator=g), "grid": torch.rand(I, 196, 512, generator=g).relu(),
+              "index": torch.arange(I)}
+    lens = torch.tensor([6, 3, 5, 2])
+    tok = torch.randint(1, VOCAB, (C, L), generator=g) * (torch.arange(L)[None] < lens[:, None])
+    captions = {"tokens": tok, "lengths": lens, "image_index": torch.arange(C) % I}
+    cfg = {"word_dim": 12, "w2r_hidden": 16, "w2r_mlp": [8, 4], "o2w_hidden": 10, "o2w_mlp": [8, 6, 4]}
+    torch.manual_seed(0)
+    m = build_model("bssan", cfg, {"vocab_size": VOCAB, "feature_dim": 2048, "grid_dim": 512}).eval()
+    assert m.w2r_input == "grid" and m.w2r_W.shape == (12, 512) and m.o2w_W.shape == (2048, 10)
+    assert m.w2r_lstm.input_size == 512 + 12
+    img, cap = m.encode_images(images), m.encode_captions(captions)
+    assert img["R"].shape == (I, 196, 512) and img["mask"].shape == (I, 196) and img["mask"].all()
+    assert img["RW"].shape == (I, 196, 12)
+    assert img["O"].shape == (I, 10, 2048) and img["OW"].shape == (I, 10, 10)
+    sim = m.score(img, cap)
+    assert sim.shape == (I, C) and torch.isfinite(sim).all()
+    with torch.no_grad():
+        y, y2 = m.pair_scores(img, cap, torch.tensor([0]), torch.tensor([0]))
+        other = {**images, "grid": images["grid"].flip(0)}
+        yo, y2o = m.pair_scores(m.encode_images(other), cap, torch.tensor([0]), torch.tensor([0]))
+    assert not torch.allclose(y, yo) and torch.equal(y2, y2o)   # the grid is W2R's input, not O2W's
+    m.train()
+    images["grid"].requires_grad_(True)
+    images["features"].requires_grad_(True)
+    loss, stats = m.loss(images, {**captions, "tokens": tok[:I], "lengths": lens[:I],
+                                  "image_index": torch.arange(I)}, criterion=None)
+    loss.backward()
+    assert images["grid"].grad.abs().sum() > 0 and images["features"].grad.abs().sum() > 0
+    assert images["features"].grad[:, :, :].abs().sum(-1).gt(0).sum(1).tolist() == [10, 10, 10]  # 10 objects
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_inputs_follow_w2r_input_and_branches():
+    from itmatch.models.registry import model_inputs
+
+    assert model_inputs("bssan", {}) == {"grid"}                                   # the schema's default
+    assert model_inputs("bssan", {"w2r_input": "regions"}) == frozenset()
+    assert model_inputs("bssan", {"branches": "o2w"}) == frozenset()               # no W2R: no grid
+    assert model_inputs("bssan", {"branches": "w2r"}) == {"grid"}
+    with pytest.raises(KeyError, match="grid_dim"):
+        build_model("bssan", {}, {"vocab_size": VOCAB, "feature_dim": FEAT})
+    with pytest.raises(KeyError, match=r"images\['grid'\]"):
+        BSSAN(VOCAB, FEAT, grid_dim=8).encode_images(batch()[0])

@@ -53,6 +53,9 @@ def test_paper_schedules_of_smfea_glfn_bssan_caan():
     assert (t["optimizer"], t["lr"], t["momentum"], t["weight_decay"]) == ("sgd", 0.01, 0.9, 0.0)
     m = bssan["model"]
     assert (m["lam"], m["delta"], m["tokens"]["max_words"], m["glove"], m["batch_norm"]) == (0.6, 0.01, 30, None, True)
+    assert m["w2r_input"] == "grid" and "conv5_4" in bssan["sources"]["model.w2r_input"]
+    assert recipe_json("bssan", "coco")["model"]["w2r_input"] == "grid"
+    assert recipe_json("bssan", "shapes")["model"]["w2r_input"] == "regions"
     caan = recipe_json("caan", "coco")["training"]
     assert (caan["optimizer"], caan["lr"], caan["epochs"], caan["lr_decay"], caan["lr_decay_epochs"]) == \
         ("adam", 5e-4, 20, 0.1, 10)
@@ -119,10 +122,11 @@ def test_train_rule_params_equal_itmatch_recipe(tmp_path):
         (tmp_path / f"resources/{d}/images").mkdir(parents=True)
         (tmp_path / f"resources/{d}/{name}").write_text(json.dumps({"images": []}))
     (tmp_path / "resources/ckpt.pth").touch()
+    (tmp_path / "resources/vgg19.pth").touch()
     (tmp_path / "resources/bert").mkdir()
     extra = tmp_path / "extra.yaml"
     extra.write_text("detector:\n  checkpoints:\n    coco: resources/ckpt.pth\n    f30k: resources/ckpt.pth\n"
-                     "text:\n  bert:\n    model: resources/bert\n")
+                     "text:\n  bert:\n    model: resources/bert\ngrid:\n  weights: resources/vgg19.pth\n")
     script = tmp_path / "dry_run_params.py"
     script.write_text(_DRY_RUN)
     targets = [f"results/{m}/{d}/model.pt" for m in MODELS for d in ("coco", "f30k")]

@@ -10,7 +10,8 @@ per image the small arrays of regions.h5 (num_regions, boxes, image_hw, object i
 
 Inputs (see the artifact contract): images.parquet (row order = regions.h5 rows), captions.parquet,
 tokens.parquet (same row order as captions.parquet), vocab.json, and the optional blocks.h5, tags.h5,
-bert.h5, trees.parquet named by the model's inputs (:func:`itmatch.models.registry.model_inputs`). An HDF5 file that
+bert.h5, trees.parquet, grid.h5 (BSSAN's VGG-19 grid: one [G, C] row per image, read like the region
+features) named by the model's inputs (:func:`itmatch.models.registry.model_inputs`). An HDF5 file that
 cannot be opened or read (truncated, a chunk failing its checksum) raises
 :class:`itmatch.utils.h5.ArtifactReadError` naming the file, the row and how to rebuild it.
 """
@@ -49,6 +50,7 @@ class DataPaths:
     tags: str | None = None
     bert: str | None = None
     trees: str | None = None
+    grid: str | None = None
 
     @classmethod
     def from_inputs(cls, inputs: Any) -> DataPaths:
@@ -167,7 +169,7 @@ class Corpus:
                 raise ValueError(f"{paths.regions}: image_id rows differ from {paths.images}")
         self.info: dict[str, Any] = {"vocab_size": self.vocab_size, "feature_dim": int(self.feature_dim),
                                      "num_regions": int(self.R)}
-        self.blocks = self.tags = self.bert = None
+        self.blocks = self.tags = self.bert = self.grid = None
         self.trees = None
         if "blocks" in requires:
             self.blocks = LazyH5(self._need(paths.blocks, "blocks"))
@@ -186,6 +188,18 @@ class Corpus:
             self.bert = LazyH5(self._need(paths.bert, "bert"))
             with open_h5(paths.bert) as f:
                 self.info["bert_dim"] = int(f["values"].shape[1])
+        if "grid" in requires:
+            self.grid = LazyH5(self._need(paths.grid, "grid"))
+            with open_h5(paths.grid) as f, reading(paths.grid, "image_id, features"):
+                for key in ("image_id", "features"):
+                    if key not in f:
+                        raise KeyError(f"{paths.grid}: dataset {key!r} missing")
+                if f["features"].ndim != 3 or f["features"].shape[0] != self.n_images:
+                    raise ValueError(f"{paths.grid}: features shape {f['features'].shape}, expected "
+                                     f"[{self.n_images}, G, C] (one row per image of {paths.images})")
+                if not np.array_equal(f["image_id"][:], img["image_id"]):
+                    raise ValueError(f"{paths.grid}: image_id rows differ from {paths.images}")
+                self.info["grid_cells"], self.info["grid_dim"] = (int(x) for x in f["features"].shape[1:])
         if "trees" in requires:
             vals, offs, ids = _ragged(self._need(paths.trees, "trees"), "labels", "caption_id")
             if not np.array_equal(ids, cap["caption_id"]) or not (np.diff(offs) == 7).all():
@@ -218,6 +232,9 @@ class Corpus:
             with reading(self.blocks.path, f"image row {row}"):
                 item["block_index"] = self.blocks.dataset("index")[row].astype(np.int64)
                 item["block_weight"] = self.blocks.dataset("weight")[row].astype(np.float32)
+        if self.grid is not None:
+            with reading(self.grid.path, f"image row {row}"):   # float16 as stored, one chunk
+                item["grid"] = self.grid.dataset("features")[row]
         if self.tags is not None:
             with reading(self.tags.path, f"image row {row}"):
                 idx = self.tags.dataset("index")[row]

@@ -78,12 +78,14 @@ def write_synthetic_corpus(root: str | Path, n_train: int = 40, n_val: int = 10,
 
 
 def synthetic_batches(n_img: int, n_cap: int, R: int = 36, D: int = 2048, vocab: int = 10_000, min_len: int = 8,
-                      max_len: int = 16, bert_dim: int = 768, K: int = 16, L: int = 15, seed: int = 0
+                      max_len: int = 16, bert_dim: int = 768, K: int = 16, L: int = 15, seed: int = 0,
+                      grid_cells: int = 196, grid_dim: int = 512
                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]:
     """Random image and caption batches with every key any model reads (features, num_regions, boxes,
-    object_conf, block index/weight, tag vectors; tokens, lengths, BERT vectors, tree labels) and the matching
-    ``data_info``. Caption ``k`` belongs to image ``k % n_img``. Defaults: COCO-size inputs (36 × 2048 regions,
-    captions of 8–16 words, BERT-base width, the 16 × 16 block grid with 15 blocks per region)."""
+    object_conf, block index/weight, tag vectors, VGG-19 grid; tokens, lengths, BERT vectors, tree labels) and the
+    matching ``data_info``. Caption ``k`` belongs to image ``k % n_img``. Defaults: COCO-size inputs (36 × 2048
+    regions, captions of 8–16 words, BERT-base width, the 16 × 16 block grid with 15 blocks per region, BSSAN's
+    14 × 14 × 512 conv5_4 grid)."""
     g = torch.Generator().manual_seed(seed)
     num = torch.randint(max(1, R - 6), R + 1, (n_img,), generator=g)
     valid = torch.arange(R)[None] < num[:, None]
@@ -96,7 +98,8 @@ def synthetic_batches(n_img: int, n_cap: int, R: int = 36, D: int = 2048, vocab:
               "attribute_id": torch.randint(0, 400, (n_img, R), generator=g),
               "block_index": torch.randint(0, K * K, (n_img, R, L), generator=g),
               "block_weight": torch.softmax(torch.randn(n_img, R, L, generator=g), -1),
-              "tag_vectors": torch.randn(n_img, R, bert_dim, generator=g), "index": torch.arange(n_img)}
+              "tag_vectors": torch.randn(n_img, R, bert_dim, generator=g), "index": torch.arange(n_img),
+              "grid": torch.randn(n_img, grid_cells, grid_dim, generator=g).relu()}   # after relu5_4: ≥ 0
     lens = torch.randint(min_len, max_len + 1, (n_cap,), generator=g)
     tok = torch.randint(4, vocab, (n_cap, max_len), generator=g)
     pad = torch.arange(max_len)[None] >= lens[:, None]
@@ -107,5 +110,6 @@ def synthetic_batches(n_img: int, n_cap: int, R: int = 36, D: int = 2048, vocab:
                 "index": torch.arange(n_cap), "bert": bert,
                 "tree_labels": torch.randint(-1, 50, (n_cap, 7), generator=g)}
     info = {"vocab_size": vocab, "feature_dim": D, "num_regions": R, "blocks_K": K, "blocks_L": L,
-            "tag_dim": bert_dim, "bert_dim": bert_dim, "n_entities": 1440, "n_relations": 247}
+            "tag_dim": bert_dim, "bert_dim": bert_dim, "n_entities": 1440, "n_relations": 247,
+            "grid_cells": grid_cells, "grid_dim": grid_dim}
     return images, captions, info

@@ -13,6 +13,10 @@ shard start, so an interrupted-and-resumed shard holds exactly what an uninterru
 :func:`gather_shards` checks the shards (same detector, contiguous rows, same image ids as
 ``images.parquet``) and copies them into the final ``regions.h5`` a block of images at a time, then
 writes ``regions.parquet`` from it, also streaming.
+
+The shard machinery is shared with the other per-image feature stages (BSSAN's VGG-19 grid,
+:mod:`itmatch.features.grid`): :func:`open_shard` / :func:`mark_done` / :func:`finish_shard` for a resumable
+shard file, :func:`gather_rows` with a :class:`ShardLayout` for the gather.
 """
 
 from __future__ import annotations
@@ -162,8 +166,10 @@ def _fingerprint(meta: RegionsMeta, detector_cfg: dict[str, Any], opts: ExtractO
     return h.hexdigest()
 
 
-def _open_partial(tmp: Path, fingerprint: str, n: int) -> h5py.File | None:
-    """Reopen a partial shard for appending if it belongs to this run, else None (it is then rewritten)."""
+def _open_partial(tmp: Path, fingerprint: str, n: int, check: Callable[[h5py.File], Any] = check_layout
+                  ) -> h5py.File | None:
+    """Reopen a partial shard for appending if it belongs to this run, else None (it is then rewritten).
+    ``check(f)`` raises when the file's layout is not the stage's (default: the regions contract)."""
     if not tmp.exists():
         return None
     try:
@@ -173,8 +179,8 @@ def _open_partial(tmp: Path, fingerprint: str, n: int) -> h5py.File | None:
         return None
     try:
         ok = f.attrs.get("fingerprint") == fingerprint and "done" in f and 0 <= int(f["done"][0]) <= n
-        check_layout(f)
-    except (RegionsError, KeyError, ValueError, OSError) as e:
+        check(f)
+    except (ValueError, KeyError, OSError) as e:
         log.warning("%s: damaged partial shard (%s); starting it over", tmp, e)
         ok = False
     if not ok:
@@ -182,6 +188,38 @@ def _open_partial(tmp: Path, fingerprint: str, n: int) -> h5py.File | None:
         log.info("%s: partial shard from another configuration or rows; starting it over", tmp)
         return None
     return f
+
+
+def open_shard(out: str | Path, fingerprint: str, n: int, attrs: dict[str, Any],
+               create: Callable[[Path], h5py.File], check: Callable[[h5py.File], Any] = check_layout
+               ) -> tuple[h5py.File, Path]:
+    """The partial file of shard ``out`` (n rows) opened for writing, and its path: the existing one when it
+    belongs to this run (same ``fingerprint``, layout passing ``check``), else a new one from ``create(path)``
+    (an empty file whose chunks are all allocated, so later writes touch raw data only) with ``attrs``, the
+    fingerprint and ``done`` = 0. Write rows in order, call :func:`mark_done` after each batch and
+    :func:`finish_shard` when all n are done."""
+    out = Path(out)
+    tmp = partial_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    f = _open_partial(tmp, fingerprint, n, check)
+    if f is None:
+        f = create(tmp)
+        f.attrs.update({**attrs, "fingerprint": fingerprint})
+        f.create_dataset("done", data=np.zeros(1, np.int64), track_times=False)  # contiguous: raw writes only
+        f.flush()
+    return f, tmp
+
+
+def mark_done(f: h5py.File, done: int) -> None:
+    """Record that the shard's first ``done`` rows are complete, and flush."""
+    f["done"][0] = done
+    f.flush()
+
+
+def finish_shard(tmp: Path, out: str | Path) -> Path:
+    """Rename a complete partial shard to its final name."""
+    os.replace(tmp, out)
+    return Path(out)
 
 
 def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | Path, shard: int,
@@ -206,16 +244,8 @@ def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | 
     model, dmeta = det.load_detector(str(detector_path), detector_cfg, device=str(device))
     meta = RegionsMeta.from_detector(dmeta)
     fp = _fingerprint(meta, detector_cfg, opts, ids)
-    tmp = partial_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    f = _open_partial(tmp, fp, n)
-    if f is None:
-        f = create_regions(tmp, n, opts.max_regions, meta, image_ids=ids, early_alloc=True)
-        f.attrs.update({"row_start": start, "row_stop": stop, "shard": shard, "n_shards": n_shards,
-                        "fingerprint": fp})
-        f.create_dataset("done", data=np.zeros(1, np.int64), track_times=False)  # contiguous: raw writes only
-        f.flush()
+    f, tmp = open_shard(out, fp, n, {"row_start": start, "row_stop": stop, "shard": shard, "n_shards": n_shards},
+                        lambda p: create_regions(p, n, opts.max_regions, meta, image_ids=ids, early_alloc=True))
     done = int(f["done"][0])
     log.info("shard %d/%d: rows %d..%d of %s (%d images, %d already done), device %s, detector %s",
              shard + 1, n_shards, start, stop, images_parquet, n, done, device, meta.detector)
@@ -238,8 +268,7 @@ def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | 
                         raise RuntimeError(f"batch starts at shard row {rows[0]}, expected {done}")
                     write_rows(f, done, padded)
                     done += len(rows)
-                    f["done"][0] = done
-                    f.flush()
+                    mark_done(f, done)
                     if on_batch is not None:
                         on_batch(done)
             secs = time.perf_counter() - t0
@@ -247,8 +276,7 @@ def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | 
                      len(files) / max(secs, 1e-9))
     finally:
         f.close()
-    os.replace(tmp, out)
-    return out
+    return finish_shard(tmp, out)
 
 
 def _np(v: Any) -> Any:
@@ -257,10 +285,25 @@ def _np(v: Any) -> Any:
     return v
 
 
-def gather_shards(shards: list[str | Path], images_parquet: str | Path, out_h5: str | Path,
-                  out_parquet: str | Path, block: int = 64) -> None:
-    """Concatenate complete shard files into ``regions.h5`` (``block`` images at a time) + ``regions.parquet``."""
+@dataclass(frozen=True)
+class ShardLayout:
+    """What :func:`gather_rows` needs to know of a sharded per-image HDF5 artifact (regions.h5, grid.h5)."""
+
+    what: str                                            # the artifact, for messages and the progress bar
+    check: Callable[[h5py.File], tuple[int, Any]]        # file → (rows, signature every shard must share)
+    describe: Callable[[Any], str]                       # a signature in words, for the mismatch message
+    mismatch: str                                        # what differs when signatures differ
+    create: Callable[[Path, np.ndarray, Any], h5py.File]  # (path, image ids, signature) → empty output file
+    datasets: tuple[str, ...]                            # per-image datasets copied (image_id: by create)
+    error: type[Exception] = RegionsError
+
+
+def gather_rows(shards: list[str | Path], images_parquet: str | Path, out_h5: str | Path, layout: ShardLayout,
+                block: int = 64) -> None:
+    """Check complete shard files (same signature, contiguous rows, complete, the image ids of
+    ``images.parquet``) and copy them into ``out_h5`` ``block`` images at a time (written atomically)."""
     ids = pd.read_parquet(images_parquet, columns=["image_id"])["image_id"].to_numpy(np.int64)
+    err = layout.error
     files: list[h5py.File] = []
     try:
         for p in shards:
@@ -269,35 +312,35 @@ def gather_shards(shards: list[str | Path], images_parquet: str | Path, out_h5: 
         files = [files[i] for i in order]
         names = [str(shards[i]) for i in order]
         with reading(", ".join(names), "shard layout"):
-            layouts = [check_layout(f) for f in files]
-        _, r, _, meta = layouts[0]
+            layouts = [layout.check(f) for f in files]
+        sig = layouts[0][1]
         expect = 0
-        for name, f, (n, r_, _, m) in zip(names, files, layouts, strict=True):
-            if m != meta or r_ != r:
-                raise RegionsError(f"{name}: detector, class names or R differ from {names[0]} ({m.detector}/"
-                                   f"{m.weights_sha256[:12]} vs {meta.detector}/{meta.weights_sha256[:12]})")
+        for name, f, (n, s) in zip(names, files, layouts, strict=True):
+            if s != sig:
+                raise err(f"{name}: {layout.mismatch} differ from {names[0]} ({layout.describe(s)} vs "
+                          f"{layout.describe(sig)})")
             row_start, row_stop = int(f.attrs["row_start"]), int(f.attrs["row_stop"])
             if row_start != expect or row_stop - row_start != n:
-                raise RegionsError(f"{name}: covers rows {row_start}..{row_stop}, expected to start at {expect}")
+                raise err(f"{name}: covers rows {row_start}..{row_stop}, expected to start at {expect}")
             with reading(name, "done, image_id"):
                 done = int(f["done"][0]) if "done" in f else -1
                 shard_ids = f["image_id"][:]
             if done != n:
-                raise RegionsError(f"{name}: incomplete shard ({done} of {n} rows)")
+                raise err(f"{name}: incomplete shard ({done} of {n} rows)")
             if not np.array_equal(shard_ids, ids[row_start:row_stop]):
-                raise RegionsError(f"{name}: image ids differ from {images_parquet} rows {row_start}..{row_stop} "
-                                   f"(images.parquet changed since extraction?)")
+                raise err(f"{name}: image ids differ from {images_parquet} rows {row_start}..{row_stop} "
+                          f"(images.parquet changed since extraction?)")
             expect = row_stop
         if expect != len(ids):
-            raise RegionsError(f"shards cover {expect} rows, {images_parquet} has {len(ids)}")
+            raise err(f"shards cover {expect} rows, {images_parquet} has {len(ids)}")
         with atomic_path(out_h5) as tmp:
-            g = create_regions(tmp, len(ids), r, meta, image_ids=ids)
+            g = layout.create(tmp, ids, sig)
             try:
-                bar = progress(total=len(ids), desc="gather regions", unit="img", iterable=None)
+                bar = progress(total=len(ids), desc=f"gather {layout.what}", unit="img", iterable=None)
                 for name_f, f in zip(names, files, strict=True):
                     base = int(f.attrs["row_start"])
                     for a, b in iter_blocks(f["features"].shape[0], block):
-                        for name in PER_IMAGE:
+                        for name in layout.datasets:
                             with reading(name_f, f"dataset '{name}' rows {a}..{b}"):
                                 chunk = f[name][a:b]
                             g[name][base + a:base + b] = chunk
@@ -308,5 +351,22 @@ def gather_shards(shards: list[str | Path], images_parquet: str | Path, out_h5: 
     finally:
         for f in files:
             f.close()
+
+
+def _regions_signature(f: h5py.File) -> tuple[int, tuple[int, RegionsMeta]]:
+    n, r, _, meta = check_layout(f)
+    return n, (r, meta)
+
+
+REGIONS_LAYOUT = ShardLayout(
+    what="regions", check=_regions_signature, mismatch="detector, class names or R",
+    describe=lambda s: f"{s[1].detector}/{s[1].weights_sha256[:12]}, R={s[0]}",
+    create=lambda path, ids, s: create_regions(path, len(ids), s[0], s[1], image_ids=ids), datasets=PER_IMAGE)
+
+
+def gather_shards(shards: list[str | Path], images_parquet: str | Path, out_h5: str | Path,
+                  out_parquet: str | Path, block: int = 64) -> None:
+    """Concatenate complete shard files into ``regions.h5`` (``block`` images at a time) + ``regions.parquet``."""
+    gather_rows(shards, images_parquet, out_h5, REGIONS_LAYOUT, block)
     rows = write_regions_parquet(out_h5, out_parquet, block=max(block, 256))
-    log.info("gathered %d shards: %d images, %d regions → %s, %s", len(shards), len(ids), rows, out_h5, out_parquet)
+    log.info("gathered %d shards: %d regions → %s, %s", len(shards), rows, out_h5, out_parquet)

@@ -31,13 +31,17 @@ For a pair (image i, caption with words t¹..t^L, 300-d embeddings):
 - **Score** (eq. 19): ``MS = Y + λ·Y'``. Ablations: ``branches: w2r`` (BSSAN_w2r, score Y), ``o2w``
   (BSSAN_o2w, score Y'), ``delta: 0`` (BSSAN_no_reg).
 
-Deviations from the paper (its inputs are not ours):
+Visual inputs (§IV-B) and the deviations from the paper:
 
-- The paper's W2R attends over a 14×14 VGG-19 conv5_4 grid (196 × 512) and its O2W over 10 Faster
-  R-CNN proposals (fc7, 4096-d). Here **both branches use our 36 bottom-up regions** (``regions.h5``,
-  2048-d): W2R all valid regions, O2W the top ``num_objects`` (P, default 10) regions by
-  ``object_conf``. Region features are l2-normalised first (``normalize_regions``; raw bottom-up
-  features have large norms that saturate the tanh attention).
+- **W2R** (``w2r_input``): ``grid`` (default, as published) attends over the 14×14 VGG-19 conv5_4 grid,
+  196 cells × 512 (``images["grid"]`` from ``grid.h5``, :mod:`itmatch.features.grid`); ``regions`` over all
+  valid bottom-up regions of ``regions.h5`` instead (the shapes demo: no ImageNet weights offline).
+- **O2W**: the paper's top 10 Faster R-CNN proposals with 4096-d fc7 features of a detector fine-tuned on
+  PASCAL VOC 2007 + 2012; we have no such model and use our bottom-up-attention (BUTD, Visual Genome)
+  regions: the top ``num_objects`` (P, default 10) of the 36 valid regions by ``object_conf`` (regions.h5:
+  each region's highest object-class probability, background excluded), 2048-d pooled features.
+- W2R cells and O2W regions are l2-normalised first (``normalize_regions``; raw bottom-up features have
+  large norms that saturate the tanh attention, and so do unnormalised conv5_4 activations).
 - Word embeddings (shared by the two branches) start from GloVe when ``glove`` names a GloVe text file
   (``word v1 … v300`` a line, §IV-B; vocabulary words it lacks keep the random init, the count is logged),
   and from the random init otherwise (logged). Captions are truncated to 30 words (§IV-B) by the data
@@ -62,12 +66,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from itmatch.config import schema_defaults
 from itmatch.models.base import Batch, MatchingModel, chunked_pair_scores
 from itmatch.models.encoders import length_mask, masked_softmax
 from itmatch.text.vocab import Vocab
 from itmatch.utils.logs import log
 
 BRANCHES = ("both", "w2r", "o2w")
+W2R_INPUTS = ("grid", "regions")
 
 
 class MLPScore(nn.Module):
@@ -165,17 +171,25 @@ class BSSAN(MatchingModel):
                  num_objects: int = 10, lam: float = 0.6, delta: float = 0.01, margin: float = 1.0,
                  branches: str = "both", batch_norm: bool = True, normalize_regions: bool = True,
                  uniform_negative_attention: bool = True, reg_embedding: bool = False, pair_chunk: int = 256,
-                 glove: str | None = None):
+                 glove: str | None = None, w2r_input: str = "grid", grid_dim: int | None = None):
+        """``feature_dim``: the region features' D (O2W, and W2R with ``w2r_input: regions``); ``grid_dim``:
+        the grid cells' C (512), needed for W2R with ``w2r_input: grid``."""
         super().__init__()
         self.glove = glove
         if branches not in BRANCHES:
             raise ValueError(f"models.bssan.branches must be one of {BRANCHES}, got {branches!r}")
+        if w2r_input not in W2R_INPUTS:
+            raise ValueError(f"models.bssan.w2r_input must be one of {W2R_INPUTS}, got {w2r_input!r}")
         if num_objects < 1 or pair_chunk < 1:
             raise ValueError(f"models.bssan.num_objects and pair_chunk must be >= 1, got {num_objects}, {pair_chunk}")
         if not o2w_mlp:
             raise ValueError("models.bssan.o2w_mlp needs at least one hidden layer")
         self.use_w2r = branches in ("both", "w2r")
         self.use_o2w = branches in ("both", "o2w")
+        self.w2r_input = w2r_input
+        if self.use_w2r and w2r_input == "grid" and not grid_dim:
+            raise ValueError("models.bssan.w2r_input is 'grid' but no grid_dim was given (grid.h5's feature "
+                             "dimension, 512 for VGG-19 conv5_4)")
         self.num_objects = num_objects
         self.lam, self.delta, self.margin = lam, delta, margin
         self.normalize_regions = normalize_regions
@@ -183,16 +197,19 @@ class BSSAN(MatchingModel):
         self.reg_embedding = reg_embedding
         self.pair_chunk = pair_chunk
         self.feature_dim = feature_dim
+        self.w2r_dim = int(grid_dim) if w2r_input == "grid" and grid_dim else feature_dim   # M of W2R
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         E, M = word_dim, feature_dim
         if self.use_w2r:
+            M = self.w2r_dim
             self.w2r_W = nn.Parameter(torch.empty(E, M))                  # eq. 2
             nn.init.xavier_uniform_(self.w2r_W)
             self.w2r_b = nn.Parameter(torch.zeros(()))
             self.w2r_lstm = nn.LSTM(M + E, w2r_hidden, batch_first=True)   # eq. 5, input c^k = [u^k; t^k]
             self.w2r_mlp = MLPScore(w2r_hidden, w2r_mlp, batch_norm)
         if self.use_o2w:
+            M = feature_dim
             self.o2w_lstm = nn.LSTM(E, o2w_hidden, batch_first=True, bidirectional=True)
             self.o2w_hidden = o2w_hidden
             self.o2w_W = nn.Parameter(torch.empty(M, o2w_hidden))         # eq. 10
@@ -201,12 +218,23 @@ class BSSAN(MatchingModel):
             self.o2w_mlp = MLPScore(M + o2w_hidden, o2w_mlp, batch_norm)   # eq. 13, input c_j = [o_j; u_j]
 
     @classmethod
+    def inputs(cls, cfg: dict[str, Any]) -> frozenset[str]:
+        """``grid`` (grid.h5) when W2R is on and attends over the grid, else nothing beyond regions.h5."""
+        c = {**schema_defaults("models.bssan"), **cfg}
+        return frozenset({"grid"}) if c["w2r_input"] == "grid" and c["branches"] in ("both", "w2r") else frozenset()
+
+    @classmethod
     def from_config(cls, cfg: dict[str, Any], data_info: dict[str, Any]) -> BSSAN:
         keys = ("word_dim", "w2r_hidden", "w2r_mlp", "o2w_hidden", "o2w_mlp", "num_objects", "lam", "delta",
                 "margin", "branches", "batch_norm", "normalize_regions", "uniform_negative_attention",
-                "reg_embedding", "pair_chunk", "glove")
+                "reg_embedding", "pair_chunk", "glove", "w2r_input")
+        grid_dim = None
+        if "grid" in cls.inputs(cfg):
+            if "grid_dim" not in data_info:
+                raise KeyError("BSSAN with models.bssan.w2r_input: grid needs data_info['grid_dim'] (grid.h5)")
+            grid_dim = int(data_info["grid_dim"])
         return cls(vocab_size=int(data_info["vocab_size"]), feature_dim=int(data_info["feature_dim"]),
-                   **{k: cfg[k] for k in keys if k in cfg})
+                   grid_dim=grid_dim, **{k: cfg[k] for k in keys if k in cfg})
 
     def prepare_training(self, corpus: Any) -> None:
         """Word vectors from GloVe (``glove``: a path) or the random init (``glove`` unset), logged."""
@@ -219,25 +247,44 @@ class BSSAN(MatchingModel):
                  len(words), self.glove)
 
     # ---- encoders: everything that depends on one modality only ----
-    def encode_images(self, images: Batch) -> dict[str, torch.Tensor]:
-        R = images["features"]                                              # [I, n, M]
+    def _regions(self, images: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bottom-up regions [I, n, D] (l2-normalised with ``normalize_regions``, padding zero) and their mask."""
+        R = images["features"]                                              # [I, n, D]
         if self.normalize_regions:
             R = F.normalize(R, dim=-1)
         mask = length_mask(images["num_regions"], R.shape[1])               # [I, n]
-        R = R * mask.unsqueeze(-1).to(R.dtype)
-        out = {"R": R, "mask": mask}
+        return R * mask.unsqueeze(-1).to(R.dtype), mask
+
+    def _grid(self, images: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv5_4 grid [I, G, C] (l2-normalised with ``normalize_regions``) and its mask (every cell valid)."""
+        if "grid" not in images:
+            raise KeyError("BSSAN with models.bssan.w2r_input: grid needs images['grid'] (grid.h5)")
+        V = images["grid"].float()                                          # [I, 196, 512]
+        if self.normalize_regions:
+            V = F.normalize(V, dim=-1)
+        return V, torch.ones(V.shape[:2], dtype=torch.bool, device=V.device)
+
+    def select_objects(self, R: torch.Tensor, mask: torch.Tensor, conf: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """O2W's objects: the top ``num_objects`` valid regions by detection confidence (``object_conf``), in
+        descending order: R [I, n, D], mask [I, n], conf [I, n] → (O [I, P, D], valid [I, P])."""
+        P = min(self.num_objects, R.shape[1])
+        top = conf.float().masked_fill(~mask, float("-inf")).topk(P, dim=1).indices   # [I, P]
+        return R.gather(1, top.unsqueeze(-1).expand(-1, -1, R.shape[2])), mask.gather(1, top)
+
+    def encode_images(self, images: Batch) -> dict[str, torch.Tensor]:
+        R, mask = self._regions(images)
+        V, vmask = self._grid(images) if self.use_w2r and self.w2r_input == "grid" else (R, mask)
+        out = {"R": V, "mask": vmask}                                       # W2R's regions (grid cells or regions)
         if self.use_w2r:
-            out["RW"] = R @ self.w2r_W.t()                                  # [I, n, E]: W r_j
+            out["RW"] = V @ self.w2r_W.t()                                  # [I, n, E]: W r_j
         if self.use_o2w:                                                    # top-P regions by object_conf
             if "object_conf" not in images:
                 raise KeyError("BSSAN needs images['object_conf'] to pick its O2W objects (regions.h5 object_conf)")
-            P = min(self.num_objects, R.shape[1])
-            conf = images["object_conf"].float().masked_fill(~mask, float("-inf"))
-            top = conf.topk(P, dim=1).indices                               # [I, P]
-            O = R.gather(1, top.unsqueeze(-1).expand(-1, -1, R.shape[2]))  # [I, P, M]
+            O, omask = self.select_objects(R, mask, images["object_conf"])  # [I, P, D], [I, P]
             first = self.o2w_mlp.net[0]                                     # MLP layer 1 on [o; u], o part
             out["O"] = O
-            out["omask"] = mask.gather(1, top)                              # [I, P]
+            out["omask"] = omask
             out["OW"] = O @ self.o2w_W                                      # [I, P, B]: oᵀ W'
             out["O1"] = O @ first.weight[:, : self.feature_dim].t() + first.bias   # [I, P, h1]
         return out
@@ -263,13 +310,13 @@ class BSSAN(MatchingModel):
     def _with_region_proj(self, img: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.use_w2r or "RP" in img:
             return img
-        return {**img, "RP": img["R"] @ self.w2r_lstm.weight_ih_l0[:, : self.feature_dim].t()}   # [I, n, 4H]
+        return {**img, "RP": img["R"] @ self.w2r_lstm.weight_ih_l0[:, : self.w2r_dim].t()}   # [I, n, 4H]
 
     def _with_word_proj(self, cap: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.use_w2r or "TP" in cap:
             return cap
         lstm = self.w2r_lstm
-        tp = cap["T"] @ lstm.weight_ih_l0[:, self.feature_dim:].t() + lstm.bias_ih_l0 + lstm.bias_hh_l0
+        tp = cap["T"] @ lstm.weight_ih_l0[:, self.w2r_dim:].t() + lstm.bias_ih_l0 + lstm.bias_hh_l0
         return {**cap, "TP": tp}                                            # [C, L, 4H]
 
     # ---- the two branches on groups of pairs: image g with captions cidx[g, k] (cidx None: with every caption) ----

@@ -17,6 +17,8 @@ def _model_inputs(wc):
         inp["tags"] = f"results/features/{d}/tags.h5"
     if "bert" in req:
         inp["bert"] = f"results/text/{d}/bert.h5"
+    if "grid" in req:
+        inp["grid"] = f"results/features/{d}/grid.h5"
     if "trees" in req:
         inp["trees"] = f"results/text/{d}/trees.parquet"
         inp["tree_vocab"] = f"results/text/{d}/tree_vocab.json"
