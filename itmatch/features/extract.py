@@ -7,7 +7,8 @@ batch into the shard's HDF5 file, then records the rows done (dataset ``done``) 
 of the shard file is allocated when it is created, so later writes change raw data only, never HDF5
 metadata: a kill at any point leaves a readable file whose rows before ``done`` are complete.
 The file lives under ``.<name>.partial.h5`` until complete, then is renamed; a re-run after a kill
-reopens it and continues at ``done``. Batches always start at multiples of the batch size from the
+reopens it and continues at ``done`` (:class:`itmatch.utils.resume.H5Partial`: a partial shard of other
+settings or rows, or a damaged one, is started over). Batches always start at multiples of the batch size from the
 shard start, so an interrupted-and-resumed shard holds exactly what an uninterrupted one holds.
 
 :func:`gather_shards` checks the shards (same detector, contiguous rows, same image ids as
@@ -17,9 +18,6 @@ writes ``regions.parquet`` from it, also streaming.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -50,6 +48,7 @@ from itmatch.utils import device as utils_device
 from itmatch.utils.h5 import open_h5, reading
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
+from itmatch.utils.resume import H5Partial, fingerprint
 
 
 @dataclass
@@ -154,34 +153,15 @@ def partial_path(out: str | Path) -> Path:
 def _fingerprint(meta: RegionsMeta, detector_cfg: dict[str, Any], opts: ExtractOptions,
                  image_ids: np.ndarray) -> str:
     """What a partial shard must match to be resumed: weights, detector settings, R, batch size, rows."""
-    h = hashlib.sha256()
     relevant = {k: detector_cfg.get(k) for k in ("input", "inference", "architecture", "published", "vocab")}
-    h.update(json.dumps([asdict(meta), relevant, opts.max_regions, opts.batch_size],
-                        sort_keys=True, default=str).encode())
-    h.update(np.ascontiguousarray(image_ids, dtype=np.int64).tobytes())
-    return h.hexdigest()
+    return fingerprint([asdict(meta), relevant, opts.max_regions, opts.batch_size],
+                       np.ascontiguousarray(image_ids, dtype=np.int64).tobytes(), length=64)
 
 
-def _open_partial(tmp: Path, fingerprint: str, n: int) -> h5py.File | None:
-    """Reopen a partial shard for appending if it belongs to this run, else None (it is then rewritten)."""
-    if not tmp.exists():
-        return None
-    try:
-        f = h5py.File(tmp, "r+")
-    except OSError as e:
-        log.warning("%s: unreadable partial shard (%s); starting it over", tmp, e)
-        return None
-    try:
-        ok = f.attrs.get("fingerprint") == fingerprint and "done" in f and 0 <= int(f["done"][0]) <= n
-        check_layout(f)
-    except (RegionsError, KeyError, ValueError, OSError) as e:
-        log.warning("%s: damaged partial shard (%s); starting it over", tmp, e)
-        ok = False
-    if not ok:
-        f.close()
-        log.info("%s: partial shard from another configuration or rows; starting it over", tmp)
-        return None
-    return f
+def _shard_consistent(f: h5py.File, n: int) -> bool:
+    """A partial shard's own test: the contract layout (raises RegionsError) and a row count within 0..n."""
+    check_layout(f)
+    return "done" in f and 0 <= int(f["done"][0]) <= n
 
 
 def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | Path, shard: int,
@@ -206,12 +186,12 @@ def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | 
     model, dmeta = det.load_detector(str(detector_path), detector_cfg, device=str(device))
     meta = RegionsMeta.from_detector(dmeta)
     fp = _fingerprint(meta, detector_cfg, opts, ids)
-    tmp = partial_path(out)
+    partial = H5Partial(partial_path(out), fp, "partial shard")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    f = _open_partial(tmp, fp, n)
+    f = partial.open(lambda g: _shard_consistent(g, n))
     if f is None:
-        f = create_regions(tmp, n, opts.max_regions, meta, image_ids=ids, early_alloc=True)
+        f = create_regions(partial.path, n, opts.max_regions, meta, image_ids=ids, early_alloc=True)
         f.attrs.update({"row_start": start, "row_stop": stop, "shard": shard, "n_shards": n_shards,
                         "fingerprint": fp})
         f.create_dataset("done", data=np.zeros(1, np.int64), track_times=False)  # contiguous: raw writes only
@@ -247,8 +227,7 @@ def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | 
                      len(files) / max(secs, 1e-9))
     finally:
         f.close()
-    os.replace(tmp, out)
-    return out
+    return partial.finish(out)
 
 
 def _np(v: Any) -> Any:

@@ -12,11 +12,9 @@ so that the arg-max attribute is the first listed one (the colour).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from itmatch.features.detector.rpn import rpn_loss
 from itmatch.utils.device import resolve_device
 from itmatch.utils.io import write_json
 from itmatch.utils.logs import log, progress
-from itmatch.utils.tensors import save_tensors
+from itmatch.utils.resume import TensorState, fingerprint
 
 
 @dataclass
@@ -173,9 +171,10 @@ def training_step(model: BottomUpDetector, batch: torch.Tensor, hw: list[tuple[i
 
 
 def _fingerprint(cfg: dict, n_train: int) -> str:
-    blob = json.dumps({"arch": cfg["architecture"], "training": cfg["training"], "input": cfg["input"],
-                       "n": n_train}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """What a saved training state must match to be resumed: architecture, training and input settings, and
+    the number of training images."""
+    return fingerprint({"arch": cfg["architecture"], "training": cfg["training"], "input": cfg["input"],
+                        "n": n_train})
 
 
 def _lr_at(it: int, total: int, base: float, warmup: int) -> float:
@@ -218,25 +217,18 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
     bs = tcfg["batch_size"]
     steps = math.ceil(len(train.images) / bs)
     total = steps * tcfg["epochs"]
-    state_path = Path(model_out).with_name("train_state.pt")
-    fp = _fingerprint(cfg, len(train.images))
+    state = TensorState(Path(model_out).with_name("train_state.pt"), _fingerprint(cfg, len(train.images)),
+                        "detector training")
     start_epoch, history, train_seconds, train_cpu = 0, [], 0.0, 0.0
-    if state_path.exists():
-        try:  # tensors and plain values only: a state file cannot run code
-            st = torch.load(state_path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            log.info("detector: ignoring unreadable %s (%s); starting afresh", state_path, str(e).splitlines()[0])
-            st = {}
-        if st.get("fingerprint") == fp:
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            start_epoch, history, train_seconds = st["epoch"], st["history"], st.get("seconds", 0.0)
-            train_cpu = st.get("cpu_seconds", 0.0)
-            torch.set_rng_state(st["torch_rng"])
-            random.setstate(st["py_rng"])
-            log.info("detector: resuming after epoch %d from %s", start_epoch, state_path)
-        else:
-            log.info("detector: %s belongs to another configuration; starting afresh", state_path)
+    st = state.load()
+    if st is not None:
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        start_epoch, history, train_seconds = st["epoch"], st["history"], st["seconds"]
+        train_cpu = st["cpu_seconds"]
+        torch.set_rng_state(st["torch_rng"])
+        random.setstate(st["py_rng"])
+        log.info("detector: resuming after epoch %d from %s", start_epoch, state.path)
     for epoch in range(start_epoch, tcfg["epochs"]):
         te, ce = time.time(), time.process_time()
         model.train()
@@ -281,11 +273,9 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
         log.info("detector epoch %d/%d: loss %.4f (%s) in %.0fs wall, %.0fs CPU", epoch + 1, tcfg["epochs"],
                  mean["total"], ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "total"),
                  time.time() - te, time.process_time() - ce)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors(state_path, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
-                                  "optimizer": opt.state_dict(), "history": history, "seconds": train_seconds,
-                                  "cpu_seconds": train_cpu,
-                                  "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()})
+        state.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "history": history, "seconds": train_seconds, "cpu_seconds": train_cpu,
+                    "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()})
     metrics = evaluate(model, cfg, val, tcfg.get("eval_score_thresh", 0.05))
     metrics.update({"train_images": len(train.images), "epochs": tcfg["epochs"], "history": history,
                     "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(train_cpu, 1),
@@ -300,8 +290,7 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
     save_own(model_out, model, cfg["input"], train.categories, train.attributes,
              {"metrics": {k: float(metrics[k]) for k in ("object_map", "attribute_map")}})
     write_json(metrics_out, {"dataset_split": "val", **metrics})
-    if state_path.exists():
-        os.remove(state_path)
+    state.discard()
     return metrics
 
 
