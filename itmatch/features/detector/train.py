@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from itmatch.config import schema_defaults
 from itmatch.features.detector.boxes import box_iou, encode_boxes
 from itmatch.features.detector.checkpoint import save_own
 from itmatch.features.detector.evaluate import evaluate_detector, tag_accuracy
@@ -193,16 +194,16 @@ def _gt_tensors(g: dict, flip_w: int | None, scale: float) -> dict:
 def train_detector(json_path: str, image_dir: str, images_parquet: str, model_out: str, metrics_out: str,
                    cfg: dict, threads: int = 2) -> dict:
     """Train, evaluate on val, write ``model_out`` and ``metrics_out``; resumes from ``train_state.pt``."""
-    tcfg = cfg["training"]
+    tcfg = {**schema_defaults("detector.training"), **cfg["training"]}  # the schema: the one home of defaults
     # The demo model is small: per-op overhead dominates, and on a shared CPU OpenMP threads spin-wait for
     # each other (measured: 1 thread 0.23 s CPU per batch of 16, 2 threads 3.4 s), hence torch_threads: 1.
-    threads = min(max(1, threads), tcfg.get("torch_threads", 1))
+    threads = min(max(1, threads), tcfg["torch_threads"])
     torch.set_num_threads(threads)
     t0, c0 = time.time(), time.process_time()
-    seed = tcfg.get("seed", 0)
+    seed = tcfg["seed"]
     torch.manual_seed(seed)
     random.seed(seed)
-    max_images = tcfg.get("max_images")
+    max_images = tcfg["max_images"]
     train = load_box_data(json_path, image_dir, images_parquet, "train", max_images)
     val = load_box_data(json_path, image_dir, images_parquet, "val", max_images)
     if not train.images:
@@ -211,7 +212,7 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
              len(train.images), len(val.images), len(train.categories), len(train.attributes), time.time() - t0)
     arch = {**cfg["architecture"], "num_object_classes": len(train.categories) + 1,
             "num_attribute_classes": len(train.attributes) + 1}
-    device = resolve_device(str(tcfg.get("device", "auto")), "detector.training.device")
+    device = resolve_device(str(tcfg["device"]), "detector.training.device")
     model = build_model(arch).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     bs = tcfg["batch_size"]
@@ -243,7 +244,7 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
             ims, gts = [], []
             for i in idx:
                 x, scale = preprocess(train.images[i], cfg)
-                flip = tcfg.get("hflip", True) and random.random() < 0.5
+                flip = tcfg["hflip"] and random.random() < 0.5
                 if flip:
                     x = x.flip(2)
                 ims.append(x)
@@ -276,7 +277,7 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
         state.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "history": history, "seconds": train_seconds, "cpu_seconds": train_cpu,
                     "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()})
-    metrics = evaluate(model, cfg, val, tcfg.get("eval_score_thresh", 0.05))
+    metrics = evaluate(model, cfg, val, tcfg["eval_score_thresh"])
     metrics.update({"train_images": len(train.images), "epochs": tcfg["epochs"], "history": history,
                     "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(train_cpu, 1),
                     "threads": threads, "total_seconds": round(time.time() - t0, 1),
@@ -294,9 +295,10 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
     return metrics
 
 
-def evaluate(model: BottomUpDetector, cfg: dict, data: BoxData, score_thresh: float = 0.05) -> dict:
-    """Object / attribute mAP@0.5 and region-tag accuracy of ``model`` on ``data``."""
-    load, n = batch_loader(data, cfg, cfg["inference"].get("batch_size", 16))
+def evaluate(model: BottomUpDetector, cfg: dict, data: BoxData, score_thresh: float) -> dict:
+    """Object / attribute mAP@0.5 and region-tag accuracy of ``model`` on ``data`` (detections above
+    ``score_thresh``: ``detector.training.eval_score_thresh``)."""
+    load, n = batch_loader(data, cfg, cfg["inference"]["batch_size"])
     metrics = evaluate_detector(model, cfg, load, n, data.gts, len(data.categories), len(data.attributes),
                                 score_thresh)
     metrics["tags"] = tag_accuracy(model, cfg, load, n, data.gts)
