@@ -43,19 +43,51 @@ def _key(path) -> str:
 
 
 def schema_defaults(section: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The defaults the schema gives the keys of the config section ``section`` (e.g. ``training``, or a dotted
-    path such as ``models.bssan``), without its per-dataset / per-model override maps: what a library caller
-    gets for the keys it leaves out."""
-    schema = schema or load_schema()
-    node: dict[str, Any] = schema
-    for part in section.split("."):
-        node = _ref(node["properties"][part], schema)
-    props = node.get("properties", {})
+    """The defaults the schema gives the keys of the config section ``section``, without its per-dataset /
+    per-model override maps (``datasets`` / ``models`` objects): what a library caller gets for the keys it
+    leaves out.
+
+    ``section`` is a dotted path of keys (``training``, ``detector.training``, ``models.glfn``), or
+    ``$defs.<name>`` for a shared definition (``$defs.download``)."""
+    if schema is None:
+        return copy.deepcopy(_cached_defaults(section))
+    parts = section.split(".")
+    node = schema["$defs"][parts[1]] if parts[0] == "$defs" else schema
+    for part in parts[2:] if parts[0] == "$defs" else parts:
+        props = _properties(node, schema)
+        if part not in props:
+            raise KeyError(f"schema_defaults({section!r}): the schema has no key {part!r} there")
+        node = {"allOf": props[part]}
     out = {}
-    for key, sub in props.items():
-        sub = _ref(sub, schema)
-        if "default" in sub and key not in ("datasets", "models"):
-            out[key] = copy.deepcopy(sub["default"])
+    for key, subs in _properties(node, schema).items():
+        defaults = [p["default"] for sub in subs for p in _parts(sub, schema) if "default" in p]
+        if defaults and not (key in ("datasets", "models") and isinstance(defaults[0], dict)):
+            out[key] = copy.deepcopy(defaults[0])
+    return out
+
+
+@functools.cache
+def _cached_defaults(section: str) -> dict[str, Any]:
+    return schema_defaults(section, load_schema())
+
+
+def _parts(schema: dict[str, Any], root: dict[str, Any]) -> list[dict[str, Any]]:
+    """``schema`` and, recursively, what its local ``$ref`` and its ``allOf`` parts point to."""
+    parts = [schema]
+    if str(schema.get("$ref", "")).startswith("#/"):
+        parts += _parts(_ref(schema, root), root)
+    for part in schema.get("allOf", []):
+        parts += _parts(part, root)
+    return parts
+
+
+def _properties(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every key a schema declares (itself, its ``$ref`` and ``allOf`` parts) → the subschemas given for it, the
+    schema's own first (a key's type may come from a shared definition, its default from the section using it)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for part in _parts(schema, root):
+        for key, sub in part.get("properties", {}).items():
+            out.setdefault(key, []).append(sub)
     return out
 
 
@@ -72,11 +104,7 @@ def _ref(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
 
 def _allowed_keys(schema: dict[str, Any], root: dict[str, Any]) -> set[str]:
     """Property names a schema (with its ``$ref`` and ``allOf`` parts) declares."""
-    schema = {**_ref(schema, root), **{k: v for k, v in schema.items() if k != "$ref"}}
-    keys = set(schema.get("properties", {}))
-    for part in schema.get("allOf", []):
-        keys |= _allowed_keys(part, root)
-    return keys
+    return set(_properties(schema, root))
 
 
 def _describe(error: jsonschema.ValidationError, root: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from itmatch.config import schema_defaults
 from itmatch.utils.h5 import open_h5, reading
 
 Batch = dict[str, torch.Tensor]
@@ -115,11 +116,11 @@ class TextOptions:
     @classmethod
     def from_config(cls, model_cfg: dict[str, Any]) -> TextOptions:
         """From a model's resolved settings; without a ``tokens`` block, captions are used as stored."""
-        t = model_cfg.get("tokens") or {}
-        max_words = t.get("max_words")
+        t = {**schema_defaults("$defs.tokens"), **(model_cfg.get("tokens") or {})}
+        max_words = t["max_words"]
         if max_words is not None and int(max_words) < 1:
             raise ValueError(f"models.<model>.tokens.max_words must be >= 1 or null, got {max_words!r}")
-        return cls(bool(t.get("start_end", False)), None if max_words is None else int(max_words))
+        return cls(bool(t["start_end"]), None if max_words is None else int(max_words))
 
 
 START_ID, END_ID = 1, 2   # vocab.json specials (itmatch.text.vocab.SPECIALS)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from itmatch.config import schema_defaults
 from itmatch.data.archives import ArchiveError, archive_kind, extract, extract_member
 from itmatch.data.download import (
     DownloadError,
@@ -145,7 +146,8 @@ def acquire(dataset: str, download: dict[str, Any], json_out: str | Path, images
     json_out, images_out, marker = Path(json_out), Path(images_out), Path(marker)
     t0 = time.time()
     key = f"datasets.{dataset}.download"
-    cache = Path(download.get("cache", "resources/downloads"))
+    download = {**schema_defaults("$defs.download"), **download}  # the schema: the one home of the defaults
+    cache = Path(download["cache"])
     # digests of everything downloaded, recorded the first time (resources/downloads.lock.json by default)
     policy = RetryPolicy.from_config(download, lock=cache.with_name(cache.name + ".lock.json"))
     try:
@@ -153,9 +155,9 @@ def acquire(dataset: str, download: dict[str, Any], json_out: str | Path, images
         rec_images = acquire_images(download["images"], images_out, cache, policy, f"{key}.images")
     except (DownloadError, ArchiveError) as e:
         raise AcquireError(f"{dataset}: {e}") from e
-    bad = check_images(json_out, images_out, report, download.get("verify_images", "decode"), on_bad_image,
+    bad = check_images(json_out, images_out, report, download["verify_images"], on_bad_image,
                        processes)
-    if not download.get("keep_archives", True):
+    if not download["keep_archives"]:
         for rec in (rec_json, *rec_images):
             if rec["downloaded"]:
                 p = Path(rec["path"])
@@ -165,7 +167,7 @@ def acquire(dataset: str, download: dict[str, Any], json_out: str | Path, images
     info = {"dataset": dataset, "json": str(json_out), "images": str(images_out), "json_source": rec_json,
             "image_sources": rec_images, "images_in_json": rec_json["images_in_json"], "bad_images": len(bad),
             "bad_images_report": str(report), "on_bad_image": on_bad_image,
-            "verify_images": download.get("verify_images", "decode"), "seconds": round(time.time() - t0, 1)}
+            "verify_images": download["verify_images"], "seconds": round(time.time() - t0, 1)}
     write_json(marker, info)
     log.info("%s: acquired in %.0f s (%d images in the JSON, %d bad)", dataset, info["seconds"],
              info["images_in_json"], len(bad))

@@ -48,11 +48,13 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from itmatch.config import schema_defaults
 from itmatch.utils.logs import log
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 10
-DEFAULT_MAX_UNKNOWN_SIZE = 32 * 1024 ** 3  # bytes; the schema default of download.max_unknown_size
+_DEFAULTS = schema_defaults("$defs.download")  # the schema: the one home of the defaults
+DEFAULT_MAX_UNKNOWN_SIZE: int = _DEFAULTS["max_unknown_size"]  # bytes (32 GiB)
 # a dropped / stalled connection, seen by requests (connecting) or urllib3 (streaming) or the socket
 _STREAM_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                   urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
@@ -72,10 +74,10 @@ class RetryPolicy:
     before retry k+1; ``max_unknown_size``: byte limit of a file without configured size; ``lock``: the
     digest lock file (None: no digests recorded)."""
 
-    retries: int = 8  # consecutive failed attempts without progress before giving up
-    backoff: float = 2.0  # seconds before the first retry
-    backoff_max: float = 120.0
-    timeout: float = 60.0  # seconds to connect and between two received chunks
+    retries: int = _DEFAULTS["retries"]  # consecutive failed attempts without progress before giving up
+    backoff: float = _DEFAULTS["backoff"]  # seconds before the first retry
+    backoff_max: float = _DEFAULTS["backoff_max"]
+    timeout: float = _DEFAULTS["timeout"]  # seconds to connect and between two received chunks
     max_unknown_size: int = DEFAULT_MAX_UNKNOWN_SIZE
     lock: Path | None = None
 

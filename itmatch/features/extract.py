@@ -7,7 +7,8 @@ batch into the shard's HDF5 file, then records the rows done (dataset ``done``) 
 of the shard file is allocated when it is created, so later writes change raw data only, never HDF5
 metadata: a kill at any point leaves a readable file whose rows before ``done`` are complete.
 The file lives under ``.<name>.partial.h5`` until complete, then is renamed; a re-run after a kill
-reopens it and continues at ``done``. Batches always start at multiples of the batch size from the
+reopens it and continues at ``done`` (:class:`itmatch.utils.resume.H5Partial`: a partial shard of other
+settings or rows, or a damaged one, is started over). Batches always start at multiples of the batch size from the
 shard start, so an interrupted-and-resumed shard holds exactly what an uninterrupted one holds.
 
 :func:`gather_shards` checks the shards (same detector, contiguous rows, same image ids as
@@ -21,9 +22,6 @@ shard file, :func:`gather_rows` with a :class:`ShardLayout` for the gather.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -54,6 +52,7 @@ from itmatch.utils import device as utils_device
 from itmatch.utils.h5 import open_h5, reading
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
+from itmatch.utils.resume import KEY_ATTR, H5Partial, fingerprint
 
 
 @dataclass
@@ -158,36 +157,15 @@ def partial_path(out: str | Path) -> Path:
 def _fingerprint(meta: RegionsMeta, detector_cfg: dict[str, Any], opts: ExtractOptions,
                  image_ids: np.ndarray) -> str:
     """What a partial shard must match to be resumed: weights, detector settings, R, batch size, rows."""
-    h = hashlib.sha256()
     relevant = {k: detector_cfg.get(k) for k in ("input", "inference", "architecture", "published", "vocab")}
-    h.update(json.dumps([asdict(meta), relevant, opts.max_regions, opts.batch_size],
-                        sort_keys=True, default=str).encode())
-    h.update(np.ascontiguousarray(image_ids, dtype=np.int64).tobytes())
-    return h.hexdigest()
+    return fingerprint([asdict(meta), relevant, opts.max_regions, opts.batch_size],
+                       np.ascontiguousarray(image_ids, dtype=np.int64).tobytes(), length=64)
 
 
-def _open_partial(tmp: Path, fingerprint: str, n: int, check: Callable[[h5py.File], Any] = check_layout
-                  ) -> h5py.File | None:
-    """Reopen a partial shard for appending if it belongs to this run, else None (it is then rewritten).
-    ``check(f)`` raises when the file's layout is not the stage's (default: the regions contract)."""
-    if not tmp.exists():
-        return None
-    try:
-        f = h5py.File(tmp, "r+")
-    except OSError as e:
-        log.warning("%s: unreadable partial shard (%s); starting it over", tmp, e)
-        return None
-    try:
-        ok = f.attrs.get("fingerprint") == fingerprint and "done" in f and 0 <= int(f["done"][0]) <= n
-        check(f)
-    except (ValueError, KeyError, OSError) as e:
-        log.warning("%s: damaged partial shard (%s); starting it over", tmp, e)
-        ok = False
-    if not ok:
-        f.close()
-        log.info("%s: partial shard from another configuration or rows; starting it over", tmp)
-        return None
-    return f
+def _shard_consistent(f: h5py.File, n: int, check: Callable[[h5py.File], Any]) -> bool:
+    """A partial shard's own test: ``check(f)`` (the stage's layout; raises when wrong) and a row count in 0..n."""
+    check(f)
+    return "done" in f and 0 <= int(f["done"][0]) <= n
 
 
 def open_shard(out: str | Path, fingerprint: str, n: int, attrs: dict[str, Any],
@@ -201,10 +179,10 @@ def open_shard(out: str | Path, fingerprint: str, n: int, attrs: dict[str, Any],
     out = Path(out)
     tmp = partial_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    f = _open_partial(tmp, fingerprint, n, check)
+    f = H5Partial(tmp, fingerprint, "partial shard").open(lambda g: _shard_consistent(g, n, check))
     if f is None:
         f = create(tmp)
-        f.attrs.update({**attrs, "fingerprint": fingerprint})
+        f.attrs.update({**attrs, KEY_ATTR: fingerprint})
         f.create_dataset("done", data=np.zeros(1, np.int64), track_times=False)  # contiguous: raw writes only
         f.flush()
     return f, tmp
@@ -217,9 +195,8 @@ def mark_done(f: h5py.File, done: int) -> None:
 
 
 def finish_shard(tmp: Path, out: str | Path) -> Path:
-    """Rename a complete partial shard to its final name."""
-    os.replace(tmp, out)
-    return Path(out)
+    """Rename a complete (closed) partial shard to its final name."""
+    return H5Partial(tmp, "", "partial shard").finish(out)
 
 
 def extract_shard(images_parquet: str | Path, image_dir: str | Path, out: str | Path, shard: int,

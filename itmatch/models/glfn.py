@@ -38,24 +38,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from itmatch.config import schema_defaults
 from itmatch.models.attention import xattn_scores
 from itmatch.models.base import Batch, MatchingModel
 from itmatch.models.encoders import GRUTextEncoder, l2norm, length_mask
 from itmatch.models.pfan import PositionAttention
 
-DEFAULTS: dict[str, Any] = {
-    "embed_dim": 1024,
-    "block_dim": 200,         # D_b
-    "word_dim": 300,          # BERT 768 → 300 before the GRU
-    "use_tags": True,
-    "text": "bert_gru",       # bert_gru | gru | bert
-    "alpha": 0.5,
-    "separate_branches": True,
-    "lambda_t2i": 9.0,        # SCAN's softmax temperatures λ1 (t2i) / λ (i2t)
-    "lambda_i2t": 4.0,
-    "max_elems": 1 << 23,     # shard bound of the batched cross attention (memory)
-    "direction": None,        # t2i | i2t: one part of a fused GLFN (set by the workflow per part)
-}
+#: the model's keys and defaults: the schema's ``models.glfn`` (their one home) without ``fuse`` (read by the
+#: workflow), plus ``direction`` (t2i | i2t: one part of a fused GLFN, set by the workflow per part)
+DEFAULTS: dict[str, Any] = {**{k: v for k, v in schema_defaults("models.glfn").items() if k != "fuse"},
+                            "direction": None}
 TEXT_MODES = ("bert_gru", "gru", "bert")
 
 

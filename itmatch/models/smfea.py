@@ -40,25 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from itmatch.config import schema_defaults
 from itmatch.models.base import Batch, MatchingModel
 from itmatch.models.encoders import GRUTextEncoder, RegionEncoder, l2norm, length_mask, masked_mean, masked_softmax
 from itmatch.models.tree_lstm import ENTITY_NODES, RELATION_NODES, StructuredTreeEncoder
 
-DEFAULTS: dict[str, Any] = {
-    "embed_dim": 1024,
-    "word_dim": 300,
-    "node_input_dim": 1024,
-    "hidden_dim": 128,
-    "structure": "tree",
-    "use_trees": True,
-    "beta_d": 0.6,
-    "beta_t": 0.4,
-    "beta_c": 0.0,
-    "ce_weight": 1.0,
-    "kl_weight": 1.0,
-    "kl_mask_null": False,
-    "pool_scaled": True,
-}
+DEFAULTS: dict[str, Any] = schema_defaults("models.smfea")  # the model's keys and defaults (their one home)
 
 
 def attention_pool(x: torch.Tensor, lengths: torch.Tensor, scaled: bool = True) -> torch.Tensor:

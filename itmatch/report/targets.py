@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from itmatch.config import schema_defaults
+
 
 def report_runs(config: dict[str, Any], dataset: str | None = None) -> list[tuple[str, str]]:
     """(model, dataset) pairs the report covers (``report.models`` × ``report.datasets``), optionally one dataset's."""
-    rep = config.get("report") or {}
-    return [(m, d) for d in rep.get("datasets", ["shapes"]) for m in rep.get("models", [])
-            if dataset is None or d == dataset]
+    rep = {**schema_defaults("report"), **(config.get("report") or {})}
+    return [(m, d) for d in rep["datasets"] for m in rep["models"] if dataset is None or d == dataset]
 
 
 def report_metrics(config: dict[str, Any], dataset: str | None = None) -> list[str]:

@@ -8,7 +8,8 @@ were cut by ``max_length`` gets a zero vector (logged).
 ``bert.h5``: ``values`` float16 [total_words, H] (caption ``i`` is ``values[offsets[i]:offsets[i+1]]``),
 ``offsets`` int64 [n_captions+1], ``caption_id`` int64 [n_captions]; attributes ``model``, ``dim``,
 ``max_length``. Captions are processed in blocks (sorted by length inside a block, ``batch_size``
-per forward pass); finished blocks are recorded in ``<out>.partial`` so a killed job resumes there.
+per forward pass); finished blocks are recorded in ``<out>.partial`` so a killed job resumes there
+(:class:`itmatch.utils.resume.H5Partial`; a partial file of other captions, model or block size is started over).
 
 Model: ``text.bert.model`` is a local folder in Hugging Face format, or ``package:<name>`` for the
 ``model/`` folder inside an installed Python package (the embedded default
@@ -33,8 +34,8 @@ from itmatch.text.captions import read_captions
 from itmatch.text.tokenize import tokenize_all
 from itmatch.utils.device import resolve_device
 from itmatch.utils.h5 import NonFiniteError, checksum, open_h5, reading
-from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
+from itmatch.utils.resume import H5Partial
 
 FETCH_BERT_COMMAND = "snakemake --cores 1 fetch_bert_model"
 
@@ -148,22 +149,13 @@ def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: i
     H = int(net.config.hidden_size)
     fp = _fingerprint(words, model, max_length)
     out_path = Path(out_path)
-    partial = out_path.with_name(out_path.name + ".partial")
+    partial = H5Partial(out_path.with_name(out_path.name + ".partial"), fp, "partial BERT file")
     n_blocks = (len(words) + block - 1) // block
-    start = 0
-    if partial.exists():
-        try:
-            with h5py.File(partial, "r") as f:
-                if f.attrs.get("fingerprint") == fp and int(f.attrs.get("block")) == block:
-                    start = int(f.attrs["done_blocks"])
-        except (OSError, KeyError):
-            start = 0
-        if start == 0:
-            partial.unlink()
+    resumed = partial.open(lambda f: int(f.attrs["block"]) == block and int(f.attrs["done_blocks"]) > 0)
+    start = 0 if resumed is None else int(resumed.attrs["done_blocks"])
     if start:
-        log.info("bert: resuming %s at block %d/%d", partial, start, n_blocks)
-    mode = "a" if start else "w"
-    with h5py.File(partial, mode) as f:
+        log.info("bert: resuming %s at block %d/%d", partial.path, start, n_blocks)
+    with resumed if resumed is not None else h5py.File(partial.path, "w") as f:
         if not start:
             f.create_dataset("values", (int(offsets[-1]), H), dtype="float16",
                              chunks=(min(max(int(offsets[-1]), 1), 512), H),  # ~40 captions per chunk
@@ -197,8 +189,7 @@ def compute_bert(captions_path, tokens_path, out_path, model: str, batch_size: i
             f.flush()
         f.attrs["complete"] = True
 
-    with atomic_path(out_path) as tmp:
-        os.replace(partial, tmp)
+    partial.finish(out_path)
     log.info("bert: %d captions, %d words, dim %d → %s", len(words), int(offsets[-1]), H, out_path)
 
 

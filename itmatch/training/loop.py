@@ -13,8 +13,9 @@ from seed and epoch), best model and rSum, log rows, running loss, RNG states â€
 ``state_path`` every ``checkpoint_every_steps`` steps, after each validation and on SIGTERM. A killed job
 (SIGTERM or SIGKILL at any moment) started again continues from the last saved state and, on CPU with the
 same seed and thread count, ends with exactly the same model as an uninterrupted run. A state older than
-the inputs, or written with other settings, is ignored (logged). The state is deleted on success. States
-and checkpoints hold tensors and plain values only and are read with ``torch.load(weights_only=True)``.
+the inputs, or written with other settings, is ignored (logged). The state is deleted on success
+(:class:`itmatch.utils.resume.TensorState`). States and checkpoints hold tensors and plain values only and
+are read with ``torch.load(weights_only=True)``.
 
 Divergence: a non-finite loss or gradient norm stops training with :class:`TrainingDiverged` (the step is
 not applied; ``nonfinite_patience`` > 0 skips that many consecutive such steps first), as does a validation
@@ -23,14 +24,10 @@ whose similarity matrix is not finite; ``model.pt`` and the log are then not wri
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import hashlib
-import json
 import math
-import os
-import pickle
 import random
-import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -50,7 +47,7 @@ from itmatch.training.loss import ContrastiveLoss
 from itmatch.utils.device import autocast, resolve_device, resolve_precision, to_device
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
-from itmatch.utils.tensors import load_tensors, save_tensors
+from itmatch.utils.resume import TensorState, fingerprint, sigterm_flag
 
 LOG_COLUMNS = ["epoch", "step", "loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "lr",
                "seconds"]
@@ -72,10 +69,6 @@ def make_optimizer(params: list[torch.nn.Parameter], t: dict[str, Any]) -> torch
         return torch.optim.SGD(params, lr=float(t["lr"]), momentum=float(t["momentum"]),
                                weight_decay=float(t["weight_decay"]))
     raise ValueError(f"training.optimizer must be 'adam' or 'sgd', got {t['optimizer']!r}")
-
-
-def _settings_hash(*objs: Any) -> str:
-    return hashlib.sha256(json.dumps(objs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_log(path: str | Path, rows: list[dict[str, Any]], extra: list[str] | None = None) -> None:
@@ -118,11 +111,13 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
                 stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train one model (one part of a fused model), write its checkpoint and log; returns the best part."""
     t = {**schema_defaults("training"), **tcfg}  # the schema is the one home of the defaults
+    if int(t["epochs"]) < 1:
+        raise ValueError(f"training.epochs must be at least 1, got {t['epochs']}")
     state_path = Path(state_path)
     torch.set_num_threads(int(t["threads"]))
     data_info = dict(corpus.info)
-    key = _settings_hash(model_name, model_cfg, {k: v for k, v in t.items() if k not in RESOURCE_KEYS},
-                         data_info, part)
+    key = fingerprint([model_name, model_cfg, {k: v for k, v in t.items() if k not in RESOURCE_KEYS}, data_info,
+                       part])
     device = resolve_device(str(t["device"]), "training.device")
     precision = resolve_precision(str(t["precision"]), device, "training.precision")
     log.info("training precision %s%s", precision, " (fp16 with a gradient scaler)" if precision == "fp16" else "")
@@ -143,45 +138,27 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     dataset = PairDataset(corpus, train_rows)
     st: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_rsum": -1.0, "best": None, "best_at": None,
                           "rows": [], "loss_sum": 0.0, "loss_n": 0, "seconds": 0.0, "nonfinite": 0}
-    if state_path.exists():
-        newest_input = max((os.path.getmtime(f) for f in (input_files or []) if os.path.exists(f)), default=0.0)
-        try:
-            saved = load_tensors(state_path, device)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-            log.info("ignoring %s: unreadable as tensors (%s)", state_path, str(e).strip().splitlines()[0])
-            saved = {}
-        if not isinstance(saved, dict) or saved.get("key") != key:
-            log.info("ignoring %s: written with other settings", state_path)
-        elif os.path.getmtime(state_path) < newest_input:
-            log.info("ignoring %s: older than the inputs", state_path)
-        else:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            if "scaler" in saved:
-                scaler.load_state_dict(saved["scaler"])
-            _set_rng_state(saved["rng"])
-            st = {"nonfinite": 0, **saved["loop"]}
-            log.info("resuming from %s: epoch %d, batch %d, step %d", state_path, st["epoch"], st["batch"],
-                     st["step"])
-
-    stop = {"flag": False}
-
-    def on_term(signum, frame):  # finish the current step, save, exit
-        stop["flag"] = True
-
-    old_handler = signal.signal(signal.SIGTERM, on_term) if hasattr(signal, "SIGTERM") else None
+    who = f"{model_name}{'/' + part if part else ''}"
+    state = TensorState(state_path, key, f"training {who}")
+    saved = state.load(device, input_files or [])
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        if "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
+        _set_rng_state(saved["rng"])
+        st = {"nonfinite": 0, **saved["loop"]}
+        log.info("resuming from %s: epoch %d, batch %d, step %d", state_path, st["epoch"], st["batch"], st["step"])
     t_start = time.time() - st["seconds"]
 
     def save_state() -> None:
         st["seconds"] = time.time() - t_start
-        save_tensors(state_path, {"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "rng": _rng_state(), "loop": st, **({"scaler": scaler.state_dict()} if scaler.is_enabled()
-                                                             else {})})
+        state.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(), "loop": st,
+                    **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})})
 
     def lr_at(epoch: int) -> float:
         return float(t["lr"]) * float(t["lr_decay"]) ** (epoch // max(1, int(t["lr_decay_epochs"])))
 
-    who = f"{model_name}{'/' + part if part else ''}"
     patience = int(t["nonfinite_patience"])
 
     def diverged(what: str, value: float, epoch: int) -> TrainingDiverged:
@@ -206,7 +183,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
         log.info("%s%s epoch %d step %d: loss %.4f val rSum %.2f (i2t R@1 %.1f, t2i R@1 %.1f)", model_name,
                  f"/{part}" if part else "", epoch, st["step"], row["loss"], m["rsum"], m["i2t"]["r1"],
                  m["t2i"]["r1"])
-        if math.isfinite(m["rsum"]) and m["rsum"] > st["best_rsum"]:
+        if m["rsum"] > st["best_rsum"]:  # finite: validate raised on a non-finite similarity
             st["best_rsum"] = m["rsum"]
             st["best"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             st["best_at"] = {"epoch": epoch, "step": st["step"]}
@@ -223,7 +200,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     every_ckpt = int(t["checkpoint_every_steps"])
     every_val = int(t["val_every_steps"])
     board = TrainingBoard(Path(out_log).parent, st["step"])  # TensorBoard events beside the CSV
-    try:
+    with sigterm_flag() as terminated, contextlib.closing(board):  # SIGTERM: finish the current step, save, exit
         while st["epoch"] < epochs:
             epoch = st["epoch"]
             for g in opt.param_groups:
@@ -275,26 +252,22 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
                         save_state()
                     elif every_ckpt and st["step"] % every_ckpt == 0:
                         save_state()
-                    if stop["flag"] or (stop_after_steps is not None and st["step"] >= stop_after_steps):
+                    if terminated() or (stop_after_steps is not None and st["step"] >= stop_after_steps):
                         save_state()
                         raise SystemExit(f"stopped at step {st['step']} (state saved to {state_path})")
             do_validation(epoch)
             st["epoch"] += 1
             st["batch"] = 0
             save_state()
-    finally:
-        board.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
 
-    if st["best"] is None:
-        raise TrainingDiverged(f"{who}: no validation gave a finite rSum; no model is written")
+    # (every epoch ends with a validation, whose rSum is finite and >= 0 > the initial best_rsum, and epochs >= 1:
+    # st["best"] is set here)
     best = {"name": part, "config": model_cfg, "data_info": data_info, "state_dict": st["best"],
             "epoch": st["best_at"]["epoch"], "step": st["best_at"]["step"], "val_rsum": st["best_rsum"],
             "train_seconds": round(time.time() - t_start, 2)}
     write_checkpoint(out_model, model_name, [best])
     write_log(out_log, st["rows"])
-    state_path.unlink(missing_ok=True)
+    state.discard()
     log.info("best val rSum %.2f at epoch %d step %d; %.0f s", st["best_rsum"], best["epoch"], best["step"],
              best["train_seconds"])
     return best

@@ -10,9 +10,10 @@ import torch
 from itmatch.utils.io import atomic_path
 
 
-def load_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True`` (tensors and plain containers; a crafted file cannot run code)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_tensors(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers; a crafted file cannot run code);
+    ``mmap``: map the file's storages instead of reading them (zip-format files only)."""
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def save_tensors(path: str | Path, obj: Any) -> None:

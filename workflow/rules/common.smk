@@ -100,6 +100,6 @@ def gpu_resources(settings):
     Locally, ``--resources gpu=N`` runs N such jobs at once, each on a GPU of its own (itmatch.utils.device);
     on SLURM the profile turns gpu=1 into ``sbatch --gpus=1``.
     """
-    if callable(settings):
-        return {"gpu": lambda wc: uses_gpu(settings(wc).get("device", "auto"))}
-    return {"gpu": uses_gpu(settings.get("device", "auto"))}
+    if callable(settings):  # (``device``: filled from the schema by validate above)
+        return {"gpu": lambda wc: uses_gpu(settings(wc)["device"])}
+    return {"gpu": uses_gpu(settings["device"])}

@@ -47,7 +47,7 @@ import torch
 
 from itmatch.features.detector.model import BottomUpDetector, build_model
 from itmatch.utils.hashing import sha256_file
-from itmatch.utils.tensors import save_tensors
+from itmatch.utils.tensors import load_tensors, save_tensors
 
 FORMAT = "itmatch-bottom-up-detector"
 # (our prefix, published prefix): applied in order, first match wins; unlisted prefixes keep their name.
@@ -79,11 +79,12 @@ def _refusal_reason(e: Exception) -> str:
     return (named or lines or [type(e).__name__])[0]
 
 
-def _torch_load(path: Path, mmap: bool = False) -> Any:
-    """``torch.load`` of tensors and plain containers only (``weights_only=True``): never runs code from the file.
-    A refused file raises :class:`CheckpointError` naming it and the converter for numpy-array checkpoints."""
+def _load_tensors(path: Path, mmap: bool = False) -> Any:
+    """:func:`itmatch.utils.tensors.load_tensors` on the CPU (tensors and plain containers only: never runs code
+    from the file); a refused file raises :class:`CheckpointError` naming it and the converter for numpy-array
+    checkpoints."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return load_tensors(path, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = _refusal_reason(e)
         raise CheckpointError(
@@ -115,7 +116,7 @@ def read_checkpoint(path: str | Path) -> Any:
             f"{path}: .pkl checkpoints are not read (unpickling a downloaded file can run arbitrary code). "
             f"Convert it once into tensors: `{CONVERT_HINT.format(src=path, dst=path.with_suffix('.pth'))}`, "
             f"then set detector.checkpoints.<dataset> to the .pth")
-    return _torch_load(path)
+    return _load_tensors(path)
 
 
 def read_state_dict(path: str | Path, loaded: Any = None) -> dict[str, torch.Tensor]:
@@ -165,9 +166,9 @@ def is_own_checkpoint(path: str | Path) -> bool:
     if Path(path).suffix == ".pkl":
         return False
     try:
-        obj = _torch_load(Path(path), mmap=True)
+        obj = _load_tensors(Path(path), mmap=True)
     except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
-        obj = _torch_load(Path(path))
+        obj = _load_tensors(Path(path))
     return is_own_object(path, obj)
 
 
@@ -188,7 +189,7 @@ def save_own(path: str | Path, model: BottomUpDetector, input_cfg: dict, object_
 def load_own(path: str | Path, loaded: Any = None) -> tuple[BottomUpDetector, dict]:
     """Our checkpoint's model and payload; ``loaded``: the file's :func:`read_checkpoint` object, when already
     read."""
-    obj = _torch_load(Path(path)) if loaded is None else loaded
+    obj = _load_tensors(Path(path)) if loaded is None else loaded
     model = build_model(obj["arch"])
     missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
     missing = [k for k in missing if not IGNORED.search(k) and not OPTIONAL.search(k)]

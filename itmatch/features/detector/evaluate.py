@@ -111,7 +111,7 @@ def mean_ap(dets: list[dict], gts: list[dict], num_classes: int, num_attributes:
 
 
 def evaluate_detector(model, cfg: dict, load: Callable[[int], tuple[list, list, list]], n_batches: int,
-                      gts: list[dict], num_classes: int, num_attributes: int, score_thresh: float = 0.05) -> dict:
+                      gts: list[dict], num_classes: int, num_attributes: int, score_thresh: float) -> dict:
     """mAP (:func:`mean_ap`) over batches ``load(b) -> (images, scales, orig_hw)`` whose ground truth is ``gts``
     (same order)."""
     inf = cfg["inference"]

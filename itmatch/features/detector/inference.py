@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
+from itmatch.config import schema_defaults
 from itmatch.features.detector.boxes import clip, decode_boxes, nms_boxes, per_class_max_conf
 from itmatch.features.detector.model import BottomUpDetector
 from itmatch.utils.device import autocast, resolve_precision
@@ -56,7 +57,7 @@ def preprocess(image: np.ndarray, cfg: dict) -> tuple[torch.Tensor, float]:
     im = image[:, :, ::-1] if inp["format"] == "BGR" else image
     im = (im.astype(np.float32) - np.asarray(inp["pixel_mean"], dtype=np.float64)[None, None]).astype(np.float32)
     im = cv2.resize(im, None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    std = np.asarray(inp.get("pixel_std", [1.0, 1.0, 1.0]), dtype=np.float32)
+    std = np.asarray(inp["pixel_std"], dtype=np.float32)
     if (std != 1).any():
         im = im / std[None, None]
     return torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).contiguous(), scale
@@ -76,6 +77,11 @@ def batch_images(images: list[torch.Tensor], device: torch.device | str) -> tupl
 def _autocast(device: torch.device, precision: str):
     """``detector.inference.precision`` (auto: fp32 on CPU, bf16 on GPUs with bf16) as an autocast context."""
     return autocast(device, resolve_precision(precision, device, "detector.inference.precision"))
+
+
+def inference_settings(inf: dict) -> dict:
+    """``detector.inference`` over the schema's defaults of its optional keys (``box_source``, ``precision``)."""
+    return {**schema_defaults("detector.inference"), **inf}
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -125,15 +131,16 @@ def regions(model: BottomUpDetector, out: dict[str, torch.Tensor], scale: float,
             orig_hw: tuple[int, int], inf: dict) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """One image's extracted regions from its :meth:`BottomUpDetector.forward` output (numpy, see :func:`detect`)
     and the selection (:func:`select_regions`)."""
+    inf = inference_settings(inf)
     sel = select_regions(out, scale, inf, model.convention)
     rows, feat, boxes = sel["rows"], out["features"][sel["rows"]], sel["boxes"]
     attr_conf, attr = sel["attribute_conf"], sel["attribute_id"]
-    if inf.get("box_source", "proposals") == "regressed" and len(rows):
+    if inf["box_source"] == "regressed" and len(rows):
         obj = sel["object_id"]
         d = out["box_deltas"][rows].reshape(len(rows), -1, 4)[torch.arange(len(rows), device=rows.device), obj + 1]
         reg = clip(decode_boxes(d, out["proposals"][rows], model.box_weights, model.convention), *hw,
                    model.convention)
-        with _autocast(rows.device, inf.get("precision", "fp32")):
+        with _autocast(rows.device, inf["precision"]):
             feat = model.roi_heads.pooled_features(out["feature_map"], [reg], model.stride).float()
             a_prob = F.softmax(model.roi_heads.attribute_head(feat, obj + 1).float(), dim=1)
         attr_conf, attr = a_prob[:, 1:].max(dim=1)
@@ -152,10 +159,10 @@ def detect(model: BottomUpDetector, images: list[torch.Tensor], scales: list[flo
     ``stages``: when a list is given, one dict per image of every intermediate tensor is appended to it
     (``blob``, ``scale``, ``res4``, ``proposals``, ``proposal_scores``, ``pooled``, ``features``, ``cls_prob``,
     ``attr_prob``, ``box_deltas``, ``max_conf``, ``rows``, ``boxes``) for the comparison with the reference."""
-    inf = cfg["inference"]
+    inf = inference_settings(cfg["inference"])
     device = _device(model)
     batch, hw = batch_images(images, device)
-    with _autocast(device, inf.get("precision", "fp32")):
+    with _autocast(device, inf["precision"]):
         outs = model(batch, hw, scales, inf["pre_nms"], inf["post_nms"], stages=stages is not None)
     result = []
     for i, o in enumerate(outs):
@@ -169,7 +176,7 @@ def detect(model: BottomUpDetector, images: list[torch.Tensor], scales: list[flo
 
 @torch.inference_mode()
 def detect_boxes(model: BottomUpDetector, images: list[torch.Tensor], scales: list[float],
-                 orig_hw: list[tuple[int, int]], score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                 orig_hw: list[tuple[int, int]], score_thresh: float, nms_thresh: float = 0.5,
                  topk: int = 100, pre_nms: int = 1000, post_nms: int = 300) -> list[dict]:
     """Standard Faster R-CNN detections (for mAP): class-specific regressed boxes, score threshold, per-class
     NMS (torchvision ``batched_nms``), top-k. Per image: boxes [n,4] (original pixels), scores [n], labels [n]

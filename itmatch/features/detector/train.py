@@ -13,11 +13,9 @@ so that the arg-max attribute is the first listed one (the colour).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from itmatch.config import schema_defaults
 from itmatch.features.detector.boxes import box_iou, encode_boxes
 from itmatch.features.detector.checkpoint import save_own
 from itmatch.features.detector.evaluate import evaluate_detector, tag_accuracy
@@ -38,7 +37,7 @@ from itmatch.features.detector.rpn import rpn_loss
 from itmatch.utils.device import resolve_device
 from itmatch.utils.io import write_json
 from itmatch.utils.logs import log, progress
-from itmatch.utils.tensors import save_tensors
+from itmatch.utils.resume import TensorState, fingerprint
 
 
 @dataclass
@@ -174,9 +173,10 @@ def training_step(model: BottomUpDetector, batch: torch.Tensor, hw: list[tuple[i
 
 
 def _fingerprint(cfg: dict, n_train: int) -> str:
-    blob = json.dumps({"arch": cfg["architecture"], "training": cfg["training"], "input": cfg["input"],
-                       "n": n_train}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """What a saved training state must match to be resumed: architecture, training and input settings, and
+    the number of training images."""
+    return fingerprint({"arch": cfg["architecture"], "training": cfg["training"], "input": cfg["input"],
+                        "n": n_train})
 
 
 def _lr_at(it: int, total: int, base: float, warmup: int) -> float:
@@ -195,16 +195,16 @@ def _gt_tensors(g: dict, flip_w: int | None, scale: float) -> dict:
 def train_detector(json_path: str, image_dir: str, images_parquet: str, model_out: str, metrics_out: str,
                    cfg: dict, threads: int = 2) -> dict:
     """Train, evaluate on val, write ``model_out`` and ``metrics_out``; resumes from ``train_state.pt``."""
-    tcfg = cfg["training"]
+    tcfg = {**schema_defaults("detector.training"), **cfg["training"]}  # the schema: the one home of defaults
     # The demo model is small: per-op overhead dominates, and on a shared CPU OpenMP threads spin-wait for
     # each other (measured: 1 thread 0.23 s CPU per batch of 16, 2 threads 3.4 s), hence torch_threads: 1.
-    threads = min(max(1, threads), tcfg.get("torch_threads", 1))
+    threads = min(max(1, threads), tcfg["torch_threads"])
     torch.set_num_threads(threads)
     t0, c0 = time.time(), time.process_time()
-    seed = tcfg.get("seed", 0)
+    seed = tcfg["seed"]
     torch.manual_seed(seed)
     random.seed(seed)
-    max_images = tcfg.get("max_images")
+    max_images = tcfg["max_images"]
     train = load_box_data(json_path, image_dir, images_parquet, "train", max_images)
     val = load_box_data(json_path, image_dir, images_parquet, "val", max_images)
     if not train.images:
@@ -213,31 +213,24 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
              len(train.images), len(val.images), len(train.categories), len(train.attributes), time.time() - t0)
     arch = {**cfg["architecture"], "num_object_classes": len(train.categories) + 1,
             "num_attribute_classes": len(train.attributes) + 1}
-    device = resolve_device(str(tcfg.get("device", "auto")), "detector.training.device")
+    device = resolve_device(str(tcfg["device"]), "detector.training.device")
     model = build_model(arch).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     bs = tcfg["batch_size"]
     steps = math.ceil(len(train.images) / bs)
     total = steps * tcfg["epochs"]
-    state_path = Path(model_out).with_name("train_state.pt")
-    fp = _fingerprint(cfg, len(train.images))
+    state = TensorState(Path(model_out).with_name("train_state.pt"), _fingerprint(cfg, len(train.images)),
+                        "detector training")
     start_epoch, history, train_seconds, train_cpu = 0, [], 0.0, 0.0
-    if state_path.exists():
-        try:  # tensors and plain values only: a state file cannot run code
-            st = torch.load(state_path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            log.info("detector: ignoring unreadable %s (%s); starting afresh", state_path, str(e).splitlines()[0])
-            st = {}
-        if st.get("fingerprint") == fp:
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            start_epoch, history, train_seconds = st["epoch"], st["history"], st.get("seconds", 0.0)
-            train_cpu = st.get("cpu_seconds", 0.0)
-            torch.set_rng_state(st["torch_rng"])
-            random.setstate(st["py_rng"])
-            log.info("detector: resuming after epoch %d from %s", start_epoch, state_path)
-        else:
-            log.info("detector: %s belongs to another configuration; starting afresh", state_path)
+    st = state.load()
+    if st is not None:
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        start_epoch, history, train_seconds = st["epoch"], st["history"], st["seconds"]
+        train_cpu = st["cpu_seconds"]
+        torch.set_rng_state(st["torch_rng"])
+        random.setstate(st["py_rng"])
+        log.info("detector: resuming after epoch %d from %s", start_epoch, state.path)
     for epoch in range(start_epoch, tcfg["epochs"]):
         te, ce = time.time(), time.process_time()
         model.train()
@@ -252,7 +245,7 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
             ims, gts = [], []
             for i in idx:
                 x, scale = preprocess(train.images[i], cfg)
-                flip = tcfg.get("hflip", True) and random.random() < 0.5
+                flip = tcfg["hflip"] and random.random() < 0.5
                 if flip:
                     x = x.flip(2)
                 ims.append(x)
@@ -282,12 +275,10 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
         log.info("detector epoch %d/%d: loss %.4f (%s) in %.0fs wall, %.0fs CPU", epoch + 1, tcfg["epochs"],
                  mean["total"], ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "total"),
                  time.time() - te, time.process_time() - ce)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors(state_path, {"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
-                                  "optimizer": opt.state_dict(), "history": history, "seconds": train_seconds,
-                                  "cpu_seconds": train_cpu,
-                                  "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()})
-    metrics = evaluate(model, cfg, val, tcfg.get("eval_score_thresh", 0.05))
+        state.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "history": history, "seconds": train_seconds, "cpu_seconds": train_cpu,
+                    "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()})
+    metrics = evaluate(model, cfg, val, tcfg["eval_score_thresh"])
     metrics.update({"train_images": len(train.images), "epochs": tcfg["epochs"], "history": history,
                     "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(train_cpu, 1),
                     "threads": threads, "total_seconds": round(time.time() - t0, 1),
@@ -302,14 +293,14 @@ def train_detector(json_path: str, image_dir: str, images_parquet: str, model_ou
     save_own(model_out, model, cfg["input"], train.categories, train.attributes,
              {"metrics": {k: float(metrics[k]) for k in ("object_map", "attribute_map")}})
     write_json(metrics_out, {"dataset_split": "val", **metrics})
-    if state_path.exists():
-        os.remove(state_path)
+    state.discard()
     return metrics
 
 
-def evaluate(model: BottomUpDetector, cfg: dict, data: BoxData, score_thresh: float = 0.05) -> dict:
-    """Object / attribute mAP (pycocotools: @0.5 and @[.5:.95]) and region-tag accuracy of ``model`` on ``data``."""
-    load, n = batch_loader(data, cfg, cfg["inference"].get("batch_size", 16))
+def evaluate(model: BottomUpDetector, cfg: dict, data: BoxData, score_thresh: float) -> dict:
+    """Object / attribute mAP (pycocotools: @0.5 and @[.5:.95]) and region-tag accuracy of ``model`` on ``data``
+    (detections above ``score_thresh``: ``detector.training.eval_score_thresh``)."""
+    load, n = batch_loader(data, cfg, cfg["inference"]["batch_size"])
     metrics = evaluate_detector(model, cfg, load, n, data.gts, len(data.categories), len(data.attributes),
                                 score_thresh)
     metrics["tags"] = tag_accuracy(model, cfg, load, n, data.gts)
