@@ -13,7 +13,8 @@ default settings (train_f30k.py: ``--use_BatchNorm`` on, ``--activation_type tan
 - **Consensus-level representation** (model_CVSE.py ``Consensus_level_feature_learning``, lines 478–585, the
   BatchNorm + tanh variant): concept scores ``a_k = w₃ · (tanh(BN(W₁ c_k)) ⊙ tanh(BN(W₂ v))) + b₃`` of an
   instance vector v (the l2-normalised V^D / S^D, as CVSE feeds its l2-normalised instance embeddings,
-  lines 808–812), ``p = softmax(10 · a)`` (``smooth_coef``, line 542, 563); the textual scores mix in the
+  lines 808–812; b₃ is left out: one constant added to every logit cancels in the softmax),
+  ``p = softmax(10 · a)`` (``smooth_coef``, line 542, 563); the textual scores mix in the
   caption's concept labels y: ``q = ρ · softmax(10 · y) + (1 − ρ) · p`` (ρ = ``concept_label_ratio``, lines
   565–568); V^C = l2norm(Σ_k p_k c_k), S^C = l2norm(Σ_k q_k c_k) (lines 569–584). One module per modality
   (lines 685–688), one graph shared (line 691). The product over [B, K, D] of line 558 is computed as the
@@ -21,9 +22,9 @@ default settings (train_f30k.py: ``--use_BatchNorm`` on, ``--activation_type tan
 - **Concept-prediction loss** (``KL_loss_softmax``, lines 635–650, used at line 845): KL(q ‖ p) = Σ q (log q −
   log p), summed over the batch and the concepts, the visual scores as the approximation; gradients reach both
   branches.
-- In training the textual labels are the image's (the union over its captions: data.py lines 268–276 read
-  image-level labels for the train split), at evaluation the caption's own (lines 278–291); SMFEA's
-  ``concept_train_labels: caption`` uses the caption's own in training too.
+- In training the textual labels are the image's (data.py lines 268–276 read one label set per image for the
+  train split, all_f30k_concept_label.json; here the union of its captions' labels), at evaluation the
+  caption's own (lines 278–291); ``concept_train_labels: caption`` uses the caption's own in training too.
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ class ConsensusScores(nn.Module):
         super().__init__()
         self.concept_map = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.Tanh())    # embedding_1
         self.instance_map = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.Tanh())   # embedding_2
-        self.score = nn.Linear(dim, 1)                                                            # fc3
+        self.score = nn.Linear(dim, 1, bias=False)   # fc3; its bias adds one constant to every logit: no effect
 
     def forward(self, instance: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
         ws = self.concept_map(concepts)                          # [K, D]
         wv = _mapped(self.instance_map, instance)                # [B, D]
-        return wv @ (ws * self.score.weight).t() + self.score.bias
+        return wv @ (ws * self.score.weight).t()
 
 
 def _mapped(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

@@ -157,11 +157,60 @@ def _settings(settings: dict[str, Any] | None) -> dict[str, Any]:
     return s
 
 
+def build_concepts(tagged: Sequence[Sequence[tuple[str, str]]], train: np.ndarray,
+                   settings: dict[str, Any] | None = None, where: str = "captions") -> dict[str, Any]:
+    """Steps 2–5 on tagged captions (one ``[(tag, lemma), …]`` per caption) with their train mask → the arrays of
+    concepts.h5: ``names``, ``pos``, ``counts``, ``cooccurrence``, ``conditional``, ``correlation``, ``labels``
+    (ascending concept ids per caption) and the resolved ``settings``."""
+    s = _settings(settings)
+    train = np.asarray(train, dtype=bool)
+    if len(train) != len(tagged):
+        raise ValueError(f"{where}: {len(tagged)} tagged captions, {len(train)} split flags")
+    if not train.any():
+        raise ValueError(f"{where}: no train captions to choose concepts from")
+    names, classes, _ = select_concepts((t for t, tr in zip(tagged, train, strict=True) if tr),
+                                        int(s["num_concepts"]), s["pos_shares"])
+    if len(names) < 2:
+        raise ValueError(f"{where}: only {len(names)} concept(s) among the train captions' nouns, adjectives and "
+                         "verbs (the graph needs at least 2)")
+    index = {w: k for k, w in enumerate(names)}
+    labels = [caption_concepts((lemma for _, lemma in t), index) for t in tagged]
+    counts, co = cooccurrence((lab for lab, tr in zip(labels, train, strict=True) if tr), len(names))
+    corr = correlation_matrix(co, counts, float(s["threshold"]), float(s["rescale_base"]),
+                              float(s["rescale_offset"]), float(s["reweight"]))
+    return {"names": names, "pos": classes, "counts": counts, "cooccurrence": co,
+            "conditional": conditional_probability(co, counts), "correlation": corr, "labels": labels,
+            "settings": s}
+
+
+def write_concepts(out: str | Path, caption_ids: Sequence[int], built: dict[str, Any], source: str) -> None:
+    """concepts.h5 (layout in the module docstring), written atomically, from :func:`build_concepts`'s result."""
+    labels = built["labels"]
+    if len(caption_ids) != len(labels):
+        raise ValueError(f"{out}: {len(caption_ids)} caption ids for {len(labels)} label lists")
+    offsets = np.concatenate([[0], np.cumsum([len(lab) for lab in labels])]).astype(np.int64)
+    flat = np.fromiter((k for lab in labels for k in lab), dtype=np.int16, count=int(offsets[-1]))
+    K, C = len(built["names"]), len(labels)
+    str_t = h5py.string_dtype()
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("names", data=np.array(built["names"], dtype=object), dtype=str_t)
+        f.create_dataset("pos", data=np.array(built["pos"], dtype=object), dtype=str_t)
+        f.create_dataset("counts", data=built["counts"].astype(np.int64), **checksum((K,)))
+        f.create_dataset("cooccurrence", data=built["cooccurrence"].astype(np.int64), **checksum((K, K)))
+        f.create_dataset("conditional", data=built["conditional"].astype(np.float32), **checksum((K, K)))
+        f.create_dataset("correlation", data=built["correlation"].astype(np.float32), **checksum((K, K)))
+        f.create_dataset("caption_id", data=np.asarray(caption_ids, dtype=np.int64), **checksum((C,)))
+        f.create_dataset("label_offsets", data=offsets, **checksum((C + 1,)))
+        f.create_dataset("label_index", data=flat, **checksum(flat.shape))
+        f.attrs["settings"] = json.dumps(built["settings"], sort_keys=True)
+        f.attrs["source"] = source
+
+
 def make_concepts(captions_path: str | Path, out: str | Path, parser: str = "gold", json_path: str | Path | None = None,
                   stanza_dir: str | Path | None = None, stanza_batch_size: int = 256, device: str = "auto",
                   settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rule ``concepts``: captions.parquet (+ gold parses or stanza) → concepts.h5; returns a summary."""
-    s = _settings(settings)
+    """Rule ``concepts``: captions.parquet (+ gold parses or stanza) → concepts.h5; returns :func:`build_concepts`'s
+    result."""
     caps = read_captions(captions_path)
     if parser == "gold":
         if json_path is None:
@@ -174,43 +223,14 @@ def make_concepts(captions_path: str | Path, out: str | Path, parser: str = "gol
     else:
         raise ValueError(f"config key text.trees.parser: unknown parser {parser!r} (gold | stanza)")
     train = caps["split"].to_numpy() == "train"
-    if not train.any():
-        raise ValueError(f"{captions_path}: no train captions to choose concepts from")
-    names, classes, counts = select_concepts((t for t, tr in zip(tagged, train, strict=True) if tr),
-                                             int(s["num_concepts"]), s["pos_shares"])
-    if len(names) < 2:
-        raise ValueError(f"{captions_path}: only {len(names)} concept(s) among the train captions' nouns, "
-                         "adjectives and verbs (the graph needs at least 2)")
-    index = {w: k for k, w in enumerate(names)}
-    labels = [caption_concepts((lemma for _, lemma in t), index) for t in tagged]
-    n_train, co = cooccurrence((lab for lab, tr in zip(labels, train, strict=True) if tr), len(names))
-    if not np.array_equal(n_train, counts):   # the vocabulary's counts are the labels' train counts
-        raise AssertionError("concept counts differ between selection and labelling")
-    corr = correlation_matrix(co, n_train, float(s["threshold"]), float(s["rescale_base"]),
-                              float(s["rescale_offset"]), float(s["reweight"]))
-    offsets = np.concatenate([[0], np.cumsum([len(lab) for lab in labels])]).astype(np.int64)
-    flat = np.fromiter((k for lab in labels for k in lab), dtype=np.int16, count=int(offsets[-1]))
-    K, C = len(names), len(labels)
-    str_t = h5py.string_dtype()
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("names", data=np.array(names, dtype=object), dtype=str_t)
-        f.create_dataset("pos", data=np.array(classes, dtype=object), dtype=str_t)
-        f.create_dataset("counts", data=n_train, **checksum((K,)))
-        f.create_dataset("cooccurrence", data=co, **checksum((K, K)))
-        f.create_dataset("conditional", data=conditional_probability(co, n_train).astype(np.float32),
-                         **checksum((K, K)))
-        f.create_dataset("correlation", data=corr.astype(np.float32), **checksum((K, K)))
-        f.create_dataset("caption_id", data=caps["caption_id"].to_numpy().astype(np.int64), **checksum((C,)))
-        f.create_dataset("label_offsets", data=offsets, **checksum((C + 1,)))
-        f.create_dataset("label_index", data=flat, **checksum(flat.shape))
-        f.attrs["settings"] = json.dumps(s, sort_keys=True)
-        f.attrs["source"] = parser
-    per_class = Counter(classes)
-    edges = int((corr - np.identity(K) > 0).sum())
-    labelled = float(np.mean([len(lab) > 0 for lab in labels])) if labels else 0.0
+    built = build_concepts(tagged, train, settings, str(captions_path))
+    write_concepts(out, caps["caption_id"].to_numpy(), built, parser)
+    labels, K = built["labels"], len(built["names"])
+    per_class = Counter(built["pos"])
+    edges = int((built["correlation"] - np.identity(K) > 0).sum())
     log.info("concepts: %d (%s) from %d train captions; %d graph edges (threshold %.2f); %.2f concepts per "
              "caption, %.0f%% of captions with at least one", K,
-             ", ".join(f"{per_class[c]} {c}s" for c in POS_CLASSES), int(train.sum()), edges, s["threshold"],
-             offsets[-1] / max(C, 1), 100 * labelled)
-    return {"names": names, "pos": classes, "counts": n_train, "edges": edges}
-
+             ", ".join(f"{per_class[c]} {c}s" for c in POS_CLASSES), int(train.sum()), edges,
+             built["settings"]["threshold"], sum(map(len, labels)) / max(len(labels), 1),
+             100 * float(np.mean([len(lab) > 0 for lab in labels])) if labels else 0.0)
+    return built
