@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import types
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -243,18 +242,6 @@ def test_dry_run_schedules_the_concept_stage_only_with_cac(tmp_path):
     assert "rule referral_trees:" in without.stdout
 
 
-def _synthetic_concepts(paths, root: Path) -> int:
-    """concepts.h5 for the synthetic corpus: every caption word ("w14") a noun, its lemma in letters ("wbe")."""
-    caps = pq.read_table(paths.captions).to_pandas()
-    tagged = [[("NN", "w" + "".join(chr(97 + int(d)) for d in w[1:])) for w in text.split()] for text in caps["text"]]
-    train = caps["split"].to_numpy() == "train"
-    built = tc.build_concepts(tagged, train, {"num_concepts": 30, "pos_shares": {"noun": 1.0}})
-    assert len(built["names"]) == len({w for t, tr in zip(tagged, train, strict=True) if tr for _, w in t})
-    tc.write_concepts(root / "concepts.h5", caps["caption_id"].to_numpy(), built, "test")
-    paths.concepts = str(root / "concepts.h5")
-    return len(built["names"])
-
-
 @pytest.mark.slow
 def test_short_training_with_cac_learns(tmp_path):
     """SMFEA with CAC through the shared training loop on the synthetic corpus (concepts = its caption words):
@@ -267,11 +254,10 @@ def test_short_training_with_cac_learns(tmp_path):
     from itmatch.training.loop import train_model
 
     root = tmp_path / "data"
-    paths = _extend(write_synthetic_corpus(root, n_train=40, n_val=10, n_test=10), root)
-    K = _synthetic_concepts(paths, root)
+    paths = _extend(write_synthetic_corpus(root, n_train=40, n_val=10, n_test=10), root)   # with concepts.h5
     cfg = {"embed_dim": 32, "word_dim": 16, "node_input_dim": 16, "hidden_dim": 8, "concept_dim": 16}
     corpus = Corpus(paths, SMFEA.inputs(cfg))
-    assert corpus.info["n_concepts"] == K
+    assert corpus.info["n_concepts"] > 2
     item = corpus.caption_item(0)
     assert item["concept_labels"].sum() >= 1 and (item["image_concept_labels"] >= item["concept_labels"]).all()
     torch.manual_seed(0)
