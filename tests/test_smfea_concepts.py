@@ -110,6 +110,47 @@ def test_make_concepts_on_shapes_writes_the_contract_layout(tiny_shapes, tmp_pat
         tc.build_concepts([[("NN", "dog")]], np.array([False]))
 
 
+def test_stanza_path_with_a_stand_in_pipeline(tmp_path, monkeypatch):
+    """The concept stage on stanza's tags and lemmas (a stand-in for stanza: no models here): tokenize,pos,lemma
+    only, every sentence of a caption, batches in order."""
+    import sys
+
+    class Word:
+        def __init__(self, text):
+            self.text = text
+            self.xpos = {"dogs": "NNS", "dog": "NN", "grass": "NN", "runs": "VBZ", "brown": "JJ"}.get(text, "DT")
+            self.lemma = {"dogs": "dog", "runs": "run"}.get(text, text)
+
+    class Document:
+        def __init__(self, sentences, text=None):
+            self.text, self.sentences = text, []
+
+    class Pipeline:
+        calls: list[int] = []
+
+        def __init__(self, lang, dir, processors, download_method, **kw):
+            assert processors == "tokenize,pos,lemma" and download_method is None
+            assert "constituency_batch_size" not in kw
+
+        def bulk_process(self, docs):
+            Pipeline.calls.append(len(docs))
+            for d in docs:
+                d.sentences = [types.SimpleNamespace(words=[Word(w) for w in s.split()]) for s in d.text.split(". ")]
+            return docs
+
+    monkeypatch.setitem(sys.modules, "stanza", types.SimpleNamespace(Pipeline=Pipeline, Document=Document))
+    (tmp_path / "en").mkdir()
+    (tmp_path / "resources.json").write_text("{}")
+    texts = ["a dog runs. the grass", "dogs", "a brown dog", "the grass"]
+    pq.write_table(pa.table({"caption_id": pa.array([1, 2, 3, 4], pa.int64()), "image_id": pa.array([1, 1, 2, 2]),
+                             "split": ["train", "train", "train", "test"], "text": texts}), tmp_path / "c.parquet")
+    built = tc.make_concepts(tmp_path / "c.parquet", tmp_path / "concepts.h5", parser="stanza", stanza_dir=tmp_path,
+                             stanza_batch_size=3, device="cpu", settings={"num_concepts": 10})
+    assert Pipeline.calls == [3, 1]
+    assert built["names"] == ["dog", "grass", "brown", "run"] and built["pos"] == ["noun", "noun", "adjective", "verb"]
+    assert built["labels"] == [[0, 1, 3], [0], [0, 2], [1]]   # the second sentence of caption 1 counts too
+
+
 # ---- the model branch ---------------------------------------------------------------------------------------
 
 def test_normalized_adjacency_is_cvse_gen_adj():

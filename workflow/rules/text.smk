@@ -60,7 +60,7 @@ rule concepts:
         concepts="results/text/{dataset}/concepts.h5",
     params:
         parser=lambda wc: _text_parser(wc.dataset),
-        trees=config["text"]["trees"],
+        stanza={k: config["text"]["trees"][k] for k in ("stanza_dir", "stanza_batch_size", "device")},
         concepts=config["text"]["concepts"],
         code=code_version("text_concepts.py"),
     threads: 2

@@ -5,7 +5,7 @@ from itmatch.utils.logs import setup_job_logging
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_job_logging(sm.log[0])
-t = sm.params.trees
+t = sm.params.stanza
 make_concepts(sm.input.captions, sm.output.concepts, parser=sm.params.parser,
               json_path=sm.input.parses if sm.params.parser == "gold" else None,
               stanza_dir=t["stanza_dir"], stanza_batch_size=t["stanza_batch_size"], device=t["device"],
