@@ -47,8 +47,9 @@ def main() -> None:
     images["block_weight"] = torch.softmax(torch.randn(I, R, args.L, generator=g), -1).to(device)
     captions["bert"] = torch.randn(C, W, args.bert_dim, generator=g).to(device)
     captions["tree_labels"] = torch.randint(-1, 50, (C, 7), generator=g).to(device)
+    captions["concept_labels"] = (torch.rand(C, 300, generator=g) < 0.02).float().to(device)   # CVSE: 300 concepts
     data_info = {"vocab_size": 10000, "feature_dim": 2048, "tag_dim": args.bert_dim, "bert_dim": args.bert_dim,
-                 "blocks_K": args.K, "n_entities": 1440, "n_relations": 247}
+                 "blocks_K": args.K, "n_entities": 1440, "n_relations": 247, "n_concepts": 300}
     config = load_config(REPO / "config" / "config.yaml")
     for name in args.models:
         cfg = model_settings(config, name, None)

@@ -40,6 +40,8 @@ _CAAN_COCO = "CAAN §4.2: Adam; MS-COCO 0.0005 for the first 10 epochs, then dec
 _CAAN_F30K = "CAAN §4.2: Adam; Flickr30K 0.0002 for the first 15 epochs, reduced to 0.00002 for the next 15"
 _SMFEA = ("SMFEA §4.2: ADAM, learning rate 0.0002 with a decay rate of 0.1 every 25 epochs, maximum epoch "
           "number 50, margin 0.2")
+_SMFEA_BETA = "SMFEA §4.2 'β_d, β_t, β_c = 0.6, 0.2, 0.2 in Eq.(15) and Eq.(16)'"
+_CVSE_F30K = "CVSE (SMFEA §4.2: CAC parameters 'the same with [30]') train_f30k.py argparse default"
 _GLFN = "GLFN §4.2: Adam, learning rate 0.0002, gradient clipping 2, 30 epochs, in all experiments"
 _BSSAN = "BSSAN §IV-B: SGD, learning rate 0.01, momentum 0.9"
 
@@ -121,9 +123,19 @@ SOURCES: dict[str, dict[str, dict[str, str]]] = {
             "training.lr_decay_epochs": _SMFEA, "training.epochs": _SMFEA, "training.margin": _SMFEA,
             "model.embed_dim": "SMFEA §4.2 '2048-dimensional to a 1024-dimensional (D_v = 1024)'",
             "model.word_dim": "SMFEA §4.2 'word embedding space is set to 300'",
-            "model.beta_d": "SMFEA Table 6 row [0.6, 0.4, 0.0] (no CAC branch)",
-            "model.beta_t": "SMFEA Table 6 row [0.6, 0.4, 0.0] (no CAC branch)",
-            "model.beta_c": "SMFEA Table 6 row [0.6, 0.4, 0.0] (no CAC branch)",
+            "model.beta_d": _SMFEA_BETA, "model.beta_t": _SMFEA_BETA, "model.beta_c": _SMFEA_BETA,
+            "model.concept_dim": _CVSE_F30K + " --input_channel 300 (GloVe 300-d concept vectors)",
+            "model.concept_label_ratio": _CVSE_F30K + " --Concept_label_ratio 0.35",
+            "model.concept_smooth": "CVSE model_CVSE.py Consensus_level_feature_learning: smooth_coef = 10",
+            "model.concept_kl_weight": "CVSE model_CVSE.py forward_loss: weights [3, 5, 1, 2], KL 2 against the "
+                                       "fused ranking loss's 3 (1 in SMFEA eq. 20): 2/3",
+            "model.concept_train_labels": "CVSE data.py: image-level concept labels for the train split, the "
+                                          "caption's own at evaluation",
+            "model.train_concept_embeddings": "CVSE data.py: the concept GloVe vectors are inputs, not parameters",
+            "model.glove": "CVSE train_f30k.py --inp_name: GloVe vectors of the concepts",
+        },
+        "coco": {
+            "model.concept_label_ratio": "CVSE train_coco.py --Concept_label_ratio 0.4",
         },
     },
     "glfn": {
@@ -187,8 +199,12 @@ DEVIATIONS: dict[str, list[str]] = {
         "shapes: 3 epochs at batch 32 (B² pairs per step on a CPU).",
     ],
     "smfea": [
-        "No CAC branch (β_c = 0): the recipe is Table 6's [0.6, 0.4, 0.0] variant, and the comparison row is "
-        "that ablation (Flickr30K); no COCO number without CAC is published.",
+        "CAC branch from CVSE's released code (SMFEA gives no details): concepts from the referral trees' tags and "
+        "lemmas (gold / stanza; nltk's WordNet data is not installed), the graph from the train captions "
+        "(text.concepts); its loss is CVSE's concept KL only (concept_rank_weight 0: eq. 20 names only the fused "
+        "ranking loss). β_c = 0 with β_t = 0.4 is Table 6's [0.6, 0.4, 0.0] ablation.",
+        "Concept vectors start random unless models.smfea.glove names a GloVe file (none is downloaded here); "
+        "the log says which.",
         "Batch size 128 and gradient clipping 2 are SCAN's (unstated in SMFEA).",
         "shapes: demo schedule and sizes.",
     ],

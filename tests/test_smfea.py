@@ -11,7 +11,7 @@ from itmatch.models.smfea import SMFEA, attention_pool, node_cross_entropy, node
 from itmatch.models.tree_lstm import STRUCTURES, StructuredTreeEncoder, evaluation_order
 from itmatch.training.loss import ContrastiveLoss
 
-DATA = dict(vocab_size=30, feature_dim=12, n_entities=9, n_relations=4)
+DATA = dict(vocab_size=30, feature_dim=12, n_entities=9, n_relations=4, n_concepts=5)
 TINY = dict(embed_dim=16, word_dim=8, node_input_dim=10, hidden_dim=6)
 
 
@@ -94,7 +94,7 @@ def test_model_loss_uses_visual_first_in_kl(monkeypatch):
 
     monkeypatch.setattr(smfea, "node_kl", spy)
     model, imgs, caps = _model_and_batch(ce_weight=0.0)
-    vf, v_ent, v_rel = model._images(imgs)
+    vf, v_ent, v_rel = model._images(imgs)[:3]
     model.loss(imgs, caps, ContrastiveLoss())
     torch.testing.assert_close(calls[0][0], v_ent)  # first argument (the reference) is the visual tree's
 
@@ -115,18 +115,22 @@ def _model_and_batch(**cfg):
     B = 4
     imgs = {"features": torch.randn(B, 5, 12), "num_regions": torch.tensor([5, 3, 4, 2])}
     caps = {"tokens": torch.randint(1, 30, (B, 6)), "lengths": torch.tensor([6, 4, 3, 5]),
-            "tree_labels": torch.tensor([[1, 0, 2, -1, 3, 1, 4]] * B)}
+            "tree_labels": torch.tensor([[1, 0, 2, -1, 3, 1, 4]] * B),
+            "concept_labels": torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1], [0, 0, 0, 1, 0]])}
+    caps["image_concept_labels"] = caps["concept_labels"]
     return model, imgs, caps
 
 
 @pytest.mark.parametrize("cfg", [
-    {},                                   # full model
+    {},                                   # full model (β = 0.6 / 0.2 / 0.2, with the CAC branch)
+    {"beta_c": 0.0, "beta_t": 0.4},       # Table 6 row [0.6, 0.4, 0.0]: no CAC branch
+    {"beta_c": 0.4, "beta_t": 0.0},       # Table 6 row [0.6, 0.0, 0.4]
     {"use_trees": False},                 # w/o trees (Table 5)
     {"kl_weight": 0.0},                   # w/o KL
     {"ce_weight": 0.0},                   # w/o CE
     {"structure": "chain"},               # chain-based encoder (Table 7)
     {"structure": "linear"},
-    {"beta_d": 1.0, "beta_t": 0.0},       # Table 6 first row
+    {"beta_d": 1.0, "beta_t": 0.0, "beta_c": 0.0},   # Table 6 first row
 ])
 def test_ablations_build_train_one_step_and_all_params_get_gradient(cfg):
     model, imgs, caps = _model_and_batch(**cfg)
@@ -138,7 +142,8 @@ def test_ablations_build_train_one_step_and_all_params_get_gradient(cfg):
     loss.backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     expected = {n for n, _ in model.named_parameters()}
-    if cfg.get("beta_t", 0.4) == 0:       # V^T not fused: the eq. 14 maps are unused
+    assert ("concept_kl_loss" in logs) == (cfg.get("beta_c", 0.2) > 0)
+    if cfg.get("beta_t", 0.2) == 0:       # V^T not fused: the eq. 14 maps are unused
         expected = {n for n in expected if "out_maps" not in n}
     if cfg.get("structure") == "linear":  # no children: U^* unused
         expected = {n for n in expected if "cell.U" not in n}
@@ -148,12 +153,16 @@ def test_ablations_build_train_one_step_and_all_params_get_gradient(cfg):
     assert sim.shape == (4, 4) and sim.abs().max() <= 1 + 1e-5
 
 
-def test_without_trees_does_not_need_labels_and_cac_is_refused():
+def test_without_trees_does_not_need_labels_and_cac_needs_concepts():
     model, imgs, caps = _model_and_batch(use_trees=False)
     del caps["tree_labels"]
     model.loss(imgs, caps, ContrastiveLoss())
-    with pytest.raises(ValueError, match="beta_c"):
-        SMFEA.from_config({**TINY, "beta_c": 0.2}, DATA)
+    data = {k: v for k, v in DATA.items() if k != "n_concepts"}
+    with pytest.raises(KeyError, match="n_concepts"):
+        SMFEA.from_config({**TINY, "beta_c": 0.2}, data)
+    del caps["concept_labels"], caps["image_concept_labels"]
+    with pytest.raises(KeyError, match="concept_labels"):
+        model.loss(imgs, caps, ContrastiveLoss())
     with pytest.raises(ValueError, match="unknown keys"):
         SMFEA.from_config({**TINY, "betad": 0.2}, DATA)
 

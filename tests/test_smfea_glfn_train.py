@@ -1,5 +1,5 @@
 """SMFEA and GLFN through the shared training loop and evaluation, on a synthetic corpus extended with
-the text stage's formats (trees.parquet + tree_vocab.json, bert.h5, tags.h5)."""
+the text stage's formats (trees.parquet + tree_vocab.json, concepts.h5, bert.h5, tags.h5)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from itmatch.corpus.data import Corpus, DataPaths
 from itmatch.corpus.synthetic import write_synthetic_corpus
 from itmatch.evaluation.evaluate import evaluate_checkpoint
+from itmatch.text.concepts import build_concepts, write_concepts
 from itmatch.training.loop import train_model
 
 
@@ -54,6 +55,13 @@ def _extend(paths: DataPaths, root: Path, H: int = 16) -> DataPaths:
         f.create_dataset("vectors", data=rng.standard_normal((5, H)).astype(np.float16))
         f.create_dataset("index", data=index)
     paths.trees, paths.bert, paths.tags = str(root / "trees.parquet"), str(root / "bert.h5"), str(root / "tags.h5")
+    # concepts (SMFEA's CAC): every caption word ("w14") a noun, its lemma in letters ("wbe"); all of them kept
+    tagged = [[("NN", "w" + "".join(chr(97 + int(d)) for d in w[1:])) for w in text.split()] for text in caps["text"]]
+    train = caps["split"].to_numpy() == "train"
+    built = build_concepts(tagged, train, {"num_concepts": 30, "pos_shares": {"noun": 1.0}})
+    assert len(built["names"]) == len({w for t, tr in zip(tagged, train, strict=True) if tr for _, w in t})
+    write_concepts(root / "concepts.h5", caps["caption_id"].to_numpy(), built, "test")
+    paths.concepts = str(root / "concepts.h5")
     return paths
 
 
@@ -70,9 +78,9 @@ def corpus_paths(tmp_path_factory) -> DataPaths:
 def test_train_two_epochs_then_evaluate(tmp_path, corpus_paths, name, cfg):
     from itmatch.models.registry import model_class
 
-    corpus = Corpus(corpus_paths, model_class(name).requires)
+    corpus = Corpus(corpus_paths, model_class(name).inputs(cfg))
     if name == "smfea":
-        assert (corpus.info["n_entities"], corpus.info["n_relations"]) == (6, 3)
+        assert (corpus.info["n_entities"], corpus.info["n_relations"]) == (6, 3) and corpus.info["n_concepts"] > 2
     torch.manual_seed(0)
     best = train_model(name, cfg, {"num_workers": 0, "device": "cpu", "precision": "fp32",
                                    "epochs": 2, "batch_size": 16, "lr": 1e-3,

@@ -10,8 +10,8 @@ per image the small arrays of regions.h5 (num_regions, boxes, image_hw, object i
 
 Inputs (see the artifact contract): images.parquet (row order = regions.h5 rows), captions.parquet,
 tokens.parquet (same row order as captions.parquet), vocab.json, and the optional blocks.h5, tags.h5,
-bert.h5, trees.parquet, grid.h5 (BSSAN's VGG-19 grid: one [G, C] row per image, read like the region
-features) named by the model's inputs (:func:`itmatch.models.registry.model_inputs`). An HDF5 file that
+bert.h5, trees.parquet, concepts.h5, grid.h5 (BSSAN's VGG-19 grid: one [G, C] row per image, read like the
+region features) named by the model's inputs (:func:`itmatch.models.registry.model_inputs`). An HDF5 file that
 cannot be opened or read (truncated, a chunk failing its checksum) raises
 :class:`itmatch.utils.h5.ArtifactReadError` naming the file, the row and how to rebuild it.
 """
@@ -52,6 +52,7 @@ class DataPaths:
     bert: str | None = None
     trees: str | None = None
     grid: str | None = None
+    concepts: str | None = None
 
     @classmethod
     def from_inputs(cls, inputs: Any) -> DataPaths:
@@ -172,6 +173,7 @@ class Corpus:
                                      "num_regions": int(self.R)}
         self.blocks = self.tags = self.bert = self.grid = None
         self.trees = None
+        self.concept_index: np.ndarray | None = None
         if "blocks" in requires:
             self.blocks = LazyH5(self._need(paths.blocks, "blocks"))
             with open_h5(paths.blocks) as f:
@@ -211,6 +213,39 @@ class Corpus:
                 tv = json.loads(vocab_path.read_text(encoding="utf-8"))
                 self.info["n_entities"] = len(tv["entities"])
                 self.info["n_relations"] = len(tv["relations"])
+        if "concepts" in requires:
+            self._load_concepts(self._need(paths.concepts, "concepts"), cap["caption_id"])
+
+    def _load_concepts(self, path: str, caption_ids: np.ndarray) -> None:
+        """concepts.h5 (itmatch.text.concepts): the graph for the model, each caption's concept ids, and per image
+        the rows of its captions (for the image-level labels)."""
+        with open_h5(path) as f, reading(path, "concepts"):
+            self.concept_names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["names"][:]]
+            self.concept_correlation = f["correlation"][:].astype(np.float32)
+            ids, offsets = f["caption_id"][:], f["label_offsets"][:].astype(np.int64)
+            self.concept_index = f["label_index"][:].astype(np.int64)
+        K = len(self.concept_names)
+        if not np.array_equal(ids, caption_ids) or len(offsets) != len(ids) + 1:
+            raise ValueError(f"{path}: caption_id rows differ from {self.paths.captions}; rebuild it "
+                             f"(snakemake --force {path})")
+        if self.concept_correlation.shape != (K, K) or (len(self.concept_index) and
+                                                       int(self.concept_index.max()) >= K):
+            raise ValueError(f"{path}: correlation {self.concept_correlation.shape} or label ids do not match its "
+                             f"{K} concepts")
+        self.concept_offsets = offsets
+        order = np.argsort(self.caption_image, kind="stable")
+        self.image_caption_rows = order
+        self.image_caption_offsets = np.concatenate(
+            [[0], np.cumsum(np.bincount(self.caption_image, minlength=self.n_images))]).astype(np.int64)
+        self.info["n_concepts"] = K
+
+    def _concept_vector(self, rows: np.ndarray) -> np.ndarray:
+        """Multi-hot float32 [K] of the concepts of the captions ``rows``."""
+        out = np.zeros(self.info["n_concepts"], dtype=np.float32)
+        o, idx = self.concept_offsets, self.concept_index
+        for r in rows:
+            out[idx[o[r]:o[r + 1]]] = 1.0
+        return out
 
     @staticmethod
     def _need(path: str | None, what: str) -> str:
@@ -263,6 +298,11 @@ class Corpus:
             item["bert"] = vec if max_words is None else vec[:max_words]
         if self.trees is not None:
             item["tree_labels"] = self.trees[row]
+        if self.concept_index is not None:
+            img = int(self.caption_image[row])
+            s_, e_ = self.image_caption_offsets[img], self.image_caption_offsets[img + 1]
+            item["concept_labels"] = self._concept_vector(np.array([row]))
+            item["image_concept_labels"] = self._concept_vector(self.image_caption_rows[s_:e_])
         return item
 
 
@@ -311,6 +351,9 @@ def collate_captions(items: list[dict[str, Any]]) -> Batch:
         out["bert"] = torch.from_numpy(bert)
     if "tree_labels" in items[0]:
         out["tree_labels"] = torch.as_tensor(np.stack([it["tree_labels"] for it in items]))
+    for key in ("concept_labels", "image_concept_labels"):
+        if key in items[0]:
+            out[key] = torch.from_numpy(np.stack([it[key] for it in items]))
     return out
 
 

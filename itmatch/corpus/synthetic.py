@@ -79,13 +79,13 @@ def write_synthetic_corpus(root: str | Path, n_train: int = 40, n_val: int = 10,
 
 def synthetic_batches(n_img: int, n_cap: int, R: int = 36, D: int = 2048, vocab: int = 10_000, min_len: int = 8,
                       max_len: int = 16, bert_dim: int = 768, K: int = 16, L: int = 15, seed: int = 0,
-                      grid_cells: int = 196, grid_dim: int = 512
+                      grid_cells: int = 196, grid_dim: int = 512, n_concepts: int = 300
                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]:
     """Random image and caption batches with every key any model reads (features, num_regions, boxes,
-    object_conf, block index/weight, tag vectors, VGG-19 grid; tokens, lengths, BERT vectors, tree labels) and the
-    matching ``data_info``. Caption ``k`` belongs to image ``k % n_img``. Defaults: COCO-size inputs (36 × 2048
-    regions, captions of 8–16 words, BERT-base width, the 16 × 16 block grid with 15 blocks per region, BSSAN's
-    14 × 14 × 512 conv5_4 grid)."""
+    object_conf, block index/weight, tag vectors, VGG-19 grid; tokens, lengths, BERT vectors, tree labels, concept
+    labels) and the matching ``data_info``. Caption ``k`` belongs to image ``k % n_img``. Defaults: COCO-size
+    inputs (36 × 2048 regions, captions of 8–16 words, BERT-base width, the 16 × 16 block grid with 15 blocks per
+    region, BSSAN's 14 × 14 × 512 conv5_4 grid, CVSE's 300 concepts)."""
     g = torch.Generator().manual_seed(seed)
     num = torch.randint(max(1, R - 6), R + 1, (n_img,), generator=g)
     valid = torch.arange(R)[None] < num[:, None]
@@ -108,8 +108,10 @@ def synthetic_batches(n_img: int, n_cap: int, R: int = 36, D: int = 2048, vocab:
     bert[pad] = 0
     captions = {"tokens": tok, "lengths": lens, "image_index": torch.arange(n_cap) % n_img,
                 "index": torch.arange(n_cap), "bert": bert,
-                "tree_labels": torch.randint(-1, 50, (n_cap, 7), generator=g)}
+                "tree_labels": torch.randint(-1, 50, (n_cap, 7), generator=g),
+                "concept_labels": (torch.rand(n_cap, n_concepts, generator=g) < 0.02).float()}
+    captions["image_concept_labels"] = captions["concept_labels"]
     info = {"vocab_size": vocab, "feature_dim": D, "num_regions": R, "blocks_K": K, "blocks_L": L,
             "tag_dim": bert_dim, "bert_dim": bert_dim, "n_entities": 1440, "n_relations": 247,
-            "grid_cells": grid_cells, "grid_dim": grid_dim}
+            "grid_cells": grid_cells, "grid_dim": grid_dim, "n_concepts": n_concepts}
     return images, captions, info

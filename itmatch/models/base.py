@@ -32,6 +32,8 @@ Caption batch keys (C captions, W = longest caption in the batch):
     lengths        int64   [C]
     bert           float32 [C, W, H]   per-token BERT features             — when "bert" in requires
     tree_labels    int64   [C, 7]      entity-or-relation id, -1 = null   — when "trees" in requires
+    concept_labels float32 [C, K]      the caption's concepts, multi-hot   — when "concepts" in inputs
+    image_concept_labels float32 [C, K]  its image's (union over the image's captions)
     image_index    int64   [C]         row of the caption's image in images.parquet
     index          int64   [C]         row in captions.parquet
 """

@@ -43,13 +43,13 @@ def model_keys(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_inputs(name: str, cfg: dict[str, Any]) -> frozenset[str]:
-    """The optional artifacts (``blocks``, ``tags``, ``bert``, ``trees``, ``grid``) that model ``name`` reads with the
-    resolved settings ``cfg``, beyond regions.h5 and tokens.parquet."""
+    """The optional artifacts (``blocks``, ``tags``, ``bert``, ``trees``, ``concepts``, ``grid``) that model
+    ``name`` reads with the resolved settings ``cfg``, beyond regions.h5 and tokens.parquet."""
     return model_class(name).inputs(model_keys(cfg))
 
 
 def build_model(name: str, cfg: dict[str, Any], data_info: dict[str, Any]) -> MatchingModel:
     """``cfg`` is ``config['models'][name]`` (merged with overrides); ``data_info`` holds the data's
     dimensions: vocab_size, feature_dim, and where relevant blocks_K, bert_dim, tag_dim, n_entities,
-    n_relations, n_objects, n_attributes, grid_cells, grid_dim."""
+    n_relations, n_concepts, n_objects, n_attributes, grid_cells, grid_dim."""
     return model_class(name).from_config(model_keys(cfg), data_info)

@@ -6,20 +6,23 @@ and one lemma per leaf.
 * ``gold``: the ``shapes`` generator stores both for every sentence of its dataset JSON
   (``parse`` and ``lemmas``); matched to captions by ``caption_id`` = the JSON's ``sentid``.
 * ``stanza``: stanza's ``tokenize,pos,lemma,constituency`` pipeline, batched, on the GPU when one is
-  there. Models are read from a local folder (config key ``text.trees.stanza_dir``) and are never
-  downloaded here; a caption that stanza splits into several sentences keeps its first sentence.
+  there (:func:`stanza_tags`: ``tokenize,pos,lemma`` only, for the concept stage). Models are read from a
+  local folder (config key ``text.trees.stanza_dir``) and are never downloaded here; a caption that stanza
+  splits into several sentences keeps its first sentence (:func:`stanza_tags`: every sentence).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from itmatch.utils.device import resolve_device
 from itmatch.utils.logs import log, progress
 
 STANZA_PROCESSORS = "tokenize,pos,lemma,constituency"
+TAG_PROCESSORS = "tokenize,pos,lemma"   # the concept stage (itmatch.text.concepts): tags and lemmas only
 FETCH_COMMAND = "snakemake --cores 1 fetch_stanza_models"
 
 
@@ -42,30 +45,49 @@ def check_stanza_models(model_dir: str | Path) -> Path:
     return d
 
 
-def stanza_parse(texts: Sequence[str], model_dir: str | Path, batch_size: int = 256,
-                 device: str = "auto") -> list[tuple[str, list[str]]]:
-    """``(ptb, lemmas)`` per text with stanza (models from ``model_dir`` only)."""
+def _stanza_pipeline(model_dir: str | Path, processors: str, batch_size: int, device: str) -> Any:
+    """A stanza English pipeline on the local models of ``model_dir`` (never downloads)."""
     d = check_stanza_models(model_dir)
     import stanza
 
-
     use_gpu = resolve_device(device, "text.trees.device").type == "cuda"  # logged; warns / fails as elsewhere
-    nlp = stanza.Pipeline("en", dir=str(d), processors=STANZA_PROCESSORS, download_method=None,
-                          use_gpu=use_gpu, logging_level="WARN", tokenize_batch_size=batch_size,
-                          pos_batch_size=batch_size * 8, lemma_batch_size=batch_size * 8,
-                          constituency_batch_size=batch_size)
-    out: list[tuple[str, list[str]]] = []
+    extra = {"constituency_batch_size": batch_size} if "constituency" in processors else {}
+    return stanza.Pipeline("en", dir=str(d), processors=processors, download_method=None,
+                           use_gpu=use_gpu, logging_level="WARN", tokenize_batch_size=batch_size,
+                           pos_batch_size=batch_size * 8, lemma_batch_size=batch_size * 8, **extra)
+
+
+def _stanza_docs(nlp: Any, texts: Sequence[str], batch_size: int, what: str) -> Iterator[Any]:
+    """stanza documents of ``texts`` in order, processed ``batch_size`` at a time."""
+    import stanza
+
     starts = range(0, len(texts), batch_size)
-    for s in progress(starts, "stanza parses", len(starts), unit="batch"):
-        docs = nlp.bulk_process([stanza.Document([], text=t) for t in texts[s:s + batch_size]])
-        for doc in docs:
-            if not doc.sentences:
-                out.append(("(ROOT (X))", []))
-                continue
-            sent = doc.sentences[0]
-            # one-line PTB; a space inside a token (rare) becomes "_" so every leaf stays one word
-            out.append((format(sent.constituency, "_O"), [(w.lemma or w.text).lower() for w in sent.words]))
+    for s in progress(starts, what, len(starts), unit="batch"):
+        yield from nlp.bulk_process([stanza.Document([], text=t) for t in texts[s:s + batch_size]])
+
+
+def stanza_parse(texts: Sequence[str], model_dir: str | Path, batch_size: int = 256,
+                 device: str = "auto") -> list[tuple[str, list[str]]]:
+    """``(ptb, lemmas)`` per text with stanza (models from ``model_dir`` only)."""
+    nlp = _stanza_pipeline(model_dir, STANZA_PROCESSORS, batch_size, device)
+    out: list[tuple[str, list[str]]] = []
+    for doc in _stanza_docs(nlp, texts, batch_size, "stanza parses"):
+        if not doc.sentences:
+            out.append(("(ROOT (X))", []))
+            continue
+        sent = doc.sentences[0]
+        # one-line PTB; a space inside a token (rare) becomes "_" so every leaf stays one word
+        out.append((format(sent.constituency, "_O"), [(w.lemma or w.text).lower() for w in sent.words]))
     return out
+
+
+def stanza_tags(texts: Sequence[str], model_dir: str | Path, batch_size: int = 256,
+                device: str = "auto") -> list[list[tuple[str, str]]]:
+    """``[(Penn-Treebank tag, lemma), …]`` per text, every sentence of it, with stanza's ``tokenize,pos,lemma``
+    (no constituency parser: the concept stage needs tags and lemmas only)."""
+    nlp = _stanza_pipeline(model_dir, TAG_PROCESSORS, batch_size, device)
+    return [[(w.xpos or "", (w.lemma or w.text).lower()) for sent in doc.sentences for w in sent.words]
+            for doc in _stanza_docs(nlp, texts, batch_size, "stanza tags")]
 
 
 def gold_parses(json_path: str | Path, caption_ids: Sequence[int]) -> list[tuple[str, list[str]]]:

@@ -23,6 +23,8 @@ def _model_inputs(wc):
     if "trees" in req:
         inp["trees"] = f"results/text/{d}/trees.parquet"
         inp["tree_vocab"] = f"results/text/{d}/tree_vocab.json"
+    if "concepts" in req:
+        inp["concepts"] = f"results/text/{d}/concepts.h5"
     return inp
 
 

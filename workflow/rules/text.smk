@@ -1,4 +1,4 @@
-# Text stages: tokens + vocabulary, referral trees, BERT features, tag vectors.
+# Text stages: tokens + vocabulary, referral trees, concepts, BERT features, tag vectors.
 # Settings: config key `text` (see the README section "Text stages").
 
 include: "text_functions.smk"
@@ -30,8 +30,7 @@ rule referral_trees:
     """SMFEA's 7-node referral tree per caption (gold parses or stanza) → trees.parquet + tree_vocab.json."""
     input:
         captions=_captions,
-        parses=lambda wc: (dataset_cfg(wc.dataset)["json"] if _text_parser(wc.dataset) == "gold"
-                           else config["text"]["trees"]["stanza_dir"]),
+        parses=lambda wc: _parses_input(wc.dataset),
     output:
         trees="results/text/{dataset}/trees.parquet",
         vocab="results/text/{dataset}/tree_vocab.json",
@@ -50,6 +49,31 @@ rule referral_trees:
         "../../envs/text.yaml"
     script:
         "../scripts/text_trees.py"
+
+
+rule concepts:
+    """SMFEA's CAC concepts (CVSE): train-caption concept vocabulary, per-caption labels, correlation graph → concepts.h5."""
+    input:
+        captions=_captions,
+        parses=lambda wc: _parses_input(wc.dataset),
+    output:
+        concepts="results/text/{dataset}/concepts.h5",
+    params:
+        parser=lambda wc: _text_parser(wc.dataset),
+        stanza={k: config["text"]["trees"][k] for k in ("stanza_dir", "stanza_batch_size", "device")},
+        concepts=config["text"]["concepts"],
+        code=code_version("text_concepts.py"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=lambda wc: 30 if _text_parser(wc.dataset) == "gold" else 240,
+        gpu=lambda wc: int(_text_parser(wc.dataset) == "stanza") * uses_gpu(config["text"]["trees"]["device"]),
+    log:
+        "logs/text/concepts_{dataset}.log",
+    conda:
+        "../../envs/text.yaml"
+    script:
+        "../scripts/text_concepts.py"
 
 
 rule bert_features:

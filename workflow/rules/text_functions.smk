@@ -10,6 +10,11 @@ def _text_parser(dataset):
     return config["text"]["trees"]["parser"].get(dataset, "stanza")
 
 
+def _parses_input(dataset):
+    """Where referral trees and concepts get tags and lemmas: the dataset JSON (gold) or stanza's model folder."""
+    return dataset_cfg(dataset)["json"] if _text_parser(dataset) == "gold" else config["text"]["trees"]["stanza_dir"]
+
+
 def _bert_model(dataset):
     b = config["text"]["bert"]
     return (b.get("dataset_model") or {}).get(dataset, b["model"])
