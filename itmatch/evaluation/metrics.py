@@ -128,6 +128,24 @@ class Ranks:
     t2i_top_score: np.ndarray  # [C, k] float32
 
 
+def top_k(s: np.ndarray, k: int, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best entries of every row of ``s`` [n, m] as (``index`` of each, or its column; score), score
+    descending, equal scores by smaller index first. A partition finds each row's k-th score; only the entries
+    at least that high are sorted (all of them in a row of ties)."""
+    n, m = s.shape
+    idx = np.broadcast_to(np.arange(m), s.shape) if index is None else index
+    if k >= m:
+        order = np.lexsort((idx, -s), axis=-1) if n else np.zeros((0, m), np.int64)
+        return np.take_along_axis(idx, order, 1).astype(np.int64), np.take_along_axis(s, order, 1)
+    kth = np.partition(s, m - k, axis=1)[:, m - k:m - k + 1]
+    r, c = np.nonzero(s >= kth)
+    score, ids = s[r, c], idx[r, c]
+    order = np.lexsort((ids, -score, r))
+    r, score, ids = r[order], score[order], ids[order]
+    keep = np.arange(len(r)) - np.searchsorted(r, np.arange(n))[r] < k  # the first k of every row
+    return ids[keep].reshape(n, k).astype(np.int64), score[keep].reshape(n, k)
+
+
 def block_rows(n_cols: int, elements: int = 1 << 22) -> int:
     """Rows per block so that a block holds about ``elements`` values (16 MB of float32)."""
     return max(1, elements // max(n_cols, 1))
@@ -165,15 +183,11 @@ def matrix_ranks(read: RowReader, n_images: int, cap_image: np.ndarray, top: int
         match[a:b] = np.argmax(gt & (key == best), axis=1)
         pos[mine] = s[cap_image[mine] - a, cols[mine]]
         if k_i:
-            order = np.argsort(-s, axis=1, kind="stable")[:, :k_i]
-            i2t_top[a:b] = order
-            i2t_score[a:b] = np.take_along_axis(s, order, 1)
-        if k_t:  # merge the running top rows with this block's rows (both in row order among equal scores)
-            cand = np.concatenate([t_top, np.broadcast_to(np.arange(a, b)[:, None], s.shape)], 0)
-            cand_s = np.concatenate([t_score, s], 0)
-            order = np.argsort(-cand_s, axis=0, kind="stable")[:k_t]
-            t_top = np.take_along_axis(cand, order, 0)
-            t_score = np.take_along_axis(cand_s, order, 0)
+            i2t_top[a:b], i2t_score[a:b] = top_k(s, k_i)
+        if k_t:  # the running top rows of every column merged with this block's rows
+            cand = np.concatenate([t_top, np.broadcast_to(np.arange(a, b)[:, None], s.shape)], 0).T
+            top, score = top_k(np.ascontiguousarray(np.concatenate([t_score, s], 0).T), k_t, cand)
+            t_top, t_score = top.T, score.T
     if np.isnan(pos).any():
         raise ValueError(f"caption {int(np.flatnonzero(np.isnan(pos))[0])}: image row outside 0..{n_images - 1}")
     count = np.zeros(C, np.int64)
@@ -181,7 +195,7 @@ def matrix_ranks(read: RowReader, n_images: int, cap_image: np.ndarray, top: int
         s = _finite(np.asarray(read(a, min(n_images, a + block)), dtype=np.float32))
         count += (s >= pos[None, :]).sum(0)
     return Ranks(i2t, match, count - 1, i2t_top, i2t_score, np.ascontiguousarray(t_top.T),
-                 np.ascontiguousarray(t_score.T))
+                 np.ascontiguousarray(t_score.T, dtype=np.float32))
 
 
 @dataclass
