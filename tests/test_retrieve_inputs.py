@@ -62,7 +62,7 @@ def _override(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-def _dataset_caption_scores(run, corpus, model, r: Retriever, k: int = 0):
+def _dataset_caption_scores(corpus, model, r: Retriever, k: int = 0):
     """A test caption as a query: the retrieved scores and the caption's column of the evaluation's matrix."""
     image_rows, caption_rows, _ = split_rows(corpus, "test")
     sim = similarity(model, corpus, image_rows, caption_rows)
@@ -75,7 +75,7 @@ def _dataset_caption_scores(run, corpus, model, r: Retriever, k: int = 0):
 def test_smfea_reuses_a_dataset_captions_tree_and_refuses_a_new_sentence_under_gold(workdir, tmp_path):
     run, corpus, model = _run(workdir, "smfea")
     r = Retriever(run, device="cpu", config_path=CONFIG)
-    got, want, res = _dataset_caption_scores(run, corpus, model, r)
+    got, want, res = _dataset_caption_scores(corpus, model, r)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert res.query["dataset_caption_ids"]
     with pytest.raises(RetrieveError, match=r"smfea reads the referral tree of a caption, and dataset shapes takes "
@@ -94,7 +94,7 @@ def test_smfea_without_stanza_models_names_them(workdir, tmp_path):
 def test_glfn_computes_bert_vectors_of_a_new_sentence(workdir, tmp_path):
     run, corpus, model = _run(workdir, "glfn")
     r = Retriever(run, device="cpu", config_path=CONFIG)
-    got, want, _ = _dataset_caption_scores(run, corpus, model, r)  # stored vectors for a dataset caption
+    got, want, _ = _dataset_caption_scores(corpus, model, r)  # stored vectors for a dataset caption
     np.testing.assert_allclose(got, want, atol=1e-5)
     res = r.text("w1 w2 w3 w1 w2 w3 w1", k=3)  # new: BERT vectors from the configured shapes BERT
     assert len(res.hits) == 3 and "dataset_caption_ids" not in res.query
