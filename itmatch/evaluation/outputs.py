@@ -107,7 +107,7 @@ def ranks_table(ev: Evaluation, image_ids: np.ndarray, caption_ids: np.ndarray, 
     n_img, n_cap = len(image_ids), len(caption_ids)
     size = n_img // ev.folds
 
-    def lists(ids: np.ndarray, values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
+    def lists(ids: np.ndarray | None, values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
         k = values.shape[1]
         offsets = pa.array(np.arange(0, k * len(values) + 1, k, dtype=np.int32))
         flat = ids[values.reshape(-1)] if ids is not None else values.reshape(-1)
