@@ -4,6 +4,8 @@
 - ``itmatch recipe --markdown``: docs/recipes.md (every model's recipes with their sources);
 - ``itmatch export FEATURES --format scan-precomp|npz|tsv --out DIR``: region features in SCAN's / PFAN's
   ``.npy``, MILVLG's per-image ``.npz`` or the bottom-up-attention TSV layout (:mod:`itmatch.features.exporters`).
+- ``itmatch retrieve RUN --text "..." | --image ID_OR_FILE [--k 10] [--split test] [--json]``: the top-k
+  images of a sentence or captions of an image from a trained run (:mod:`itmatch.retrieve`).
 
 ``--configfile`` adds override files as Snakemake's ``--configfile`` does. Bad input exits with status 2 and
 a message naming the valid choices.
@@ -69,6 +71,22 @@ def _add_export(sub) -> None:
     ex.set_defaults(func=_export)
 
 
+def _retrieve(args: argparse.Namespace) -> int:
+    from itmatch.retrieve import Retriever, format_table  # torch only when retrieving
+
+    if args.k < 1:
+        raise ValueError(f"--k must be at least 1, got {args.k}")
+    r = Retriever(args.run, split=args.split, device=args.device, precision=args.precision, config_path=args.config,
+                  configfiles=args.configfile)
+    result = r.text(args.text, args.k) if args.text is not None else r.image(args.image, args.k)
+    if args.json:
+        json.dump(result.as_dict(), sys.stdout, indent=1, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="itmatch", description="itmatch workflow tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--configfile", action="append", default=[], help="override file merged over --config")
     rec.set_defaults(func=_recipe)
     _add_export(sub)
+    ret = sub.add_parser(
+        "retrieve", help="top-k images of a sentence, or captions of an image, from a trained run",
+        description="Score a query with the trained model of RUN against every image (--text) or caption (--image) "
+                    "of a split of its dataset and print the best k. RUN is a results folder such as "
+                    "results/pfan/shapes (its workflow directory holds the dataset's artifacts).",
+        epilog='example: itmatch retrieve results/pfan/shapes --text "a red circle" --k 5')
+    ret.add_argument("run", metavar="RUN", help="results folder of a trained model, e.g. results/pfan/shapes")
+    query = ret.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a sentence: retrieve images")
+    query.add_argument("--image", metavar="IMAGE_ID_OR_FILE",
+                       help="an image id of the dataset, or an image file (regions extracted with the dataset's "
+                            "detector): retrieve captions")
+    ret.add_argument("--k", type=int, default=10, help="how many results (default 10)")
+    ret.add_argument("--split", default="test", help="split searched (default test)")
+    ret.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ret.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda")
+    ret.add_argument("--precision", default="fp32", help="scoring precision: fp32 (default) | bf16 | fp16 | auto")
+    ret.add_argument("--config", default=None,
+                     help="config file when a query needs it (new image file, inputs of SMFEA / GLFN); default: "
+                          "config/config.yaml of RUN's workflow directory")
+    ret.add_argument("--configfile", action="append", default=[], help="override file merged over --config")
+    ret.set_defaults(func=_retrieve)
     return parser
 
 

@@ -123,8 +123,19 @@ class TextOptions:
             raise ValueError(f"models.<model>.tokens.max_words must be >= 1 or null, got {max_words!r}")
         return cls(bool(t["start_end"]), None if max_words is None else int(max_words))
 
+    def apply(self, toks: np.ndarray) -> np.ndarray:
+        """A caption's word ids as the model sees them: an empty caption reads as one ``<unk>``, then the first
+        ``max_words`` words, then ``<start>`` / ``<end>`` around them when ``start_end``."""
+        if len(toks) == 0:
+            toks = np.array([UNK_ID], dtype=np.int64)  # an empty caption reads as one <unk>
+        if self.max_words is not None:
+            toks = toks[:self.max_words]
+        if self.start_end:
+            toks = np.concatenate([[START_ID], toks, [END_ID]]).astype(np.int64)
+        return toks
 
-START_ID, END_ID = 1, 2   # vocab.json specials (itmatch.text.vocab.SPECIALS)
+
+START_ID, END_ID, UNK_ID = 1, 2, 3   # vocab.json specials (itmatch.text.vocab.SPECIALS)
 
 
 class Corpus:
@@ -140,6 +151,8 @@ class Corpus:
         cap = _read_column(paths.captions, ["caption_id", "image_id", "split"])
         self.image_split = img["split"].astype(str)
         self.caption_split = cap["split"].astype(str)
+        self.image_ids = img["image_id"].astype(np.int64)
+        self.caption_ids = cap["caption_id"].astype(np.int64)
         row_of = {int(i): r for r, i in enumerate(img["image_id"])}
         try:
             self.caption_image = np.array([row_of[int(i)] for i in cap["image_id"]], dtype=np.int64)
@@ -281,14 +294,8 @@ class Corpus:
 
     def caption_item(self, row: int) -> dict[str, Any]:
         s, e = self.token_offsets[row], self.token_offsets[row + 1]
-        toks = self.tokens[s:e]
-        if len(toks) == 0:
-            toks = np.array([3], dtype=np.int64)  # an empty caption reads as one <unk>
+        toks = self.text.apply(self.tokens[s:e])
         max_words = self.text.max_words
-        if max_words is not None:
-            toks = toks[:max_words]
-        if self.text.start_end:
-            toks = np.concatenate([[START_ID], toks, [END_ID]]).astype(np.int64)
         item: dict[str, Any] = {"tokens": toks, "index": row, "image_index": int(self.caption_image[row])}
         if self.bert is not None:
             o, values = self.bert.dataset("offsets"), self.bert.dataset("values")

@@ -34,7 +34,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_parts(path: str | Path, device: str | torch.device = "cpu") -> tuple[str, list[MatchingModel]]:
     """(model name, the model of every part in eval mode on ``device``)."""
-    ck = read_checkpoint(path)
+    return checkpoint_models(read_checkpoint(path), device)
+
+
+def checkpoint_models(ck: dict[str, Any], device: str | torch.device = "cpu") -> tuple[str, list[MatchingModel]]:
+    """:func:`load_parts` of a checkpoint dict already read with :func:`read_checkpoint`."""
     models = []
     for part in ck["parts"]:
         m = build_model(ck["model"], part["config"], part["data_info"])

@@ -1,4 +1,4 @@
-# Training and evaluation of every model: results/{model}/{dataset}/{model.pt,train_log.csv,metrics.json}.
+# Training and evaluation of every model: results/{model}/{dataset}/{model.pt,train_log.csv,metrics.json,sims.h5,ranks.parquet}.
 # The train rules' `training` / `model_cfg` params are itmatch.training.settings.recipe (= `itmatch recipe`).
 # Generic over {model}: the inputs come from model_inputs(model, settings) (itmatch/models/registry.py). Models with
 # models.<model>.fuse (SCAN, PFAN: [t2i, i2t]) train one model per direction under
@@ -94,12 +94,14 @@ rule fuse_parts:
 
 
 rule evaluate:
-    """Evaluate a trained model on the test split: R@1/5/10 both ways and rSum (1K, COCO 5-fold 1K and 5K) → metrics.json."""
+    """Evaluate a trained model on the test split: its similarity matrix (sims.h5), then from it every query's rank and top-10 (ranks.parquet) and R@1/5/10 both ways and rSum (1K, COCO 5-fold 1K and 5K) → metrics.json."""
     input:
         unpack(_model_inputs),
         checkpoint="results/{model}/{dataset}/model.pt",
     output:
         metrics="results/{model}/{dataset}/metrics.json",
+        sims="results/{model}/{dataset}/sims.h5",
+        ranks="results/{model}/{dataset}/ranks.parquet",
     params:
         evaluation=lambda wc: evaluation_settings(config, wc.dataset),
         model_cfg=lambda wc: model_settings(config, wc.model, wc.dataset),

@@ -1,4 +1,5 @@
-"""Rule evaluate: test-split metrics of results/{model}/{dataset}/model.pt → metrics.json."""
+"""Rule evaluate: the test-split similarity matrix of results/{model}/{dataset}/model.pt → sims.h5, and from it
+ranks.parquet and metrics.json."""
 
 from itmatch.corpus.data import Corpus, DataPaths, TextOptions
 from itmatch.evaluation.evaluate import run_evaluation
@@ -14,4 +15,5 @@ config = {"dataset": sm.wildcards.dataset, "model": sm.params.model_cfg, "traini
           "evaluation": sm.params.evaluation}
 run_evaluation(model, inp.checkpoint, Corpus(paths, model_inputs(model, sm.params.model_cfg),
                 TextOptions.from_config(sm.params.model_cfg)), sm.output.metrics,
-               {**sm.params.evaluation, "threads": sm.threads}, config, sm.params.code)
+               {**sm.params.evaluation, "threads": sm.threads}, config, sm.params.code, sims_path=sm.output.sims,
+               ranks_path=sm.output.ranks)
