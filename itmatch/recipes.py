@@ -23,7 +23,7 @@ from snakemake.utils import validate as snakemake_validate
 
 from itmatch.config import DATASETS, SCHEMA_PATH, load_config
 from itmatch.models.registry import MODELS
-from itmatch.training.settings import recipe
+from itmatch.training.settings import recipe, variant_spec
 
 CONFIG_PATH = Path("config") / "config.yaml"  # relative to the working directory (the repository root), as Snakemake's
 PAPER_DATASETS = ("coco", "f30k")
@@ -248,13 +248,25 @@ def check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
 
 
-def resolve(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
+def resolve(config: dict[str, Any], model: str, dataset: str, variant: str | None = None) -> dict[str, Any]:
     """``{"training", "model", "sources"}`` of ``model`` on ``dataset``: the train rules' settings plus the
-    citations of the paper-given ones."""
+    citations of the paper-given ones. With ``variant`` (config ``variants.<model>.<variant>``): that variant's
+    settings, plus ``"variant": {name, description, source, changes}`` (``changes``: every dotted key whose value
+    differs from the base model's), and the changed keys cite the variant's source."""
     check_choice("model", model, MODELS)
     check_choice("dataset", dataset, tuple(d for d in DATASETS if d in config.get("datasets", {})))
-    out = copy.deepcopy(recipe(config, model, dataset))
+    spec = variant_spec(config, model, variant)
+    out: dict[str, Any] = copy.deepcopy(recipe(config, model, dataset, variant))
     out["sources"] = sources(model, dataset)
+    if variant:
+        base = flatten(recipe(config, model, dataset))
+        changes = {k: v for k, v in flatten({"training": out["training"], "model": out["model"]}).items()
+                   if base.get(k, None) != v or k not in base}
+        cite = f"variant {variant}: {spec.get('source') or 'no source given'}"
+        out["sources"] = {**{k: v for k, v in out["sources"].items() if k not in changes},
+                          **dict.fromkeys(changes, cite)}
+        out["variant"] = {"name": variant, "description": spec.get("description"), "source": spec.get("source"),
+                          "changes": changes}
     return out
 
 
