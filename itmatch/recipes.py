@@ -313,4 +313,21 @@ def markdown(config: dict[str, Any]) -> str:
             cells = [f"`{k}`", *(f"`{v}`" for v in vals), _md(text)]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Deliberate deviations:", ""] + [f"- {_md(d)}" for d in DEVIATIONS.get(model, [])] + [""]
+        lines += _variant_lines(config, model)
     return "\n".join(lines)
+
+
+def _variant_lines(config: dict[str, Any], model: str) -> list[str]:
+    """docs/recipes.md: the model's ablation variants (config ``variants``) with what they change and their source."""
+    variants = (config.get("variants") or {}).get(model) or {}
+    if not variants:
+        return []
+    dataset = next(d for d in (*PAPER_DATASETS, *DATASETS) if d in config["datasets"])
+    lines = [f"Ablation variants (`results/{model}/{{dataset}}/{{variant}}/metrics.json`):", ""]
+    for name, spec in variants.items():
+        changes = resolve(config, model, dataset, name)["variant"]["changes"]
+        what = ", ".join(f"`{k}` = `{_fmt(v)}`" for k, v in changes.items()) or "nothing (same as the base)"
+        about = f" ({_md(spec['description'])})" if spec.get("description") else ""
+        source = f" Source: {_md(spec['source'])}." if spec.get("source") else ""
+        lines.append(f"- `{name}`{about}: {what}.{source}")
+    return [*lines, ""]
