@@ -49,7 +49,8 @@ def _parts(wc):
 
 def _run_dir(wc):
     """results/{model}/{dataset}, or results/{model}/{dataset}/{variant} for a variant's job."""
-    return "/".join(["results", wc.model, wc.dataset] + ([_variant(wc)] if _variant(wc) else []))
+    run = f"results/{wc.model}/{wc.dataset}"
+    return f"{run}/{_variant(wc)}" if _variant(wc) else run
 
 
 def _part_files(wc, name):
