@@ -1,6 +1,7 @@
 """The ``itmatch`` command (console script; ``python -m itmatch.cli``). Subcommands:
 
-- ``itmatch recipe MODEL DATASET``: the resolved training recipe as JSON ``{training, model, sources}``;
+- ``itmatch recipe MODEL DATASET [--variant NAME]``: the resolved training recipe as JSON ``{training, model,
+  sources}`` (of an ablation variant: plus ``variant``, its description, source and changed keys);
 - ``itmatch recipe --markdown``: docs/recipes.md (every model's recipes with their sources);
 - ``itmatch export FEATURES --format scan-precomp|npz|tsv --out DIR``: region features in SCAN's / PFAN's
   ``.npy``, MILVLG's per-image ``.npz`` or the bottom-up-attention TSV layout (:mod:`itmatch.features.exporters`).
@@ -24,13 +25,13 @@ from itmatch.recipes import CONFIG_PATH, load_recipe_config, markdown, resolve
 def _recipe(args: argparse.Namespace) -> int:
     config = load_recipe_config(args.config, args.configfile)
     if args.markdown:
-        if args.model or args.dataset:
-            raise ValueError("itmatch recipe --markdown takes no MODEL / DATASET")
+        if args.model or args.dataset or args.variant:
+            raise ValueError("itmatch recipe --markdown takes no MODEL / DATASET / --variant")
         sys.stdout.write(markdown(config))
         return 0
     if not (args.model and args.dataset):
         raise ValueError("itmatch recipe needs MODEL and DATASET (or --markdown)")
-    json.dump(resolve(config, args.model, args.dataset), sys.stdout, indent=2, ensure_ascii=False)
+    json.dump(resolve(config, args.model, args.dataset, args.variant), sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
     return 0
 
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recipe", help="print the resolved training recipe of MODEL on DATASET (JSON)")
     rec.add_argument("model", nargs="?", help="scan | pfan | caan | smfea | glfn | bssan")
     rec.add_argument("dataset", nargs="?", help="coco | f30k | shapes")
+    rec.add_argument("--variant", help="an ablation variant of MODEL (config variants.MODEL.NAME)")
     rec.add_argument("--markdown", action="store_true", help="print docs/recipes.md instead")
     rec.add_argument("--config", default=str(CONFIG_PATH), help="config file (default: config/config.yaml)")
     rec.add_argument("--configfile", action="append", default=[], help="override file merged over --config")

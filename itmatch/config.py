@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 DATASETS = ("coco", "f30k", "shapes")
 #: dataset kinds with captions (models can be trained and evaluated on them); ``images`` has none
 CAPTIONED_KINDS = ("shapes", "karpathy", "captions")
+
+#: what a run folder results/{model}/{dataset}/ holds besides variant folders: a variant may not be named so
+#: (the schema's ``$defs/variant_name`` refuses the folders by name and the files by their dot)
+RUN_FOLDER_ENTRIES = ("model.pt", "train_log.csv", "metrics.json", "sims.h5", "ranks.parquet", ".train_state.pt",
+                      "t2i", "i2t", "tensorboard")
 
 
 class ConfigError(ValueError):
@@ -107,10 +113,25 @@ def _allowed_keys(schema: dict[str, Any], root: dict[str, Any]) -> set[str]:
     return set(_properties(schema, root))
 
 
+def variant_name_error(name: str) -> str | None:
+    """Why ``name`` cannot name a variant (its folder results/{model}/{dataset}/{name}/), or None."""
+    if "/" in name:
+        return "contains '/' (a variant is one folder under results/{model}/{dataset}/)"
+    if name in RUN_FOLDER_ENTRIES:
+        return (f"collides with a run folder's own {'file' if '.' in name else 'folder'} (a run folder holds "
+                f"{', '.join(RUN_FOLDER_ENTRIES)})")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        return "use letters, digits, '_' and '-', starting with a letter or digit"
+    return None
+
+
 def _describe(error: jsonschema.ValidationError, root: dict[str, Any]) -> str:
     where = _key(error.absolute_path)
     v, s = error.validator, error.schema
-    if "propertyNames" in error.schema_path:
+    if "propertyNames" in error.schema_path:  # a key that may not be used as a name (a dataset's, a variant's)
+        if error.absolute_path and error.absolute_path[0] == "variants":
+            name = str(error.instance)
+            return f"config key {where}.{name}: not a valid variant name: {variant_name_error(name) or error.message}"
         return _bad_name(where, error.instance, root)
     if v in ("additionalProperties", "unevaluatedProperties"):
         allowed = sorted(_allowed_keys(s, root))
@@ -314,6 +335,34 @@ def cross_field_errors(config: dict[str, Any], schema: dict[str, Any] | None = N
                 lo_at = f"{scope}.{lo_key}" if lo_key in over else f"detector.inference.{lo_key}"
                 hi_at = f"{scope}.{hi_key}" if hi_key in over else f"detector.inference.{hi_key}"
                 errors.append(f"config key {lo_at}: {lo} is more than {hi_at} {hi}")
+    errors += variant_errors(config, schema)
+    return errors
+
+
+#: settings of models.scan / models.pfan (one schema) that only PFAN reads
+PFAN_ONLY_KEYS = ("block_dim", "position_norm", "position")
+
+
+def variant_errors(config: dict[str, Any], schema: dict[str, Any] | None = None) -> list[str]:
+    """Variants (``variants.<model>.<name>``) the workflow could not run: one that switches between one model and
+    a fusion of separately trained directions (``fuse`` empty vs. not: the rules differ), PFAN-only settings on
+    SCAN (SCAN ignores them)."""
+    schema = schema or load_schema()
+    errors = []
+    models = config.get("models") or {}
+    for model, variants in (config.get("variants") or {}).items():
+        for name, spec in (variants or {}).items():
+            over = (spec or {}).get("model") or {}
+            where = f"config key variants.{model}.{name}.model"
+            if "fuse" in over:
+                block = _ref(schema["properties"]["models"]["properties"][model], schema)
+                default = block.get("properties", {}).get("fuse", {}).get("default")
+                base = (models.get(model) or {}).get("fuse", default)
+                if bool(over["fuse"]) != bool(base):
+                    errors.append(f"{where}.fuse: {over['fuse']!r} switches between one model and fused directions "
+                                  f"(models.{model}.fuse is {base!r}); a variant keeps the model's kind")
+            if model == "scan":
+                errors += [f"{where}.{k}: PFAN only (SCAN does not read it)" for k in PFAN_ONLY_KEYS if k in over]
     return errors
 
 

@@ -23,7 +23,7 @@ from snakemake.utils import validate as snakemake_validate
 
 from itmatch.config import DATASETS, SCHEMA_PATH, has_captions, load_config
 from itmatch.models.registry import MODELS
-from itmatch.training.settings import recipe
+from itmatch.training.settings import recipe, variant_spec
 
 CONFIG_PATH = Path("config") / "config.yaml"  # relative to the working directory (the repository root), as Snakemake's
 PAPER_DATASETS = ("coco", "f30k")
@@ -269,13 +269,25 @@ def check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
 
 
-def resolve(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
+def resolve(config: dict[str, Any], model: str, dataset: str, variant: str | None = None) -> dict[str, Any]:
     """``{"training", "model", "sources"}`` of ``model`` on ``dataset``: the train rules' settings plus the
-    citations of the paper-given ones."""
+    citations of the paper-given ones. With ``variant`` (config ``variants.<model>.<variant>``): that variant's
+    settings, plus ``"variant": {name, description, source, changes}`` (``changes``: every dotted key whose value
+    differs from the base model's), and the changed keys cite the variant's source."""
     check_choice("model", model, MODELS)
     check_choice("dataset", dataset, tuple(sorted(d for d in config.get("datasets", {}) if has_captions(config, d))))
-    out = copy.deepcopy(recipe(config, model, dataset))
+    spec = variant_spec(config, model, variant)
+    out: dict[str, Any] = copy.deepcopy(recipe(config, model, dataset, variant))
     out["sources"] = sources(model, dataset)
+    if variant:
+        base = flatten(recipe(config, model, dataset))
+        changes = {k: v for k, v in flatten({"training": out["training"], "model": out["model"]}).items()
+                   if base.get(k, None) != v or k not in base}
+        cite = f"variant {variant}: {spec.get('source') or 'no source given'}"
+        out["sources"] = {**{k: v for k, v in out["sources"].items() if k not in changes},
+                          **dict.fromkeys(changes, cite)}
+        out["variant"] = {"name": variant, "description": spec.get("description"), "source": spec.get("source"),
+                          "changes": changes}
     return out
 
 
@@ -322,4 +334,21 @@ def markdown(config: dict[str, Any]) -> str:
             cells = [f"`{k}`", *(f"`{v}`" for v in vals), _md(text)]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Deliberate deviations:", ""] + [f"- {_md(d)}" for d in DEVIATIONS.get(model, [])] + [""]
+        lines += _variant_lines(config, model)
     return "\n".join(lines)
+
+
+def _variant_lines(config: dict[str, Any], model: str) -> list[str]:
+    """docs/recipes.md: the model's ablation variants (config ``variants``) with what they change and their source."""
+    variants = (config.get("variants") or {}).get(model) or {}
+    if not variants:
+        return []
+    dataset = next(d for d in (*PAPER_DATASETS, *DATASETS) if d in config["datasets"])
+    lines = [f"Ablation variants (`results/{model}/{{dataset}}/{{variant}}/metrics.json`):", ""]
+    for name, spec in variants.items():
+        changes = resolve(config, model, dataset, name)["variant"]["changes"]
+        what = ", ".join(f"`{k}` = `{_fmt(v)}`" for k, v in changes.items()) or "nothing (same as the base)"
+        about = f" ({_md(spec['description'])})" if spec.get("description") else ""
+        source = f" Source: {_md(spec['source'])}." if spec.get("source") else ""
+        lines.append(f"- `{name}`{about}: {what}.{source}")
+    return [*lines, ""]

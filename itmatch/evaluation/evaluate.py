@@ -209,9 +209,9 @@ def run_evaluation(model_name: str, checkpoint: str, corpus: Corpus, out_json: s
         write_ranks(ranks_path, ev, sims)
         n_img, n_cap = sims.shape
     prot = ev.protocols
-    out = {"model": model_name, "dataset": config.get("dataset", ""), "protocols": prot, "n_images": n_img,
-           "n_captions": n_cap, "checkpoint": str(checkpoint), "config": config, "code_version": code_version,
-           "seconds": round(time.time() - t0, 2)}
+    out = {"model": model_name, "dataset": config.get("dataset", ""), "variant": config.get("variant"),
+           "protocols": prot, "n_images": n_img, "n_captions": n_cap, "checkpoint": str(checkpoint), "config": config,
+           "code_version": code_version, "seconds": round(time.time() - t0, 2)}
     for name, p in prot.items():
         log.info("%s %s: i2t R@1 %.1f R@5 %.1f R@10 %.1f | t2i R@1 %.1f R@5 %.1f R@10 %.1f | rSum %.1f", model_name,
                  name, p["i2t"]["r1"], p["i2t"]["r5"], p["i2t"]["r10"], p["t2i"]["r1"], p["t2i"]["r5"],

@@ -18,9 +18,16 @@ Differences of PFAN's released code, off by default, each an option:
 - ``max_term: 0.5`` — the t2i score adds 0.5 × the words' best word–region cosine aggregated like the
   main term (see :mod:`itmatch.models.attention`).
 
+Ablations of the position features (``position``; the paper has no ablation table: its Tables 1-2 compare
+PFAN with SCAN, i.e. with regions that carry no position features):
+- ``attention`` (default) — eq. 5–8 as above;
+- ``area`` — γ_ij = a_ij / Σ_j a_ij: the block embeddings weighted by overlap alone (no eq. 5–6 attention);
+- ``none`` — no position features: v'_i = FC(v_i) (no block embedding, no M; blocks.h5 is not read), SCAN's
+  region encoder with PFAN's other settings (the predefined variant ``no_position``).
+
 PFAN t-i+i-t (the paper's headline) is the average of a t2i and an i2t model (``fuse: [t2i, i2t]``).
-Config keys: SCAN's plus ``block_dim`` (200), ``position_norm`` (renorm | softmax), ``max_term`` (0.0).
-``data_info['blocks_K']`` gives K.
+Config keys: SCAN's plus ``block_dim`` (200), ``position_norm`` (renorm | softmax), ``position``
+(attention | area | none), ``max_term`` (0.0). ``data_info['blocks_K']`` gives K.
 """
 
 from __future__ import annotations
@@ -33,19 +40,26 @@ from torch import nn
 from itmatch.models.base import Batch
 from itmatch.models.scan import SCAN
 
+#: values of the ``position`` setting (module docstring)
+POSITION_MODES = ("attention", "area", "none")
+
 
 class PositionAttention(nn.Module):
-    """Region features [B,R,D] + block ids/weights [B,R,L] → position vectors p [B,R,ι] (eq. 5–8)."""
+    """Region features [B,R,D] + block ids/weights [B,R,L] → position vectors p [B,R,ι] (eq. 5–8); with
+    ``attention=False`` the weights are the normalised overlap areas alone (no M)."""
 
-    def __init__(self, feature_dim: int, K: int, block_dim: int = 200, position_norm: str = "renorm"):
+    def __init__(self, feature_dim: int, K: int, block_dim: int = 200, position_norm: str = "renorm",
+                 attention: bool = True):
         super().__init__()
         if position_norm not in ("renorm", "softmax"):
             raise ValueError(f"position_norm must be 'renorm' (paper) or 'softmax' (released code), "
                              f"got {position_norm!r}")
         self.K = K
         self.embed = nn.Embedding(K * K + 1, block_dim, padding_idx=K * K)
-        self.M = nn.Parameter(torch.empty(feature_dim, block_dim))
-        nn.init.xavier_uniform_(self.M)
+        self.attention = attention
+        if attention:
+            self.M = nn.Parameter(torch.empty(feature_dim, block_dim))
+            nn.init.xavier_uniform_(self.M)
         self.position_norm = position_norm
 
     def forward(self, feats: torch.Tensor, block_index: torch.Tensor, block_weight: torch.Tensor
@@ -57,6 +71,9 @@ class PositionAttention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """γ [B, R, L] (eq. 5–6, 8) and the block embeddings b [B, R, L, ι] they weight."""
         b = self.embed(block_index.long().clamp(0, self.K * self.K))  # [B, R, L, ι]
+        if not self.attention:  # position: area
+            a = block_weight.to(b.dtype)
+            return a / a.sum(-1, keepdim=True).clamp(min=1e-12), b
         vm = feats @ self.M  # [B, R, ι]
         beta = torch.tanh((b * vm.unsqueeze(2)).sum(-1))  # [B, R, L]   eq. 5–6
         g0 = torch.softmax(beta, dim=-1) * block_weight.to(beta.dtype)  # eq. 8 (numerator)
@@ -71,21 +88,36 @@ class PFAN(SCAN):
     requires = frozenset({"blocks"})
 
     def __init__(self, vocab_size: int, feature_dim: int, blocks_K: int = 16, block_dim: int = 200,
-                 position_norm: str = "renorm", **kw: Any):
-        super().__init__(vocab_size, feature_dim, region_input_dim=feature_dim + block_dim, **kw)
-        self.position = PositionAttention(feature_dim, blocks_K, block_dim, position_norm)
+                 position_norm: str = "renorm", position: str = "attention", **kw: Any):
+        if position not in POSITION_MODES:
+            raise ValueError(f"models.pfan.position must be one of {', '.join(POSITION_MODES)}, got {position!r}")
+        with_position = position != "none"
+        super().__init__(vocab_size, feature_dim,
+                         region_input_dim=feature_dim + (block_dim if with_position else 0), **kw)
+        self.position_mode = position
+        self.position = (PositionAttention(feature_dim, blocks_K, block_dim, position_norm,
+                                           attention=position == "attention") if with_position else None)
+
+    @classmethod
+    def inputs(cls, cfg: dict[str, Any]) -> frozenset[str]:
+        """blocks.h5, except without position features (``position: none``)."""
+        return frozenset() if cfg.get("position") == "none" else cls.requires
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], data_info: dict[str, Any]) -> PFAN:
-        if "blocks_K" not in data_info:
-            raise KeyError("PFAN needs data_info['blocks_K'] (blocks.h5 attribute K)")
         kw = cls._kwargs(cfg, data_info)
-        kw.update({k: cfg[k] for k in ("block_dim", "position_norm", "max_term") if k in cfg})
-        return cls(blocks_K=int(data_info["blocks_K"]), **kw)
+        kw.update({k: cfg[k] for k in ("block_dim", "position_norm", "position", "max_term") if k in cfg})
+        if "blocks_K" in data_info:
+            kw["blocks_K"] = int(data_info["blocks_K"])
+        elif cls.inputs(cfg):
+            raise KeyError("PFAN needs data_info['blocks_K'] (blocks.h5 attribute K)")
+        return cls(**kw)
 
     def region_inputs(self, images: Batch) -> torch.Tensor:
+        feats = images["features"]
+        if self.position is None:  # position: none
+            return feats
         if "block_index" not in images:
             raise KeyError("PFAN needs images['block_index'] / ['block_weight'] (blocks.h5)")
-        feats = images["features"]
         p = self.position(feats, images["block_index"], images["block_weight"])
         return torch.cat([feats, p], dim=-1)  # [B, R, D + ι]

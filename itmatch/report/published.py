@@ -17,7 +17,8 @@ PROTOCOLS = ("1k", "5k")
 
 
 def load_published(path: str | Path = PUBLISHED_PATH) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
-    """model → dataset → protocol → {source, i2t: {r1, r5, r10[, medr]}, t2i: {…}, rsum?}.
+    """model → dataset → protocol → {source, i2t: {r1, r5, r10[, medr]}, t2i: {…}, rsum?}; a paper's ablation
+    row is keyed ``model/variant`` (the variant of config ``variants.<model>`` that reproduces it).
 
     Raises ValueError naming the file and the entry on an unknown model/dataset/protocol, a missing
     ``source`` or a recall that is neither a number in [0, 100] nor null.
@@ -25,14 +26,15 @@ def load_published(path: str | Path = PUBLISHED_PATH) -> dict[str, dict[str, dic
     path = Path(path)
     with open(path, encoding="utf-8") as fh:
         data = yaml.safe_load(fh) or {}
-    for model, per_ds in data.items():
+    for key, per_ds in data.items():
+        model = str(key).split("/", 1)[0]
         if model not in MODELS:
             raise ValueError(f"{path}: unknown model {model!r} (known: {', '.join(MODELS)})")
         for ds, per_proto in per_ds.items():
             if ds not in DATASETS:
-                raise ValueError(f"{path}: {model}: unknown dataset {ds!r} (known: {', '.join(DATASETS)})")
+                raise ValueError(f"{path}: {key}: unknown dataset {ds!r} (known: {', '.join(DATASETS)})")
             for proto, row in per_proto.items():
-                where = f"{path}: {model}.{ds}.{proto}"
+                where = f"{path}: {key}.{ds}.{proto}"
                 if proto not in PROTOCOLS:
                     raise ValueError(f"{where}: unknown protocol (known: {', '.join(PROTOCOLS)})")
                 if not isinstance(row.get("source"), str) or not row["source"].strip():

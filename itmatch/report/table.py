@@ -1,6 +1,7 @@
 """The results table: every trained (model, dataset)'s test metrics next to the papers' numbers, with the
 run's training and evaluation wall time (minutes; from ``train_log.csv`` beside ``metrics.json`` and from
-``metrics.json``'s ``seconds``)."""
+``metrics.json``'s ``seconds``). An ablation variant's run (``metrics.json`` key ``variant``) is a row of its own,
+beside the base model's, next to the paper's ablation row (``published.yaml`` key ``model/variant``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pandas as pd
 from itmatch.models.registry import display_name
 from itmatch.report.published import DIRECTIONS, RECALLS, published_rsum
 
-COLUMNS = ["model", "dataset", "protocol", "source",
+COLUMNS = ["model", "variant", "dataset", "protocol", "source",
            "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "train_min", "eval_min"]
 DATASET_NAMES = {"coco": "MS-COCO", "f30k": "Flickr30K", "shapes": "shapes"}
 
@@ -54,18 +55,20 @@ def results_frame(metrics_files: list[str | Path], published: dict) -> pd.DataFr
     rows: list[dict[str, Any]] = []
     for f in metrics_files:
         m = read_metrics(f)
+        variant = m.get("variant") or None
+        run = {"model": m["model"], "variant": variant, "dataset": m["dataset"]}
         for proto, p in m["protocols"].items():
-            ours = {"model": m["model"], "dataset": m["dataset"], "protocol": proto, "source": "ours"}
+            ours = {**run, "protocol": proto, "source": "ours"}
             ours |= {f"{d}_{k}": float(p[d][k]) for d in DIRECTIONS for k in RECALLS}
             ours["rsum"] = float(p["rsum"]) if "rsum" in p else sum(ours[f"{d}_{k}"] for d in DIRECTIONS
                                                                      for k in RECALLS)
             ours["train_min"] = train_minutes(Path(f).with_name("train_log.csv"))
             ours["eval_min"] = float(m["seconds"]) / 60 if m.get("seconds") is not None else None
             rows.append(ours)
-            paper = published.get(m["model"], {}).get(m["dataset"], {}).get(proto)
+            key = f"{m['model']}/{variant}" if variant else m["model"]
+            paper = published.get(key, {}).get(m["dataset"], {}).get(proto)
             if paper:
-                rows.append({"model": m["model"], "dataset": m["dataset"], "protocol": proto,
-                             "source": paper["source"],
+                rows.append({**run, "protocol": proto, "source": paper["source"],
                              **{f"{d}_{k}": paper[d].get(k) for d in DIRECTIONS for k in RECALLS},
                              "rsum": published_rsum(paper)})
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -76,16 +79,18 @@ def _fmt(v: Any) -> str:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-markdown table (README); the papers' rows in italics with their source table."""
+    """A GitHub-markdown table (README); the papers' rows in italics with their source table; a variant's rows
+    are named ``MODEL (variant)``."""
     head = ("| model | dataset | protocol | source | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum "
             "| train min | eval min |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in df.itertuples(index=False):
         ours = r.source == "ours"
-        nums = [_fmt(getattr(r, c)) for c in COLUMNS[4:]]
+        nums = [_fmt(getattr(r, c)) for c in COLUMNS[5:]]
         if not ours:
             nums = [n if n == "–" else f"*{n}*" for n in nums]
         src = "this repository" if ours else f"*paper: {r.source}*"
-        lines.append(f"| {display_name(r.model)} | {DATASET_NAMES.get(r.dataset, r.dataset)} | "
+        name = display_name(r.model) + (f" ({r.variant})" if isinstance(r.variant, str) and r.variant else "")
+        lines.append(f"| {name} | {DATASET_NAMES.get(r.dataset, r.dataset)} | "
                      f"{r.protocol} | {src} | " + " | ".join(nums) + " |")
     return head + "\n".join(lines) + "\n"

@@ -10,6 +10,9 @@
   gets the model config with ``direction`` set.
 - :func:`recipe`: the ``training`` and ``model`` settings of one model × dataset together: what the train
   rules use (their ``training`` / ``model_cfg`` params) and what ``itmatch recipe`` prints.
+- Variants (``variants.<model>.<name>``, ablations trained under results/{model}/{dataset}/{name}/): after all
+  of the above, the variant's ``model`` block is merged over the model settings and its ``training`` block
+  (the keys of ``training.models.<model>``: settings, then ``datasets.<dataset>``) over the training settings.
 """
 
 from __future__ import annotations
@@ -25,26 +28,46 @@ def _merge(base: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any]:
     return deep_update(copy.deepcopy(base), copy.deepcopy(over or {}))
 
 
-def training_settings(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
+def variant_spec(config: dict[str, Any], model: str, variant: str | None) -> dict[str, Any]:
+    """``variants.<model>.<variant>`` (``{}`` for the base model, ``variant`` None or empty); an unknown name is a
+    ValueError naming the model's variants."""
+    if not variant:
+        return {}
+    defined = (config.get("variants") or {}).get(model) or {}
+    if variant not in defined:
+        raise ValueError(f"unknown variant {variant!r} of {model}; defined under config key variants.{model}: "
+                         f"{', '.join(defined) or 'none'}")
+    return defined[variant] or {}
+
+
+def _with_datasets(base: dict[str, Any], over: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """``over``'s keys (except ``datasets``) merged over ``base``, then ``over['datasets'][dataset]``."""
+    base = _merge(base, {k: v for k, v in over.items() if k != "datasets"})
+    return _merge(base, (over.get("datasets") or {}).get(dataset))
+
+
+def training_settings(config: dict[str, Any], model: str, dataset: str, variant: str | None = None
+                      ) -> dict[str, Any]:
     t = config.get("training") or {}
     base = {k: v for k, v in t.items() if k not in ("datasets", "models")}
     base = _merge(base, (t.get("datasets") or {}).get(dataset))
-    m = (t.get("models") or {}).get(model) or {}
-    base = _merge(base, {k: v for k, v in m.items() if k != "datasets"})
-    return _merge(base, (m.get("datasets") or {}).get(dataset))
+    base = _with_datasets(base, (t.get("models") or {}).get(model) or {}, dataset)
+    return _with_datasets(base, variant_spec(config, model, variant).get("training") or {}, dataset)
 
 
-def model_settings(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
-    m = (config.get("models") or {}).get(model) or {}
-    base = {k: v for k, v in m.items() if k != "datasets"}
-    return _merge(base, (m.get("datasets") or {}).get(dataset))
+def model_settings(config: dict[str, Any], model: str, dataset: str, variant: str | None = None
+                   ) -> dict[str, Any]:
+    base = _with_datasets({}, (config.get("models") or {}).get(model) or {}, dataset)
+    return _merge(base, variant_spec(config, model, variant).get("model"))
 
 
-def recipe(config: dict[str, Any], model: str, dataset: str) -> dict[str, dict[str, Any]]:
+def recipe(config: dict[str, Any], model: str, dataset: str, variant: str | None = None
+           ) -> dict[str, dict[str, Any]]:
     """``{"training": ..., "model": ...}``: the resolved settings a training run of ``model`` on ``dataset``
-    uses (``config`` validated with the schema's defaults filled). The train rules read exactly this (a fused
-    model's part gets :func:`part_config` of ``model``)."""
-    return {"training": training_settings(config, model, dataset), "model": model_settings(config, model, dataset)}
+    (or of its ``variant``) uses (``config`` validated with the schema's defaults filled). The train rules read
+    exactly this (a fused model's part gets :func:`part_config` of ``model``)."""
+    return {"training": training_settings(config, model, dataset, variant),
+            "model": model_settings(config, model, dataset, variant)}
 
 
 def evaluation_settings(config: dict[str, Any], dataset: str) -> dict[str, Any]:

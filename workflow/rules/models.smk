@@ -1,4 +1,6 @@
-# Training and evaluation of every model: results/{model}/{dataset}/{model.pt,train_log.csv,metrics.json,sims.h5,ranks.parquet}.
+# Training and evaluation of every model: results/{model}/{dataset}/{model.pt,train_log.csv,metrics.json,sims.h5,
+# ranks.parquet}, and of every ablation variant (config `variants`) in results/{model}/{dataset}/{variant}/ by the
+# same rules (`use rule ... as ..._variant`): the same inputs (regions, blocks, text stages), the variant's settings.
 # The train rules' `training` / `model_cfg` params are itmatch.training.settings.recipe (= `itmatch recipe`).
 # Generic over {model}: the inputs come from model_inputs(model, settings) (itmatch/models/registry.py). Models with
 # models.<model>.fuse (SCAN, PFAN: [t2i, i2t]) train one model per direction under
@@ -13,6 +15,7 @@ _FUSED = [m for m in MODELS if fused_parts((config["models"].get(m) or {}))]
 _SINGLE = [m for m in MODELS if m not in _FUSED]
 
 _T = config["training"]
+_VARIANTS = sorted({name for per_model in config["variants"].values() for name in (per_model or {})})
 _E = config["evaluation"]
 
 
@@ -71,8 +74,8 @@ rule train_model:
 rule fuse_parts:
     """Join the t2i and i2t models of a fused model into one model.pt (evaluation averages their scores)."""
     input:
-        models=lambda wc: [f"results/{wc.model}/{wc.dataset}/{p}/model.pt" for p in _parts(wc)],
-        logs=lambda wc: [f"results/{wc.model}/{wc.dataset}/{p}/train_log.csv" for p in _parts(wc)],
+        models=lambda wc: _part_files(wc, "model.pt"),
+        logs=lambda wc: _part_files(wc, "train_log.csv"),
     output:
         model="results/{model}/{dataset}/model.pt",
         log="results/{model}/{dataset}/train_log.csv",
@@ -104,7 +107,7 @@ rule evaluate:
         ranks="results/{model}/{dataset}/ranks.parquet",
     params:
         evaluation=lambda wc: evaluation_settings(config, wc.dataset),
-        model_cfg=lambda wc: model_settings(config, wc.model, wc.dataset),
+        model_cfg=_model_settings,
         training=_training,
         code=lambda wc: _model_code(wc.model, "evaluate.py"),
     threads: _E["threads"]
@@ -118,3 +121,57 @@ rule evaluate:
         "../../envs/models.yaml"
     script:
         "../scripts/evaluate.py"
+
+
+# Ablation variants: results/{model}/{dataset}/{variant}/... (a variant name never matches t2i / i2t nor contains
+# "/", so results/{model}/{dataset}/{part}/model.pt and results/{model}/{dataset}/metrics.json stay unambiguous).
+
+
+use rule train_part as train_variant_part with:
+    """Train one direction of a fused model's ablation variant (its settings: config variants.<model>.<variant>)."""
+    output:
+        model="results/{model}/{dataset}/{variant}/{part}/model.pt",
+        log="results/{model}/{dataset}/{variant}/{part}/train_log.csv",
+    wildcard_constraints:
+        model=alternation(_FUSED),
+        part="t2i|i2t",
+        variant=alternation(_VARIANTS),
+    log:
+        "logs/train/{model}/{dataset}/{variant}.{part}.log",
+
+
+use rule train_model as train_variant with:
+    """Train an ablation variant of a single (non-fused) model (its settings: config variants.<model>.<variant>)."""
+    output:
+        model="results/{model}/{dataset}/{variant}/model.pt",
+        log="results/{model}/{dataset}/{variant}/train_log.csv",
+    wildcard_constraints:
+        model=alternation(_SINGLE),
+        variant=alternation(_VARIANTS),
+    log:
+        "logs/train/{model}/{dataset}/{variant}.log",
+
+
+use rule fuse_parts as fuse_variant_parts with:
+    """Join the trained directions of a fused model's ablation variant into its model.pt."""
+    output:
+        model="results/{model}/{dataset}/{variant}/model.pt",
+        log="results/{model}/{dataset}/{variant}/train_log.csv",
+    wildcard_constraints:
+        model=alternation(_FUSED),
+        variant=alternation(_VARIANTS),
+    log:
+        "logs/fuse/{model}/{dataset}/{variant}.log",
+
+
+use rule evaluate as evaluate_variant with:
+    """Evaluate an ablation variant's model (results/{model}/{dataset}/{variant}/model.pt) → its metrics.json."""
+    input:
+        unpack(_model_inputs),
+        checkpoint="results/{model}/{dataset}/{variant}/model.pt",
+    output:
+        metrics="results/{model}/{dataset}/{variant}/metrics.json",
+    wildcard_constraints:
+        variant=alternation(_VARIANTS),
+    log:
+        "logs/evaluate/{model}/{dataset}/{variant}.log",

@@ -1,8 +1,19 @@
 # Helper functions of models.smk (kept apart from its rules: `snakemake --lint`).
+# Every one takes the job's wildcards: a variant's jobs (results/{model}/{dataset}/{variant}/) have `variant`,
+# the base model's do not; the settings are itmatch.training.settings.recipe of (model, dataset, variant).
 
 def _model_code(model, script):
     """Code hash of ``script`` and of ``model``'s module (which the registry imports by name), with their imports."""
     return code_version(script, MODEL_CLASSES[model].split(":")[0])
+
+
+def _variant(wc):
+    return getattr(wc, "variant", None)
+
+
+def _model_settings(wc):
+    """The resolved model settings of the job's model, dataset and (if any) variant."""
+    return model_settings(config, wc.model, wc.dataset, _variant(wc))
 
 
 def _model_inputs(wc):
@@ -11,7 +22,7 @@ def _model_inputs(wc):
     inp = {"images": f"results/data/{d}/images.parquet", "captions": f"results/data/{d}/captions.parquet",
            "tokens": f"results/text/{d}/tokens.parquet", "vocab": f"results/text/{d}/vocab.json",
            "regions": f"results/features/{d}/regions.h5"}
-    req = model_inputs(wc.model, model_settings(config, wc.model, d))
+    req = model_inputs(wc.model, _model_settings(wc))
     if "blocks" in req:
         inp["blocks"] = f"results/features/{d}/blocks.h5"
     if "tags" in req:
@@ -29,13 +40,24 @@ def _model_inputs(wc):
 
 
 def _training(wc):
-    return recipe(config, wc.model, wc.dataset)["training"]
+    return recipe(config, wc.model, wc.dataset, _variant(wc))["training"]
 
 
 def _model_cfg(wc):
     """The model block of the recipe; a fused model's part gets its direction."""
-    return part_config(recipe(config, wc.model, wc.dataset)["model"], getattr(wc, "part", None))
+    return part_config(recipe(config, wc.model, wc.dataset, _variant(wc))["model"], getattr(wc, "part", None))
 
 
 def _parts(wc):
-    return fused_parts(model_settings(config, wc.model, wc.dataset))
+    return fused_parts(_model_settings(wc))
+
+
+def _run_dir(wc):
+    """results/{model}/{dataset}, or results/{model}/{dataset}/{variant} for a variant's job."""
+    run = f"results/{wc.model}/{wc.dataset}"
+    return f"{run}/{_variant(wc)}" if _variant(wc) else run
+
+
+def _part_files(wc, name):
+    """``name`` (model.pt / train_log.csv) of each separately trained direction of a fused model (or variant)."""
+    return [f"{_run_dir(wc)}/{p}/{name}" for p in _parts(wc)]

@@ -1,5 +1,6 @@
 # Results table, figures and the HTML report (`snakemake --report report.html report_all`).
-# Covers every model in config report.models trained on every dataset in report.datasets.
+# Covers every model in config report.models trained on every dataset in report.datasets; the results table also
+# lists their ablation variants (config variants) whose metrics.json exists (report.variants).
 from itmatch.report.published import PUBLISHED_PATH
 from itmatch.report.targets import report_metrics, report_targets
 
@@ -17,9 +18,9 @@ rule report_all:
 
 
 rule results_table:
-    """The results table (Markdown + CSV) of every configured model × dataset next to the papers' numbers."""
+    """The results table (Markdown + CSV) of every configured model × dataset (and its variants) next to the papers' numbers."""
     input:
-        metrics=report_metrics(config),
+        metrics=report_metrics(config, variants=True),
         published=PUBLISHED,
     output:
         markdown="results/report/results_table.md",
