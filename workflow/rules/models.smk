@@ -165,12 +165,15 @@ use rule fuse_parts as fuse_variant_parts with:
 
 
 use rule evaluate as evaluate_variant with:
-    """Evaluate an ablation variant's model (results/{model}/{dataset}/{variant}/model.pt) → its metrics.json."""
+    """Evaluate an ablation variant's model (results/{model}/{dataset}/{variant}/model.pt) → its metrics.json,
+    sims.h5 and ranks.parquet."""
     input:
         unpack(_model_inputs),
         checkpoint="results/{model}/{dataset}/{variant}/model.pt",
     output:
         metrics="results/{model}/{dataset}/{variant}/metrics.json",
+        sims="results/{model}/{dataset}/{variant}/sims.h5",
+        ranks="results/{model}/{dataset}/{variant}/ranks.parquet",
     wildcard_constraints:
         variant=alternation(_VARIANTS),
     log:
