@@ -24,6 +24,8 @@ Image batch keys (tensors; B images, R regions, D feature dim, L blocks per regi
     block_index    int64   [B, R, L]   blocks.h5 (padding = K²)          — when "blocks" in requires
     block_weight   float32 [B, R, L]
     tag_vectors    float32 [B, R, H]   BERT vector of each region's tag   — when "tags" in requires
+    (``objects`` in a model's inputs: it reads ``object_conf``, the detector's confidences, which features
+    imported without tags — SCAN's .npy — do not have; no extra file)
     index          int64   [B]         row in images.parquet
 
 Caption batch keys (C captions, W = longest caption in the batch):

@@ -201,6 +201,12 @@ class BSSAN(MatchingModel):
             self.o2w_mlp = MLPScore(M + o2w_hidden, o2w_mlp, batch_norm)   # eq. 13, input c_j = [o_j; u_j]
 
     @classmethod
+    def inputs(cls, cfg: dict[str, Any]) -> frozenset[str]:
+        """``objects`` (the detector's object confidences in regions.h5, which pick O2W's top regions) unless
+        only the W2R branch is used: features imported without tags (SCAN's .npy) cannot serve O2W."""
+        return frozenset() if cfg.get("branches") == "w2r" else frozenset({"objects"})
+
+    @classmethod
     def from_config(cls, cfg: dict[str, Any], data_info: dict[str, Any]) -> BSSAN:
         keys = ("word_dim", "w2r_hidden", "w2r_mlp", "o2w_hidden", "o2w_mlp", "num_objects", "lam", "delta",
                 "margin", "branches", "batch_norm", "normalize_regions", "uniform_negative_attention",
