@@ -16,7 +16,10 @@ import yaml
 #: the JSON schema of the config: the one home of every default (the workflow links to it from workflow/schemas/)
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 
+#: the built-in datasets; any other name under config key ``datasets`` is one of your own (:func:`dataset_kind`)
 DATASETS = ("coco", "f30k", "shapes")
+#: dataset kinds with captions (models can be trained and evaluated on them); ``images`` has none
+CAPTIONED_KINDS = ("shapes", "karpathy", "captions")
 
 
 class ConfigError(ValueError):
@@ -68,6 +71,8 @@ def _allowed_keys(schema: dict[str, Any], root: dict[str, Any]) -> set[str]:
 def _describe(error: jsonschema.ValidationError, root: dict[str, Any]) -> str:
     where = _key(error.absolute_path)
     v, s = error.validator, error.schema
+    if "propertyNames" in error.schema_path:
+        return _bad_name(where, error.instance, root)
     if v in ("additionalProperties", "unevaluatedProperties"):
         allowed = sorted(_allowed_keys(s, root))
         extra = sorted(set(error.instance) - set(allowed))
@@ -85,6 +90,66 @@ def _describe(error: jsonschema.ValidationError, root: dict[str, Any]) -> str:
         return f"config key {where}: expected {error.validator_value}, got {type(error.instance).__name__} " \
                f"({error.instance!r})"
     return f"config key {where}: {error.message}"
+
+
+def _bad_name(where: str, name: Any, root: dict[str, Any]) -> str:
+    """The message for a key of ``where`` refused by its ``propertyNames`` (only ``datasets`` has one)."""
+    rule = _ref(root["properties"][where], root)["propertyNames"] if where in root["properties"] else {}
+    reserved = (rule.get("not") or {}).get("enum", [])
+    text = name if isinstance(name, str) else repr(name)
+    if isinstance(name, str) and "/" in name:
+        why = "contains '/'; a dataset name becomes one folder name (results/features/{dataset}/, ...)"
+    elif name in reserved:
+        why = (f"is reserved: results/{name}/ is one of the workflow's own folders; reserved names: "
+               + ", ".join(reserved))
+    else:
+        why = ("is not a valid name: letters, digits, '_', '-' and '.' only, starting with a letter or digit "
+               "(it becomes a folder name and a wildcard value)")
+    return f"config key {where}.{text}: the name {text!r} {why}; choose another name"
+
+
+def dataset_kind(config: dict[str, Any], name: str, schema: dict[str, Any] | None = None) -> str:
+    """``datasets.<name>.kind``, or the built-in dataset's kind from the schema (shapes, karpathy)."""
+    block = (config.get("datasets") or {}).get(name)
+    if block is None:
+        raise KeyError(f"dataset {name!r} is not configured under config key 'datasets' "
+                       f"(configured: {', '.join(config.get('datasets') or {})})")
+    if block.get("kind"):
+        return block["kind"]
+    schema = schema or load_schema()
+    if name not in schema["properties"]["datasets"]["properties"]:
+        raise ConfigError(f"config key datasets.{name}.kind: required but missing")
+    return _default(schema, "datasets", name, "kind")
+
+
+def has_captions(config: dict[str, Any], name: str, schema: dict[str, Any] | None = None) -> bool:
+    """Whether models can be trained and evaluated on dataset ``name`` (every kind but ``images``)."""
+    return dataset_kind(config, name, schema) in CAPTIONED_KINDS
+
+
+def dataset_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The block of dataset ``name`` over the schema defaults of its kind (``$defs/<kind>_dataset``), with
+    ``kind`` set: e.g. a ``captions`` dataset's ``split`` ratios when the config leaves them out."""
+    schema = schema or load_schema()
+    kind = dataset_kind(config, name, schema)
+    node = schema["$defs"].get(f"{kind}_dataset", {})
+    out = _nested_defaults(node, schema)
+    deep_update(out, copy.deepcopy(config["datasets"][name]))
+    out["kind"] = kind
+    return out
+
+
+def _nested_defaults(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of an object schema's properties, and those of a property that is an object with a default
+    (``split: {}`` → its seed and fractions); not of sections without one (``ingest``: the global section's)."""
+    out: dict[str, Any] = {}
+    for key, sub in _ref(node, root).get("properties", {}).items():
+        sub = _ref(sub, root)
+        if "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+            if isinstance(out[key], dict) and sub.get("properties"):
+                out[key] = deep_update(_nested_defaults(sub, root), out[key])
+    return out
 
 
 def coerce_scalars(config: dict[str, Any], schema: dict[str, Any] | None = None) -> list[str]:
@@ -132,10 +197,59 @@ def _default(schema: dict[str, Any], *path: str) -> Any:
     return node.get("default")
 
 
-def cross_field_errors(config: dict[str, Any], schema: dict[str, Any] | None = None) -> list[str]:
-    """Checks between keys that a JSON schema cannot express (minimum ≤ maximum pairs)."""
-    schema = schema or load_schema()
+def _dataset_key_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    """Per-dataset maps (schema nodes marked ``x-keys: datasets``) and lists (``x-items: datasets``) name only
+    datasets configured under ``datasets`` (a typo such as ``training.datasets.cooc`` is not silently ignored)."""
+    names = sorted(config.get("datasets") or {})
+    allowed = f"allowed keys here: {', '.join(names)} (the datasets under config key datasets)"
+    errors: list[str] = []
+
+    def walk(node: Any, sch: dict[str, Any], path: list[str]) -> None:
+        sch = _ref(sch, schema)
+        if sch.get("x-keys") == "datasets" and isinstance(node, dict):
+            errors.extend(f"config key {_key([*path, k])}: unknown; {allowed}" for k in node if k not in names)
+        if sch.get("x-items") == "datasets" and isinstance(node, list):
+            errors.extend(f"config key {_key(path)}: {d!r} is not a dataset; {allowed}"
+                          for d in node if d not in names)
+        if isinstance(node, dict):
+            extra = sch.get("additionalProperties")
+            for k, v in node.items():
+                sub = sch.get("properties", {}).get(k, extra if isinstance(extra, dict) else None)
+                if sub is not None:
+                    walk(v, sub, [*path, k])
+
+    walk(config, schema, [])
+    return errors
+
+
+def _dataset_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    """Checks of the datasets themselves and of settings that only some kinds support."""
     errors = []
+    datasets = config.get("datasets") or {}
+    for name, block in datasets.items():
+        split = (block or {}).get("split") if isinstance(block, dict) else None
+        if isinstance(split, dict):
+            d = schema["$defs"]["captions_dataset"]["properties"]["split"]["properties"]
+            val, test = split.get("val", d["val"]["default"]), split.get("test", d["test"]["default"])
+            if isinstance(val, (int, float)) and isinstance(test, (int, float)) and val + test >= 1:
+                errors.append(f"config key datasets.{name}.split: val {val} + test {test} leave no train images "
+                              "(their sum must be below 1)")
+    parsers = ((config.get("text") or {}).get("trees") or {}).get("parser") or {}
+    for name, parser in parsers.items():
+        if parser == "gold" and name in datasets and dataset_kind(config, name, schema) not in ("shapes", "karpathy"):
+            errors.append(f"config key text.trees.parser.{name}: 'gold' reads the parses of a dataset JSON, but "
+                          f"datasets.{name} is kind {dataset_kind(config, name, schema)!r} (no JSON): use stanza")
+    for name in (config.get("report") or {}).get("datasets") or []:
+        if name in datasets and not has_captions(config, name, schema):
+            errors.append(f"config key report.datasets: {name!r} is kind 'images' (datasets.{name}.kind): it has "
+                          "no captions, so no model can be trained or evaluated on it")
+    return errors
+
+
+def cross_field_errors(config: dict[str, Any], schema: dict[str, Any] | None = None) -> list[str]:
+    """Checks between keys that a JSON schema cannot express (minimum ≤ maximum pairs, dataset names)."""
+    schema = schema or load_schema()
+    errors = _dataset_key_errors(config, schema) + _dataset_errors(config, schema)
     gen = ((config.get("datasets") or {}).get("shapes") or {}).get("generator")
     if isinstance(gen, dict):
         where = ("datasets", "shapes", "generator")

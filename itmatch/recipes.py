@@ -21,7 +21,7 @@ from typing import Any
 
 from snakemake.utils import validate as snakemake_validate
 
-from itmatch.config import DATASETS, SCHEMA_PATH, load_config
+from itmatch.config import DATASETS, SCHEMA_PATH, has_captions, load_config
 from itmatch.models.registry import MODELS
 from itmatch.training.settings import recipe
 
@@ -252,7 +252,7 @@ def resolve(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
     """``{"training", "model", "sources"}`` of ``model`` on ``dataset``: the train rules' settings plus the
     citations of the paper-given ones."""
     check_choice("model", model, MODELS)
-    check_choice("dataset", dataset, tuple(d for d in DATASETS if d in config.get("datasets", {})))
+    check_choice("dataset", dataset, tuple(d for d in config.get("datasets", {}) if has_captions(config, d)))
     out = copy.deepcopy(recipe(config, model, dataset))
     out["sources"] = sources(model, dataset)
     return out

@@ -22,11 +22,14 @@ def test_shipped_and_test_configs_are_valid():
     assert cfg["datasets"]["shapes"]["generator"]["n_train"] == 60
 
 
-def test_unknown_dataset_names_allowed_values(config):
+def test_a_new_dataset_name_needs_a_kind(config):
+    """Any name under datasets declares a dataset (tests/test_user_datasets.py); one of your own names its kind."""
     bad = copy.deepcopy(config)
-    bad["datasets"]["mnist"] = bad["datasets"]["f30k"]
-    with pytest.raises(ConfigError, match=r"datasets\.mnist: unknown; allowed keys here: coco, f30k, shapes"):
+    bad["datasets"]["mnist"] = copy.deepcopy(bad["datasets"]["f30k"])
+    with pytest.raises(ConfigError, match=r"config key datasets\.mnist\.kind: required but missing"):
         validate_config(bad)
+    bad["datasets"]["mnist"]["kind"] = "karpathy"
+    validate_config(bad)
 
 
 def test_wrong_type_names_key(config):
@@ -79,7 +82,7 @@ def _set(cfg: dict, dotted: str, value) -> dict:
 GAPS = [
     ("blocks.k", 4, r"config key blocks\.k: unknown; allowed keys here: K, L"),
     ("datasets.shapes.sorce", "local", r"config key datasets\.shapes\.sorce: unknown; allowed keys here: download, "
-                                        r"generator, images, ingest, json, source"),
+                                        r"generator, images, ingest, json, kind, source"),
     ("datasets.shapes.generatr", {}, r"config key datasets\.shapes\.generatr: unknown"),
     ("datasets.coco.jsonn", "x.json", r"config key datasets\.coco\.jsonn: unknown"),
     ("models.caan.datasets.shapes.embd_dim", 32, r"config key models\.caan\.datasets\.shapes\.embd_dim: unknown; "

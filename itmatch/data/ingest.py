@@ -238,20 +238,36 @@ def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path
                                   f"of images[{seen_sent[sid]}]")
             seen_sent[sid] = i
             caps.append((sid, raw.strip()))
-        k = opt.captions_per_image
-        if len(caps) > k and opt.truncate_extra_captions:
-            dropped["extra captions truncated"] += len(caps) - k
-            caps = caps[:k]
-        if len(caps) != k:
-            what = "no captions" if not caps else f"{len(caps)} captions, expected {k}"
-            if opt.on_bad_caption_count == "drop":
-                dropped[f"images dropped: caption count != {k}"] += 1
-                continue
-            raise IngestError(f"{json_path}: images[{i}] ({fname}, id {image_id}) has {what} "
-                              "(set ingest.on_bad_caption_count: drop to drop such images)")
+        caps = fit_caption_count(caps, opt, dropped, f"{json_path}: images[{i}] ({fname}, id {image_id})")
+        if caps is None:
+            continue
         rows.append({"image_id": image_id, "split": split, "file": file, "captions": caps, "index": i})
 
     rows = _check_images(rows, image_root, opt, processes, dropped, _read_bad_images(bad_images))
+    return write_tables(rows, images_out, captions_out, str(json_path), dropped)
+
+
+def fit_caption_count(caps: list[T], opt: IngestOptions, dropped: Counter, where: str) -> list[T] | None:
+    """An image's captions cut to ``captions_per_image`` (``truncate_extra_captions``), ``None`` to drop the image
+    (``on_bad_caption_count: drop``); another count is an :class:`IngestError` naming ``where``."""
+    k = opt.captions_per_image
+    if len(caps) > k and opt.truncate_extra_captions:
+        dropped["extra captions truncated"] += len(caps) - k
+        caps = caps[:k]
+    if len(caps) != k:
+        what = "no captions" if not caps else f"{len(caps)} captions, expected {k}"
+        if opt.on_bad_caption_count == "drop":
+            dropped[f"images dropped: caption count != {k}"] += 1
+            return None
+        raise IngestError(f"{where} has {what} (set ingest.captions_per_image to your count, or "
+                          "ingest.on_bad_caption_count: drop to drop such images)")
+    return caps
+
+
+def write_tables(rows: list[dict[str, Any]], images_out: str | Path, captions_out: str | Path, source: str,
+                 dropped: Counter) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Sort ``rows`` (``image_id``, ``split``, ``file``, ``width``, ``height``, ``captions`` [(id, text)],
+    ``index``) by split, then ``index``; write images.parquet + captions.parquet atomically; return them."""
     order = {s: n for n, s in enumerate(SPLITS)}
     rows.sort(key=lambda r: (order[r["split"]], r["index"]))
     images = pd.DataFrame({
@@ -263,9 +279,9 @@ def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path
          for r in rows for sid, text in r["captions"]],
         columns=["caption_id", "image_id", "split", "text"])
     for what, n in sorted(dropped.items()):
-        log.warning("ingest %s: %s: %d", json_path, what, n)
+        log.warning("ingest %s: %s: %d", source, what, n)
     counts = images["split"].value_counts().to_dict()
-    log.info("ingest %s: %d images (%s), %d captions", json_path, len(images),
+    log.info("ingest %s: %d images (%s), %d captions", source, len(images),
              ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS), len(captions))
     write_parquet(images_out, pa.Table.from_pandas(images, schema=IMAGES_SCHEMA, preserve_index=False))
     write_parquet(captions_out, pa.Table.from_pandas(captions, schema=CAPTIONS_SCHEMA, preserve_index=False))

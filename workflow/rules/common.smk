@@ -1,9 +1,12 @@
 # Shared helpers of all the .smk files (config validation, wildcard constraints, per-dataset settings).
+# Datasets are what config key `datasets` declares (shapes, coco, f30k and any of your own, by kind: karpathy,
+# captions, images); every {dataset} wildcard follows it.
 import os
+import re
 
 from snakemake.utils import validate
 
-from itmatch.config import DATASETS, deep_update, validate_config
+from itmatch.config import dataset_settings, deep_update, has_captions, validate_config
 from itmatch.models.registry import MODELS
 from itmatch.utils.device import uses_gpu
 from itmatch.utils.hashing import code_hash
@@ -13,23 +16,46 @@ validate_config(config)
 validate(config, "../schemas/config.schema.yaml")
 
 
+def alternation(names):
+    """A wildcard_constraints pattern matching exactly ``names`` (one that never matches when empty)."""
+    return "|".join(re.escape(n) for n in names) if names else "(?!x)x"
+
+
 wildcard_constraints:
-    dataset="|".join(DATASETS),
-    model="|".join(MODELS),
+    dataset=alternation(config["datasets"]),
+    model=alternation(MODELS),
 
 
 def dataset_cfg(dataset):
-    """The config block of one dataset, with a clear error for datasets the config does not define."""
+    """The config block of one dataset (over its kind's schema defaults, ``kind`` set), with a clear error for
+    datasets the config does not define."""
     if dataset not in config["datasets"]:
         raise ValueError(f"dataset {dataset!r} is not configured under config key 'datasets' "
                          f"(configured: {', '.join(config['datasets'])})")
-    return config["datasets"][dataset]
+    return dataset_settings(config, dataset)
 
 
-def local_dataset_inputs(dataset):
-    """The JSON and image folder of a dataset (the ingest inputs); for ``source: local`` both must exist,
-    else an error naming the missing ones (no rule will make them)."""
+def require_captions(dataset, model=None):
+    """Stop (while the DAG is built, before any job) when ``dataset`` has no captions (kind ``images``)."""
+    if has_captions(config, dataset):
+        return
+    who = f"model {model!r} cannot be trained or evaluated on" if model else "captions, tokens and text features need"
+    raise ValueError(
+        f"{who} dataset {dataset!r}: it has no captions (datasets.{dataset}.kind is 'images': an image folder "
+        f"only). Region extraction works on it (results/features/{dataset}/regions.h5); to train or evaluate, "
+        f"declare it as kind 'captions' with a captions table (docs/data.md, \"Your own data\").")
+
+
+def ingest_inputs(dataset):
+    """The ingest inputs of a dataset, by kind: JSON + image folder (shapes, karpathy), image folder + captions
+    table (captions), image folder [+ file list] (images). For ``source: local`` the JSON and folder must exist,
+    else an error naming the missing ones (no rule will make them); the inputs of your own captions / images
+    datasets are checked by Snakemake (a missing one is named as a missing input of rule ingest)."""
     cfg = dataset_cfg(dataset)
+    if cfg["kind"] == "captions":
+        return {"images": cfg["images"], "captions": cfg["captions"]}
+    if cfg["kind"] == "images":
+        return {"images": cfg["images"], **({"files": cfg["files"]} if cfg.get("files") else {})}
     files = {"json": cfg["json"], "images": cfg["images"]}
     if cfg.get("source") == "local":
         missing = [f"{files['json']} (datasets.{dataset}.json)"] if not os.path.isfile(files["json"]) else []
@@ -47,6 +73,13 @@ def ingest_options(dataset):
     return deep_update(dict(config["ingest"]), dataset_cfg(dataset).get("ingest", {}))
 
 
+def ingest_dataset_params(dataset):
+    """What the ingest script needs of the dataset block besides its paths: the kind (+ a captions table's
+    split settings); download settings stay out, so changing a mirror does not re-ingest."""
+    cfg = dataset_cfg(dataset)
+    return {"kind": cfg["kind"], **({"split": cfg["split"]} if cfg["kind"] == "captions" else {})}
+
+
 SCRIPTS = os.path.join(workflow.basedir, "workflow", "scripts")
 
 
@@ -58,11 +91,6 @@ def code_version(script, *modules):
     docstrings do not count, so editing prose reruns nothing.
     """
     return code_hash(os.path.join(SCRIPTS, script), *modules)
-
-
-def alternation(names):
-    """A wildcard_constraints pattern matching exactly ``names`` (one that never matches when empty)."""
-    return "|".join(names) if names else "(?!x)x"
 
 
 def gpu_resources(settings):

@@ -1,4 +1,5 @@
-# Data: the embedded `shapes` generator and the ingest shared by all datasets.
+# Data: the embedded `shapes` generator and the ingest shared by all datasets (by kind: Karpathy JSON, captions
+# table or image folder; docs/data.md "Your own data").
 # A dataset whose `source` is `local` holds the user's own JSON and images: no rule has them as output
 # (generate_shapes exists only for `source: generate`), so nothing can overwrite them, not even --forceall.
 # Missing local files: an error naming them (local_dataset_inputs in common.smk).
@@ -27,14 +28,15 @@ if config["datasets"].get("shapes", {}).get("source") == "generate":
 
 
 rule ingest:
-    """Check a dataset's Karpathy JSON and images and write images.parquet + captions.parquet."""
+    """Check a dataset's inputs (Karpathy JSON, captions table or image folder) and images → images.parquet + captions.parquet."""
     input:
-        unpack(lambda wc: local_dataset_inputs(wc.dataset)),
+        unpack(lambda wc: ingest_inputs(wc.dataset)),
     output:
         images="results/data/{dataset}/images.parquet",
         captions="results/data/{dataset}/captions.parquet",
     params:
         options=lambda wc: ingest_options(wc.dataset),
+        dataset=lambda wc: ingest_dataset_params(wc.dataset),
         bad_images=lambda wc: f"resources/{wc.dataset}/bad_images.txt",  # the download's image check
         code=code_version("ingest.py"),
     threads: 2

@@ -10,12 +10,14 @@
 
 
 def download_datasets():
-    return [ds for ds in ("coco", "f30k")
-            if ds in config["datasets"] and config["datasets"][ds].get("source") == "download"]
+    """Karpathy-format datasets (coco, f30k, your own of kind karpathy) with ``source: download``."""
+    return [ds for ds in config["datasets"]
+            if dataset_cfg(ds)["kind"] == "karpathy" and dataset_cfg(ds).get("source") == "download"]
 
 
 for _ds in download_datasets():
-    _cfg = config["datasets"][_ds]
+    _cfg = dataset_cfg(_ds)
+    _name = re.sub(r"\W", "_", _ds)  # dataset names may hold "-" and "." (not in rule names)
     if "download" not in _cfg:
         raise ValueError(f"config key datasets.{_ds}.download: required when datasets.{_ds}.source is 'download' "
                          f"(or set source: local when {_cfg['json']} and {_cfg['images']} are already in place)")
@@ -23,7 +25,7 @@ for _ds in download_datasets():
     rule:
         """Download (or link a local copy of) a real dataset's Karpathy JSON and images, verify sizes and digests."""
         name:
-            f"download_{_ds}"
+            f"download_{_name}"
         output:
             json=_cfg["json"],
             images=directory(_cfg["images"]),

@@ -7,6 +7,7 @@ def _model_code(model, script):
 
 def _model_inputs(wc):
     d = wc.dataset
+    require_captions(d, wc.model)  # common.smk: an images-only dataset stops here, naming model and dataset
     inp = {"images": f"results/data/{d}/images.parquet", "captions": f"results/data/{d}/captions.parquet",
            "tokens": f"results/text/{d}/tokens.parquet", "vocab": f"results/text/{d}/vocab.json",
            "regions": f"results/features/{d}/regions.h5"}

@@ -7,7 +7,7 @@ include: "text_functions.smk"
 rule tokenize:
     """Tokenize captions (lowercase + nltk Treebank) and build the train-split vocabulary → vocab.json + tokens.parquet."""
     input:
-        captions="results/data/{dataset}/captions.parquet",
+        captions=_captions,
     output:
         vocab="results/text/{dataset}/vocab.json",
         tokens="results/text/{dataset}/tokens.parquet",
@@ -29,7 +29,7 @@ rule tokenize:
 rule referral_trees:
     """SMFEA's 7-node referral tree per caption (gold parses or stanza) → trees.parquet + tree_vocab.json."""
     input:
-        captions="results/data/{dataset}/captions.parquet",
+        captions=_captions,
         parses=lambda wc: (dataset_cfg(wc.dataset)["json"] if _text_parser(wc.dataset) == "gold"
                            else config["text"]["trees"]["stanza_dir"]),
     output:
@@ -55,7 +55,7 @@ rule referral_trees:
 rule bert_features:
     """Per-word BERT features of every caption (GLFN) → bert.h5; batched, resumable."""
     input:
-        captions="results/data/{dataset}/captions.parquet",
+        captions=_captions,
         tokens="results/text/{dataset}/tokens.parquet",
         model=lambda wc: _local_model(_bert_model(wc.dataset)),
     output:

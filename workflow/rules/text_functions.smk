@@ -1,5 +1,11 @@
 # Helper functions of text.smk (kept apart from its rules: `snakemake --lint`).
 
+def _captions(wc):
+    """A dataset's captions.parquet (the text stages' input); an images-only dataset stops here (no captions)."""
+    require_captions(wc.dataset)
+    return f"results/data/{wc.dataset}/captions.parquet"
+
+
 def _text_parser(dataset):
     return config["text"]["trees"]["parser"].get(dataset, "stanza")
 

@@ -39,14 +39,19 @@ def detector_config(section: dict, dataset: str | None = None) -> dict:
 
 
 def checkpoint_path(section: dict, dataset: str, must_exist: bool = True) -> str:
-    """``detector.checkpoints.<dataset>``, with an error naming that key when it is unset or the file is absent."""
-    path = (section.get("checkpoints") or {}).get(dataset)
+    """``detector.checkpoints.<dataset>``; for a dataset without an entry there, ``detector.default_checkpoint``
+    (your own datasets: the configured default, the demo's shapes detector in config/config.yaml). An error names
+    the key when it is unset (null) or the file is absent."""
+    checkpoints = section.get("checkpoints") or {}
+    key = f"detector.checkpoints.{dataset}" if dataset in checkpoints else "detector.default_checkpoint"
+    path = checkpoints[dataset] if dataset in checkpoints else section.get("default_checkpoint")
     if not path:
-        raise FileNotFoundError(f"config key detector.checkpoints.{dataset} is not set: give the path of a "
+        also = "" if dataset in checkpoints else f" (dataset {dataset!r} has no detector.checkpoints entry)"
+        raise FileNotFoundError(f"config key {key} is not set{also}: give the path of a "
                                 "bottom-up-attention checkpoint (.pkl/.pth) you downloaded (nothing is downloaded "
                                 "automatically)")
     if must_exist and not Path(path).is_file():
-        raise FileNotFoundError(f"config key detector.checkpoints.{dataset}: file {path} does not exist")
+        raise FileNotFoundError(f"config key {key}: file {path} does not exist")
     return str(path)
 
 
