@@ -107,12 +107,11 @@ def _resolve_boxes(folder: Path, prefix: str, boxes: str | bool, key: str) -> Pa
     return None
 
 
-def resolve_precomp(folder: str | Path, splits: dict[str, str] | None = None, boxes: str | bool = "auto",
-                    key: str = "datasets.<name>") -> dict[str, PrecompSplit]:
-    """Our three splits of a precomp folder, checked: each named file exists; ``P_ims.npy`` is float of rank 3;
-    the caption count is 5 × its images; an ids file has one id per image or per caption; ``P_boxes.npy`` (when
-    used) is float [images, regions, 2L] with the features' images and regions. ``boxes``: true (required),
-    false (ignored) or auto (used when every split has one). ``key`` names the setting in errors."""
+def precomp_paths(folder: str | Path, splits: dict[str, str] | None = None, boxes: str | bool = "auto",
+                  key: str = "datasets.<name>") -> dict[str, dict[str, Any]]:
+    """The files of our three splits (``{split: {prefix, caps, ims, ids, boxes}}``, paths as strings or None),
+    checked for existence only (cheap: used while the workflow's DAG is built). ``boxes`` auto: PFAN's position
+    files when every split has one."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PrecompError(f"{key}.folder: {folder} is not a folder")
@@ -121,14 +120,35 @@ def resolve_precomp(folder: str | Path, splits: dict[str, str] | None = None, bo
     if unknown:
         raise PrecompError(f"{key}.splits: unknown split(s) {', '.join(unknown)}; ours are {', '.join(SPLITS)}")
     prefixes = {**default_splits(folder), **given}
-    out: dict[str, PrecompSplit] = {}
+    out: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         prefix = prefixes[split]
         where = f"{key}.splits.{split}" if split in given else f"{key} (split {split} = SCAN's {prefix!r})"
-        caps, ims = folder / f"{prefix}_caps.txt", folder / f"{prefix}_ims.npy"
+        caps, ims, ids = (folder / f"{prefix}_{x}" for x in ("caps.txt", "ims.npy", "ids.txt"))
         for f in (caps, ims):
             if not f.exists():
                 raise PrecompError(f"{where}: {f} does not exist")
+        out[split] = {"prefix": prefix, "caps": str(caps), "ims": str(ims), "ids": str(ids) if ids.exists() else None,
+                      "boxes": _resolve_boxes(folder, prefix, boxes, key)}
+    have = [s for s, p in out.items() if p["boxes"] is not None]
+    if boxes not in (True, "true") and 0 < len(have) < len(out):
+        log.warning("%s: PFAN position files for %s only: not used (every split needs one)", folder, ", ".join(have))
+        for p in out.values():
+            p["boxes"] = None
+    for p in out.values():
+        p["boxes"] = None if p["boxes"] is None else str(p["boxes"])
+    return out
+
+
+def resolve_precomp(folder: str | Path, splits: dict[str, str] | None = None, boxes: str | bool = "auto",
+                    key: str = "datasets.<name>") -> dict[str, PrecompSplit]:
+    """Our three splits of a precomp folder, checked: each named file exists; ``P_ims.npy`` is float of rank 3;
+    the caption count is 5 × its images; an ids file has one id per image or per caption; ``P_boxes.npy`` (when
+    used) is float [images, regions, 2L] with the features' images and regions. ``boxes``: true (required),
+    false (ignored) or auto (used when every split has one). ``key`` names the setting in errors."""
+    out: dict[str, PrecompSplit] = {}
+    for split, p in precomp_paths(folder, splits, boxes, key).items():
+        prefix, caps, ims = p["prefix"], Path(p["caps"]), Path(p["ims"])
         shape, dtype = npy_header(ims)
         if len(shape) != 3 or dtype.kind not in FLOAT_KINDS:
             raise PrecompError(f"{ims}: shape {shape} dtype {dtype}; expected float [images, regions, dim]")
@@ -140,13 +160,12 @@ def resolve_precomp(folder: str | Path, splits: dict[str, str] | None = None, bo
         else:
             raise PrecompError(f"{caps}: {n_caps} captions, not {CAPTIONS_PER_IMAGE} × the {shape[0]} images of "
                                f"{ims.name} (nor one per row)")
-        ids = folder / f"{prefix}_ids.txt"
-        ids = ids if ids.exists() else None
+        ids = None if p["ids"] is None else Path(p["ids"])
         if ids is not None:
             n_ids = _count_lines(ids)
             if n_ids not in (n_img, CAPTIONS_PER_IMAGE * n_img):
                 raise PrecompError(f"{ids}: {n_ids} ids for {n_img} images (expected one per image or per caption)")
-        box = _resolve_boxes(folder, prefix, boxes, key)
+        box = None if p["boxes"] is None else Path(p["boxes"])
         if box is not None:
             bshape, bdtype = npy_header(box)
             if len(bshape) != 3 or bshape[2] % 2 or bdtype.kind not in "fiu":
@@ -158,12 +177,30 @@ def resolve_precomp(folder: str | Path, splits: dict[str, str] | None = None, bo
     dims = {s.split: npy_header(s.ims)[0][1:] for s in out.values()}
     if len(set(dims.values())) != 1:
         raise PrecompError(f"{folder}: the splits' [regions, dim] differ: {dims}")
-    with_boxes = [s.split for s in out.values() if s.boxes is not None]
-    if boxes in ("auto", None) and 0 < len(with_boxes) < len(out):
-        log.warning("%s: PFAN position files for %s only: not used (all splits need one)", folder,
-                    ", ".join(with_boxes))
-        out = {k: PrecompSplit(**{**s.__dict__, "boxes": None}) for k, s in out.items()}
     return out
+
+
+def precomp_import_spec(paths: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``extraction.import`` spec that the workflow's import rules run for a precomp dataset: SCAN's
+    ``*_ims.npy`` → regions.h5, PFAN's ``*_boxes.npy`` (when used) → blocks.h5; rows follow images.parquet's
+    split order (its ingest wrote them in file order), so no ids are needed."""
+    spec: dict[str, Any] = {"format": "scan_npy",
+                            "splits": {s: {"features": p["ims"], "ids": None} for s, p in paths.items()}}
+    if all(p["boxes"] for p in paths.values()):
+        spec["pfan_boxes"] = {s: {"boxes": p["boxes"], "ids": None} for s, p in paths.items()}
+    return spec
+
+
+def vocab_settings(kind: str, dataset_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The tokenize rule's vocabulary settings of a dataset (:func:`itmatch.text.vocab.make_tokens` keywords):
+    precomp datasets count train + val in first-occurrence order and tokenise as SCAN (punkt when installed) or
+    read ``vocab``; other datasets keep the train-split vocabulary by count."""
+    if kind != "precomp":
+        return {}
+    from itmatch.text.tokenize import punkt_available
+
+    return {"vocab_splits": ["train", "val"], "order": "first", "vocab_file": dataset_cfg.get("vocab"),
+            "sentences": True, "punkt": punkt_available()}
 
 
 def _ids(s: PrecompSplit) -> np.ndarray | None:
@@ -244,3 +281,21 @@ def ingest_precomp_folder(folder: str | Path, splits: dict[str, str] | None, box
     resolved = resolve_precomp(folder, splits, boxes, key)
     ingest_precomp(resolved, images_out, captions_out)
     return resolved
+
+
+#: optional model inputs (:meth:`itmatch.models.base.MatchingModel.inputs`) a precomp folder never has
+PRECOMP_LACKS = {
+    "tags": "the detector's object and attribute tags (GLFN's tags.h5: SCAN's .npy features carry none; GLFN "
+            "runs without them with use_tags: false)",
+    "objects": "the detector's object confidences (BSSAN's O2W branch picks its regions by them; branches: w2r "
+               "runs without)",
+}
+
+
+def precomp_missing(needs: frozenset[str] | set[str], paths: dict[str, dict[str, Any]], key: str) -> list[str]:
+    """What of a model's optional inputs ``needs`` a precomp folder (:func:`precomp_paths`) cannot give."""
+    out = [PRECOMP_LACKS[n] for n in sorted(needs) if n in PRECOMP_LACKS]
+    if "blocks" in needs and not all(p["boxes"] for p in paths.values()):
+        out.append(f"PFAN's position files ({', '.join(p['prefix'] + '_boxes.npy' for p in paths.values())} in "
+                   f"the folder; {key}.boxes) for blocks.h5")
+    return out
