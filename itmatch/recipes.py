@@ -23,7 +23,7 @@ from snakemake.utils import validate as snakemake_validate
 
 from itmatch.config import DATASETS, SCHEMA_PATH, has_captions, load_config
 from itmatch.models.registry import MODELS
-from itmatch.training.settings import recipe
+from itmatch.training.settings import recipe, recipe_datasets
 
 CONFIG_PATH = Path("config") / "config.yaml"  # relative to the working directory (the repository root), as Snakemake's
 PAPER_DATASETS = ("coco", "f30k")
@@ -254,7 +254,7 @@ def resolve(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
     check_choice("model", model, MODELS)
     check_choice("dataset", dataset, tuple(d for d in config.get("datasets", {}) if has_captions(config, d)))
     out = copy.deepcopy(recipe(config, model, dataset))
-    out["sources"] = sources(model, dataset)
+    out["sources"] = sources(model, recipe_datasets(config, dataset)[0])
     return out
 
 

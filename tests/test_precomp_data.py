@@ -139,3 +139,22 @@ def test_bad_settings_are_named(tmp_path):
     # boxes: auto with a position file for some splits only: none used (warned)
     np.save(f / "train_boxes.npy", np.zeros((140, 36, 30)))
     assert all(s.boxes is None for s in resolve_precomp(f).values())
+
+
+def test_recipes_of_the_builtin_dataset_apply_first():
+    """datasets.<name>.recipes: coco → COCO's model, training and evaluation overrides, then the dataset's own."""
+    from itmatch.config import validate_config
+    from itmatch.recipes import load_recipe_config, resolve
+    from itmatch.training.settings import evaluation_settings
+
+    cfg = load_recipe_config()
+    cfg["datasets"]["coco_precomp"] = {"kind": "precomp", "folder": "data/coco_precomp", "recipes": "coco"}
+    cfg["models"]["scan"]["datasets"]["coco_precomp"] = {"embed_dim": 64}
+    validate_config(cfg)
+    mine, coco = resolve(cfg, "scan", "coco_precomp"), resolve(cfg, "scan", "coco")
+    assert mine["model"] == {**coco["model"], "embed_dim": 64}
+    assert mine["training"] == coco["training"] and mine["sources"] == coco["sources"]
+    assert evaluation_settings(cfg, "coco_precomp") == evaluation_settings(cfg, "coco")
+    cfg["datasets"]["coco_precomp"]["recipes"] = None
+    assert resolve(cfg, "scan", "coco_precomp")["model"]["t2i"] == cfg["models"]["scan"]["t2i"]
+    assert evaluation_settings(cfg, "coco_precomp")["folds"] == 1

@@ -96,11 +96,11 @@ def _count_lines(path: Path) -> int:
     return len(read_caption_lines(path))
 
 
-def _resolve_boxes(folder: Path, prefix: str, boxes: str | bool, key: str) -> Path | None:
+def _resolve_boxes(folder: Path, prefix: str, boxes: str | bool, key: str, check: bool = True) -> Path | None:
     path = folder / f"{prefix}_boxes.npy"
     if boxes is False or boxes == "false":
         return None
-    if path.exists():
+    if path.exists() or (boxes in (True, "true") and not check):
         return path
     if boxes is True or boxes == "true":
         raise PrecompError(f"{path} not found ({key}.boxes: true needs PFAN's position file of every split)")
@@ -108,12 +108,13 @@ def _resolve_boxes(folder: Path, prefix: str, boxes: str | bool, key: str) -> Pa
 
 
 def precomp_paths(folder: str | Path, splits: dict[str, str] | None = None, boxes: str | bool = "auto",
-                  key: str = "datasets.<name>") -> dict[str, dict[str, Any]]:
-    """The files of our three splits (``{split: {prefix, caps, ims, ids, boxes}}``, paths as strings or None),
-    checked for existence only (cheap: used while the workflow's DAG is built). ``boxes`` auto: PFAN's position
-    files when every split has one."""
+                  key: str = "datasets.<name>", check: bool = True) -> dict[str, dict[str, Any]]:
+    """The files of our three splits (``{split: {prefix, caps, ims, ids, boxes}}``, paths as strings or None).
+    ``check``: each must exist (an error naming the setting). While the workflow's DAG is built (``check``
+    false) only the files of an explicit ``splits`` entry must, the others are left to Snakemake's missing-input
+    report. ``boxes`` auto: PFAN's position files when every split has one; true: expected for every split."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if check and not folder.is_dir():
         raise PrecompError(f"{key}.folder: {folder} is not a folder")
     given = dict(splits or {})
     unknown = sorted(set(given) - set(SPLITS))
@@ -126,10 +127,10 @@ def precomp_paths(folder: str | Path, splits: dict[str, str] | None = None, boxe
         where = f"{key}.splits.{split}" if split in given else f"{key} (split {split} = SCAN's {prefix!r})"
         caps, ims, ids = (folder / f"{prefix}_{x}" for x in ("caps.txt", "ims.npy", "ids.txt"))
         for f in (caps, ims):
-            if not f.exists():
+            if (check or split in given) and not f.exists():
                 raise PrecompError(f"{where}: {f} does not exist")
         out[split] = {"prefix": prefix, "caps": str(caps), "ims": str(ims), "ids": str(ids) if ids.exists() else None,
-                      "boxes": _resolve_boxes(folder, prefix, boxes, key)}
+                      "boxes": _resolve_boxes(folder, prefix, boxes, key, check)}
     have = [s for s, p in out.items() if p["boxes"] is not None]
     if boxes not in (True, "true") and 0 < len(have) < len(out):
         log.warning("%s: PFAN position files for %s only: not used (every split needs one)", folder, ", ".join(have))

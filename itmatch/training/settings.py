@@ -6,6 +6,8 @@
 - ``models.<model>``: the model's block, then ``models.<model>.datasets.<dataset>``; the ``datasets`` and
   ``fuse`` keys are dropped before the model sees its config.
 - ``evaluation``: defaults, then ``evaluation.datasets.<dataset>`` (COCO: 5 folds + 5K).
+- A dataset with ``recipes: f30k`` / ``coco`` (precomp datasets: SCAN's F30K / COCO features under a name of
+  their own) gets that built-in dataset's overrides first, then its own, in each section above.
 - Fused models: ``models.<model>.fuse`` lists the directions trained separately (``[t2i, i2t]``); each part
   gets the model config with ``direction`` set.
 - :func:`recipe`: the ``training`` and ``model`` settings of one model × dataset together: what the train
@@ -25,19 +27,34 @@ def _merge(base: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any]:
     return deep_update(copy.deepcopy(base), copy.deepcopy(over or {}))
 
 
+def recipe_datasets(config: dict[str, Any], dataset: str) -> list[str]:
+    """The per-dataset override keys of ``dataset``, in merge order: ``datasets.<dataset>.recipes`` (the built-in
+    dataset it takes its recipes from), then itself."""
+    block = (config.get("datasets") or {}).get(dataset)
+    base = block.get("recipes") if isinstance(block, dict) else None
+    return [base, dataset] if base else [dataset]
+
+
+def _merge_datasets(base: dict[str, Any], per_dataset: dict[str, Any] | None, chain: list[str]) -> dict[str, Any]:
+    for d in chain:
+        base = _merge(base, (per_dataset or {}).get(d))
+    return base
+
+
 def training_settings(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
     t = config.get("training") or {}
+    chain = recipe_datasets(config, dataset)
     base = {k: v for k, v in t.items() if k not in ("datasets", "models")}
-    base = _merge(base, (t.get("datasets") or {}).get(dataset))
+    base = _merge_datasets(base, t.get("datasets"), chain)
     m = (t.get("models") or {}).get(model) or {}
     base = _merge(base, {k: v for k, v in m.items() if k != "datasets"})
-    return _merge(base, (m.get("datasets") or {}).get(dataset))
+    return _merge_datasets(base, m.get("datasets"), chain)
 
 
 def model_settings(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
     m = (config.get("models") or {}).get(model) or {}
     base = {k: v for k, v in m.items() if k != "datasets"}
-    return _merge(base, (m.get("datasets") or {}).get(dataset))
+    return _merge_datasets(base, m.get("datasets"), recipe_datasets(config, dataset))
 
 
 def recipe(config: dict[str, Any], model: str, dataset: str) -> dict[str, dict[str, Any]]:
@@ -50,7 +67,7 @@ def recipe(config: dict[str, Any], model: str, dataset: str) -> dict[str, dict[s
 def evaluation_settings(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     e = config.get("evaluation") or {}
     base = {k: v for k, v in e.items() if k != "datasets"}
-    return _merge(base, (e.get("datasets") or {}).get(dataset))
+    return _merge_datasets(base, e.get("datasets"), recipe_datasets(config, dataset))
 
 
 def fused_parts(model_cfg: dict[str, Any]) -> list[str]:

@@ -87,12 +87,12 @@ def ingest_dataset_params(dataset):
 
 
 def precomp_files(dataset):
-    """The files of a precomp dataset's splits (itmatch.data.precomp.precomp_paths: existence only, an error naming
-    the setting, e.g. a ``splits`` entry whose files are not in the folder)."""
+    """The files of a precomp dataset's splits (itmatch.data.precomp.precomp_paths: an error naming the setting for
+    a ``splits`` entry whose files are not in the folder; other missing files are Snakemake's missing inputs)."""
     from itmatch.data.precomp import precomp_paths
 
     cfg = dataset_cfg(dataset)
-    return precomp_paths(cfg["folder"], cfg.get("splits"), cfg["boxes"], key=f"datasets.{dataset}")
+    return precomp_paths(cfg["folder"], cfg.get("splits"), cfg["boxes"], key=f"datasets.{dataset}", check=False)
 
 
 def require_inputs(dataset, model, needs):
