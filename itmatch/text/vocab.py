@@ -170,8 +170,8 @@ def make_tokens(captions_path: str | Path, vocab_out: str | Path, tokens_out: st
     table = encode_table(caps["caption_id"].to_numpy(), tokens, vocab)
     n_tok = sum(len(t) for t in tokens)
     n_unk = int(np.sum(np.asarray(table.column("tokens").combine_chunks().flatten()) == UNK_ID))
-    log.info("tokens: %d captions, %d tokens, vocabulary %d (min count %d), <unk> rate %.3f%%",
-             len(caps), n_tok, len(vocab), min_count, 100 * n_unk / max(n_tok, 1))
+    log.info("tokens: %d captions, %d tokens, vocabulary %d (%s), <unk> rate %.3f%%", len(caps), n_tok, len(vocab),
+             vocab_file or f"min count {min_count} in {' + '.join(vocab_splits)}", 100 * n_unk / max(n_tok, 1))
     write_json(vocab_out, vocab.to_json(), indent=None)
     write_parquet(tokens_out, table)
     return vocab
