@@ -7,6 +7,7 @@ so a typo stops the run before any job starts.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,12 @@ class ConfigError(ValueError):
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
+
+
+@functools.cache
+def _shared_schema() -> dict[str, Any]:
+    """The schema, read once, for read-only lookups made per job (dataset kinds and defaults)."""
+    return load_schema()
 
 
 def _key(path) -> str:
@@ -116,7 +123,7 @@ def dataset_kind(config: dict[str, Any], name: str, schema: dict[str, Any] | Non
                        f"(configured: {', '.join(config.get('datasets') or {})})")
     if block.get("kind"):
         return block["kind"]
-    schema = schema or load_schema()
+    schema = schema or _shared_schema()
     if name not in schema["properties"]["datasets"]["properties"]:
         raise ConfigError(f"config key datasets.{name}.kind: required but missing")
     return _default(schema, "datasets", name, "kind")
@@ -130,7 +137,7 @@ def has_captions(config: dict[str, Any], name: str, schema: dict[str, Any] | Non
 def dataset_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     """The block of dataset ``name`` over the schema defaults of its kind (``$defs/<kind>_dataset``), with
     ``kind`` set: e.g. a ``captions`` dataset's ``split`` ratios when the config leaves them out."""
-    schema = schema or load_schema()
+    schema = schema or _shared_schema()
     kind = dataset_kind(config, name, schema)
     node = schema["$defs"].get(f"{kind}_dataset", {})
     out = _nested_defaults(node, schema)

@@ -252,7 +252,7 @@ def resolve(config: dict[str, Any], model: str, dataset: str) -> dict[str, Any]:
     """``{"training", "model", "sources"}`` of ``model`` on ``dataset``: the train rules' settings plus the
     citations of the paper-given ones."""
     check_choice("model", model, MODELS)
-    check_choice("dataset", dataset, tuple(d for d in config.get("datasets", {}) if has_captions(config, d)))
+    check_choice("dataset", dataset, tuple(sorted(d for d in config.get("datasets", {}) if has_captions(config, d))))
     out = copy.deepcopy(recipe(config, model, dataset))
     out["sources"] = sources(model, recipe_datasets(config, dataset)[0])
     return out
