@@ -10,12 +10,13 @@ import pytest
 from itmatch.data.precomp import (
     PrecompError,
     default_splits,
-    import_precomp_blocks,
-    import_precomp_regions,
     ingest_precomp_folder,
+    precomp_import_spec,
+    precomp_paths,
     read_caption_lines,
     resolve_precomp,
 )
+from itmatch.features.importers import import_pfan_boxes, run_import
 from tests.precomp_folder import CAPTIONS, FIRST_IMAGE_ID, FIX, make_precomp_folder
 
 D = 64  # small features for the unit tests (the end-to-end test uses 36 × 2048)
@@ -63,8 +64,9 @@ def test_testall_is_the_default_test_split(folder):
 
 
 def test_regions_and_blocks_are_imported(folder, tmp_path):
-    res = _ingest(folder, tmp_path)
-    import_precomp_regions(res, tmp_path / "images.parquet", tmp_path / "regions.h5", tmp_path / "regions.parquet")
+    _ingest(folder, tmp_path)
+    spec = precomp_import_spec(precomp_paths(folder))  # what rules import_regions / import_pfan_blocks run
+    run_import(spec, tmp_path / "images.parquet", tmp_path / "regions.h5", tmp_path / "regions.parquet")
     with h5py.File(tmp_path / "regions.h5", "r") as f:
         feats = f["features"]
         assert feats.shape == (200, 36, D) and bool(f.attrs["boxes_missing"])
@@ -73,7 +75,7 @@ def test_regions_and_blocks_are_imported(folder, tmp_path):
         np.testing.assert_allclose(feats[0], train[0], rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(feats[141], dev[5], rtol=1e-3, atol=1e-3)
         assert (f["num_regions"][:] == 36).all()
-    import_precomp_blocks(res, tmp_path / "images.parquet", tmp_path / "blocks.h5", K=16)
+    import_pfan_boxes(spec["pfan_boxes"], tmp_path / "images.parquet", tmp_path / "blocks.h5", K=16)
     with h5py.File(tmp_path / "blocks.h5", "r") as f:
         boxes = np.load(folder / "test_boxes.npy")
         np.testing.assert_array_equal(f["index"][170], boxes[0, :, :15])
@@ -92,7 +94,8 @@ def test_pfan_real_position_file(tmp_path):
     (f / "test_ids.txt").unlink()
     res = _ingest(f, tmp_path, boxes=True)
     assert res["test"].n_images == 10 and read_caption_lines(res["test"].caps)[0].startswith("A group of people")
-    import_precomp_blocks(res, tmp_path / "images.parquet", tmp_path / "blocks.h5", K=16)
+    spec = precomp_import_spec(precomp_paths(f, boxes=True))
+    import_pfan_boxes(spec["pfan_boxes"], tmp_path / "images.parquet", tmp_path / "blocks.h5", K=16)
     with h5py.File(tmp_path / "blocks.h5", "r") as h:
         idx, w = h["index"][-10:], h["weight"][-10:]
     np.testing.assert_array_equal(idx, real[..., :15].astype(np.int16))

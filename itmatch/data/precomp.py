@@ -15,11 +15,13 @@ Our splits map to prefixes by ``splits`` (default train → ``train``, val → `
 folder has it, else ``test``). :func:`resolve_precomp` checks the folder (every named file, ranks, dtypes,
 line counts) from the ``.npy`` headers without reading the arrays; :func:`ingest_precomp` writes images.parquet
 (width and height 0 = unknown) and captions.parquet; regions.h5 and blocks.h5 come from the importers of
-:mod:`itmatch.features.importers` (memory-mapped, streamed).
+:mod:`itmatch.features.importers` (memory-mapped, streamed) through :func:`precomp_import_spec`. This module
+imports no feature or text code, so that editing those does not rerun the ingest.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,24 +194,24 @@ def precomp_import_spec(paths: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return spec
 
 
-def vocab_settings(kind: str, dataset_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The tokenize rule's vocabulary settings of a dataset (:func:`itmatch.text.vocab.make_tokens` keywords):
-    precomp datasets count train + val in first-occurrence order and tokenise as SCAN (punkt when installed) or
-    read ``vocab``; other datasets keep the train-split vocabulary by count."""
-    if kind != "precomp":
-        return {}
-    from itmatch.text.tokenize import punkt_available
-
-    return {"vocab_splits": ["train", "val"], "order": "first", "vocab_file": dataset_cfg.get("vocab"),
-            "sentences": True, "punkt": punkt_available()}
+def read_id_lines(path: str | Path) -> np.ndarray:
+    """Image ids of a ``P_ids.txt``: one a line (an integer, or a file name ending in one, as
+    :func:`itmatch.features.importers.read_ids`), blank lines skipped."""
+    out = []
+    for n, line in enumerate(read_caption_lines(path), 1):
+        if not line:
+            continue
+        m = re.search(r"(\d+)(?:\.\w+)?$", line)
+        if not m:
+            raise PrecompError(f"{path}:{n}: no image id in {line!r}")
+        out.append(int(m.group(1)))
+    return np.asarray(out, np.int64)
 
 
 def _ids(s: PrecompSplit) -> np.ndarray | None:
     if s.ids is None:
         return None
-    from itmatch.features.importers import read_ids
-
-    ids = read_ids(s.ids)
+    ids = read_id_lines(s.ids)
     if len(ids) == CAPTIONS_PER_IMAGE * s.n_images:
         per = ids.reshape(-1, CAPTIONS_PER_IMAGE)
         if not (per == per[:, :1]).all():
@@ -251,28 +253,6 @@ def ingest_precomp(splits: dict[str, PrecompSplit], images_out: str | Path, capt
     log.info("precomp: %s", ", ".join(f"{s.split} = {s.prefix}: {s.n_images} images, {s.n_captions} captions"
                                       for s in splits.values()))
     return img, cap
-
-
-def import_precomp_regions(splits: dict[str, PrecompSplit], images_parquet: str | Path, out_h5: str | Path,
-                           out_parquet: str | Path) -> None:
-    """regions.h5 (boxes missing) from the splits' ``P_ims.npy``, memory-mapped and streamed
-    (:func:`itmatch.features.importers.import_scan_npy`; rows follow images.parquet's split order)."""
-    from itmatch.features.importers import import_scan_npy
-
-    import_scan_npy({s.split: {"features": str(s.ims), "ids": None} for s in splits.values()}, images_parquet,
-                    out_h5, out_parquet)
-
-
-def import_precomp_blocks(splits: dict[str, PrecompSplit], images_parquet: str | Path, out: str | Path,
-                          K: int) -> None:
-    """blocks.h5 from PFAN's ``P_boxes.npy`` (:func:`itmatch.features.importers.import_pfan_boxes`)."""
-    from itmatch.features.importers import import_pfan_boxes
-
-    missing = [s.split for s in splits.values() if s.boxes is None]
-    if missing:
-        raise PrecompError(f"no PFAN position file (P_boxes.npy) for split(s) {', '.join(missing)}")
-    import_pfan_boxes({s.split: {"boxes": str(s.boxes), "ids": None} for s in splits.values()}, images_parquet,
-                      out, K)
 
 
 def ingest_precomp_folder(folder: str | Path, splits: dict[str, str] | None, boxes: str | bool,

@@ -175,3 +175,13 @@ def make_tokens(captions_path: str | Path, vocab_out: str | Path, tokens_out: st
     write_json(vocab_out, vocab.to_json(), indent=None)
     write_parquet(tokens_out, table)
     return vocab
+
+
+def vocab_settings(kind: str, dataset_cfg: dict) -> dict:
+    """The tokenize rule's :func:`make_tokens` keywords of a dataset of ``kind``: precomp datasets count train + val
+    in first-occurrence order and tokenise as SCAN (punkt when installed; ``punkt`` is in the settings so that
+    installing it reruns the rule) or read their ``vocab`` file; other kinds: {} (train split, by count)."""
+    if kind != "precomp":
+        return {}
+    return {"vocab_splits": ["train", "val"], "order": "first", "vocab_file": dataset_cfg.get("vocab"),
+            "sentences": True, "punkt": punkt_available()}

@@ -8,7 +8,7 @@ def _captions(wc):
 
 def _vocab_settings(wc):
     """make_tokens keywords of a dataset ({} for all but precomp: train-split vocabulary by count)."""
-    from itmatch.data.precomp import vocab_settings
+    from itmatch.text.vocab import vocab_settings
 
     return vocab_settings(dataset_cfg(wc.dataset)["kind"], dataset_cfg(wc.dataset))
 
