@@ -6,7 +6,10 @@
 - ``itmatch export FEATURES --format scan-precomp|npz|tsv --out DIR``: region features in SCAN's / PFAN's
   ``.npy``, MILVLG's per-image ``.npz`` or the bottom-up-attention TSV layout (:mod:`itmatch.features.exporters`).
 - ``itmatch retrieve RUN --text "..." | --image ID_OR_FILE [--k 10] [--split test] [--json]``: the top-k
-  images of a sentence or captions of an image from a trained run (:mod:`itmatch.retrieve`).
+  images of a sentence or captions of an image from a trained run (:mod:`itmatch.retrieve`);
+- ``itmatch import-checkpoint {scan,pfan} PATH [PATH] --dataset NAME --out RUN``: released SCAN / PFAN
+  ``model_best.pth.tar`` files (one per direction) → RUN/model.pt + RUN/import.json
+  (:mod:`itmatch.models.released`); ``snakemake results/imported/RUN/metrics.json`` evaluates it.
 
 ``--configfile`` adds override files as Snakemake's ``--configfile`` does. Bad input exits with status 2 and
 a message naming the valid choices.
@@ -88,6 +91,31 @@ def _retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_checkpoint(args: argparse.Namespace) -> int:
+    from itmatch.models.released import import_run  # torch only when importing
+
+    vocab = args.vocab or f"results/text/{args.dataset}/vocab.json"
+    record = import_run(args.model, args.paths, args.dataset, args.out, vocab_json=vocab)
+    json.dump({k: record[k] for k in ("model", "dataset", "settings", "files")}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_import_checkpoint(sub) -> None:
+    imp = sub.add_parser("import-checkpoint", help="turn released SCAN / PFAN model_best.pth.tar files into a run",
+                         description="Released SCAN / PFAN checkpoints (one file per direction: a t2i and/or an "
+                                     "i2t model, averaged like the papers' t-i + i-t) → RUN/model.pt and "
+                                     "RUN/import.json. Evaluate with: snakemake results/imported/NAME/metrics.json "
+                                     "(RUN = results/imported/NAME). Read without running code from the file.")
+    imp.add_argument("model", choices=("scan", "pfan"), help="whose code wrote the files")
+    imp.add_argument("paths", nargs="+", metavar="PATH", help="model_best.pth.tar (one per direction)")
+    imp.add_argument("--dataset", required=True, help="the dataset the model was trained for (e.g. a precomp one)")
+    imp.add_argument("--out", required=True, help="run folder, e.g. results/imported/scan_f30k")
+    imp.add_argument("--vocab", help="vocab.json to check the word count against "
+                                     "(default: results/text/DATASET/vocab.json, when built)")
+    imp.set_defaults(func=_import_checkpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="itmatch", description="itmatch workflow tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "config/config.yaml of RUN's workflow directory")
     ret.add_argument("--configfile", action="append", default=[], help="override file merged over --config")
     ret.set_defaults(func=_retrieve)
+    _add_import_checkpoint(sub)
     return parser
 
 

@@ -21,7 +21,7 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 #: the built-in datasets; any other name under config key ``datasets`` is one of your own (:func:`dataset_kind`)
 DATASETS = ("coco", "f30k", "shapes")
 #: dataset kinds with captions (models can be trained and evaluated on them); ``images`` has none
-CAPTIONED_KINDS = ("shapes", "karpathy", "captions")
+CAPTIONED_KINDS = ("shapes", "karpathy", "captions", "precomp")
 
 #: what a run folder results/{model}/{dataset}/ holds besides variant folders: a variant may not be named so
 #: (the schema's ``$defs/variant_name`` refuses the folders by name and the files by their dot)

@@ -23,7 +23,7 @@ from snakemake.utils import validate as snakemake_validate
 
 from itmatch.config import DATASETS, SCHEMA_PATH, has_captions, load_config
 from itmatch.models.registry import MODELS
-from itmatch.training.settings import recipe, variant_spec
+from itmatch.training.settings import recipe, recipe_datasets, variant_spec
 
 CONFIG_PATH = Path("config") / "config.yaml"  # relative to the working directory (the repository root), as Snakemake's
 PAPER_DATASETS = ("coco", "f30k")
@@ -278,7 +278,7 @@ def resolve(config: dict[str, Any], model: str, dataset: str, variant: str | Non
     check_choice("dataset", dataset, tuple(sorted(d for d in config.get("datasets", {}) if has_captions(config, d))))
     spec = variant_spec(config, model, variant)
     out: dict[str, Any] = copy.deepcopy(recipe(config, model, dataset, variant))
-    out["sources"] = sources(model, dataset)
+    out["sources"] = sources(model, recipe_datasets(config, dataset)[0])
     if variant:
         base = flatten(recipe(config, model, dataset))
         changes = {k: v for k, v in flatten({"training": out["training"], "model": out["model"]}).items()

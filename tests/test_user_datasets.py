@@ -209,7 +209,7 @@ def test_declared_datasets_validate_with_kind_defaults(config):
     ("my photos", {"kind": "images", "images": "x"}, r"the name 'my photos' is not a valid name: letters, digits"),
     ("mine", {"images": "x"}, r"config key datasets\.mine\.kind: required but missing"),
     ("mine", {"kind": "folder", "images": "x"}, r"datasets\.mine\.kind: 'folder' is not allowed; allowed values: "
-                                                r"karpathy, captions, images"),
+                                                r"karpathy, captions, images, precomp"),
     ("mine", {"kind": "captions", "images": "x"}, r"config key datasets\.mine\.captions: required but missing"),
     ("mine", {"kind": "images", "images": "x", "captions": "c.csv"},
      r"config key datasets\.mine\.captions: unknown; allowed keys here: files, images, ingest, kind"),

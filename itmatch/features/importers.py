@@ -425,10 +425,13 @@ def import_pfan_boxes(splits: dict[str, dict[str, str]], images_parquet: str | P
             raise FeatureImportError(f"PFAN split {split!r}: expected one of {', '.join(SCAN_SPLITS)}")
         src = spec["boxes"]
         arr = np.load(src, mmap_mode="r")
-        rows = _split_rows(ids, SCAN_SPLITS[split], arr.shape[0], read_ids(spec["ids"]) if spec.get("ids") else None,
-                           spec.get("ids"), src)
-        for a in range(0, arr.shape[0], block):
-            idx, w = decode_pfan(arr[a:a + block], src)
+        src_ids = read_ids(spec["ids"]) if spec.get("ids") else None
+        n_split = int((ids.table["split"] == SCAN_SPLITS[split]).sum())
+        stride = _stride(arr.shape[0], n_split, src_ids)  # 5: one row per caption, as SCAN's *_ims.npy can be
+        n = arr.shape[0] // stride
+        rows = _split_rows(ids, SCAN_SPLITS[split], n, src_ids, spec.get("ids"), src)
+        for a in range(0, n, block):
+            idx, w = decode_pfan(arr[a * stride:(a + block) * stride:stride], src)
             idx = np.rint(idx).astype(np.int64)
             w = np.asarray(w, np.float32)
             if index is None:

@@ -23,8 +23,10 @@ reuses the logits, and ‖a_w‖² = α_w G α_wᵀ with G = V Vᵀ the regions'
 words' [W, W] Gram matrix). The only O(d) work is one GEMM [C·W, d] × [d, I·R] per shard. Shards over
 images and captions keep every intermediate under ``max_elems`` elements of [C, W, I, R].
 
-``max_term`` (PFAN's released code, off by default): S(i, c) += max_term · agg_w(max_r s_wr), i.e. the
-words' best region cosine aggregated like the main term (the released PFAN t2i score adds it with 0.5).
+``max_term`` (PFAN's released code, off by default): S(i, c) += max_term · agg_w(max_r α_wr), i.e. each word's
+largest attention weight over the regions, aggregated like the main term (PFAN's ``model_attention.py``,
+HaoYang0123/Position-Focused-Attention-Network @ 3e6a304: ``func_attention`` returns ``max_attnT``, the max over
+regions of the softmax weights, line 287; ``xattn_score_t2i`` aggregates it and adds 0.5 ×, lines 353–372).
 
 The ``*_reference`` functions are the straightforward per-caption loop of SCAN's released code (with
 masking added), kept as the test oracle and the benchmark's baseline.
@@ -191,8 +193,8 @@ def _xattn_shard(K, kmask, klens, G, Q, qmask, qlens, q_norm, lam, agg, lam_lse,
     m = qmask[None]
     count = qlens[None].to(cos.dtype)
     out = _aggregate(cos, m, 2, agg, lam_lse, count)  # [nk, nq]
-    if max_term:
-        best = S.masked_fill(~kmask[:, :, None, None], float("-inf")).amax(1)  # [nk, nq, Lq]
+    if max_term:  # each word's largest attention weight over the (valid: padding has weight 0) regions
+        best = upcast(A.amax(1))  # [nk, nq, Lq]
         out = out + max_term * _aggregate(best, m, 2, agg, lam_lse, count)
     return out
 
@@ -253,8 +255,8 @@ def t2i_scores_reference(regions, num_regions, words, lengths, *, lambda_softmax
         ctx = _func_attention_ref(cap_e, img, lambda_softmax, raw_norm, eps)
         row = _cosine_ref(cap_e, ctx, 2, eps)  # [n_img, n_word]
         s = _agg_ref(row, agg, lambda_lse)
-        if max_term:
-            best = torch.bmm(cap_e, img.transpose(1, 2)).max(2).values
+        if max_term:  # PFAN's released t2i: max over regions of the attention weights
+            best = attention_weights(cap_e, img, lambda_softmax, raw_norm, eps).max(2).values
             s = s + max_term * _agg_ref(best, agg, lambda_lse)
         out[idx, c] = s
     return out

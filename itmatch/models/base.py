@@ -25,6 +25,8 @@ Image batch keys (tensors; B images, R regions, D feature dim, L blocks per regi
     block_weight   float32 [B, R, L]
     tag_vectors    float32 [B, R, H]   BERT vector of each region's tag   — when "tags" in requires
     grid           float32 [B, G, C]   VGG-19 conv5_4 cells (grid.h5)       — when "grid" in requires
+    (``objects`` in a model's inputs: it reads ``object_conf``, the detector's confidences, which features
+    imported without tags — SCAN's .npy — do not have; no extra file)
     index          int64   [B]         row in images.parquet
 
 Caption batch keys (C captions, W = longest caption in the batch):

@@ -219,9 +219,16 @@ class BSSAN(MatchingModel):
 
     @classmethod
     def inputs(cls, cfg: dict[str, Any]) -> frozenset[str]:
-        """``grid`` (grid.h5) when W2R is on and attends over the grid, else nothing beyond regions.h5."""
+        """``grid`` (grid.h5) when W2R is on and attends over the grid; ``objects`` (the detector's object
+        confidences in regions.h5, which pick O2W's top regions) when O2W is on: features imported without tags
+        (SCAN's .npy) cannot serve O2W."""
         c = {**schema_defaults("models.bssan"), **cfg}
-        return frozenset({"grid"}) if c["w2r_input"] == "grid" and c["branches"] in ("both", "w2r") else frozenset()
+        need = set()
+        if c["w2r_input"] == "grid" and c["branches"] in ("both", "w2r"):
+            need.add("grid")
+        if c["branches"] in ("both", "o2w"):
+            need.add("objects")
+        return frozenset(need)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], data_info: dict[str, Any]) -> BSSAN:

@@ -15,8 +15,12 @@ then SCAN's cross attention (t2i or i2t) between the v'_i and the bi-GRU words (
 Differences of PFAN's released code, off by default, each an option:
 - ``position_norm: softmax`` — γ = softmax_j(γ⁰) (a second softmax instead of the renormalisation, which
   gives padding cells exp(0) weight);
-- ``max_term: 0.5`` — the t2i score adds 0.5 × the words' best word–region cosine aggregated like the
-  main term (see :mod:`itmatch.models.attention`).
+- ``max_term: 0.5`` — the t2i score adds 0.5 × each word's largest attention weight over the regions,
+  aggregated like the main term (see :mod:`itmatch.models.attention`);
+- ``position_bias: true`` — β_ij = tanh((M v_i + c)·b_pij): the released code's ``fc_att`` is an
+  ``nn.Linear(2048, 200)`` with a bias c (``model_attention.py`` line 66, 87), eq. 5 has none.
+
+A released PFAN checkpoint imports with all three on (:mod:`itmatch.models.released`).
 
 Ablations of the position features (``position``; the paper has no ablation table: its Tables 1-2 compare
 PFAN with SCAN, i.e. with regions that carry no position features):
@@ -27,7 +31,7 @@ PFAN with SCAN, i.e. with regions that carry no position features):
 
 PFAN t-i+i-t (the paper's headline) is the average of a t2i and an i2t model (``fuse: [t2i, i2t]``).
 Config keys: SCAN's plus ``block_dim`` (200), ``position_norm`` (renorm | softmax), ``position``
-(attention | area | none), ``max_term`` (0.0). ``data_info['blocks_K']`` gives K.
+(attention | area | none), ``max_term`` (0.0), ``position_bias`` (false). ``data_info['blocks_K']`` gives K.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class PositionAttention(nn.Module):
     ``attention=False`` the weights are the normalised overlap areas alone (no M)."""
 
     def __init__(self, feature_dim: int, K: int, block_dim: int = 200, position_norm: str = "renorm",
-                 attention: bool = True):
+                 attention: bool = True, bias: bool = False):
         super().__init__()
         if position_norm not in ("renorm", "softmax"):
             raise ValueError(f"position_norm must be 'renorm' (paper) or 'softmax' (released code), "
@@ -60,6 +64,7 @@ class PositionAttention(nn.Module):
         if attention:
             self.M = nn.Parameter(torch.empty(feature_dim, block_dim))
             nn.init.xavier_uniform_(self.M)
+        self.bias = nn.Parameter(torch.zeros(block_dim)) if bias and attention else None
         self.position_norm = position_norm
 
     def forward(self, feats: torch.Tensor, block_index: torch.Tensor, block_weight: torch.Tensor
@@ -75,6 +80,8 @@ class PositionAttention(nn.Module):
             a = block_weight.to(b.dtype)
             return a / a.sum(-1, keepdim=True).clamp(min=1e-12), b
         vm = feats @ self.M  # [B, R, ι]
+        if self.bias is not None:
+            vm = vm + self.bias
         beta = torch.tanh((b * vm.unsqueeze(2)).sum(-1))  # [B, R, L]   eq. 5–6
         g0 = torch.softmax(beta, dim=-1) * block_weight.to(beta.dtype)  # eq. 8 (numerator)
         if self.position_norm == "renorm":
@@ -88,7 +95,8 @@ class PFAN(SCAN):
     requires = frozenset({"blocks"})
 
     def __init__(self, vocab_size: int, feature_dim: int, blocks_K: int = 16, block_dim: int = 200,
-                 position_norm: str = "renorm", position: str = "attention", **kw: Any):
+                 position_norm: str = "renorm", position: str = "attention", position_bias: bool = False,
+                 **kw: Any):
         if position not in POSITION_MODES:
             raise ValueError(f"models.pfan.position must be one of {', '.join(POSITION_MODES)}, got {position!r}")
         with_position = position != "none"
@@ -96,7 +104,8 @@ class PFAN(SCAN):
                          region_input_dim=feature_dim + (block_dim if with_position else 0), **kw)
         self.position_mode = position
         self.position = (PositionAttention(feature_dim, blocks_K, block_dim, position_norm,
-                                           attention=position == "attention") if with_position else None)
+                                           attention=position == "attention", bias=position_bias)
+                         if with_position else None)
 
     @classmethod
     def inputs(cls, cfg: dict[str, Any]) -> frozenset[str]:
@@ -106,7 +115,8 @@ class PFAN(SCAN):
     @classmethod
     def from_config(cls, cfg: dict[str, Any], data_info: dict[str, Any]) -> PFAN:
         kw = cls._kwargs(cfg, data_info)
-        kw.update({k: cfg[k] for k in ("block_dim", "position_norm", "position", "max_term") if k in cfg})
+        keys = ("block_dim", "position_norm", "position", "max_term", "position_bias")
+        kw.update({k: cfg[k] for k in keys if k in cfg})
         if "blocks_K" in data_info:
             kw["blocks_K"] = int(data_info["blocks_K"])
         elif cls.inputs(cfg):

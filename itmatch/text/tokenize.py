@@ -6,7 +6,15 @@ string, so every distinct chunk is tokenised once per position (first / middle /
 memoised; plain ``word``, ``word,`` and final ``word.`` chunks skip the regexes altogether. Caption
 corpora reuse few distinct chunks, so all of COCO's 616k captions take seconds (README, "Text
 stages"). ``tests/test_text_tokens.py`` checks the equivalence against nltk on tricky strings
-(quotes, contractions, final periods, commas in numbers, brackets) and random combinations."""
+(quotes, contractions, final periods, commas in numbers, brackets) and random combinations.
+
+SCAN's own tokenisation (``vocab.py`` line 80–81, ``data.py`` line 57–58 of kuanghuei/SCAN) is nltk's
+``word_tokenize`` of the lowercased caption, which first splits sentences with the ``punkt`` model and then
+tokenises each sentence. ``punkt`` is data, not code, and often absent offline: :func:`tokenize_all` with
+``sentences=True`` uses it when :func:`punkt_available` says it is installed, and the whole-caption Treebank
+tokenisation otherwise. The two differ only on captions with a sentence end inside them (a period that is not a
+known abbreviation's, followed by more words): 3 of SCAN's 5000 Flickr30K test captions, 3 of its 5070 dev
+captions, 5 of COCO's 25000 ``testall`` captions (docs/precomp.md, "Tokens and vocabulary")."""
 
 from __future__ import annotations
 
@@ -87,6 +95,24 @@ def tokenize(text: str) -> list[str]:
     return _DEFAULT(text)
 
 
+def punkt_available() -> bool:
+    """Whether nltk's ``punkt`` sentence model (``punkt_tab``, read by ``word_tokenize``) is installed."""
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+    except LookupError:
+        return False
+    return True
+
+
+def tokenize_sentences(text: str) -> list[str]:
+    """SCAN's tokenisation: nltk's ``word_tokenize`` (punkt sentences, then words) of the lowercased caption."""
+    from nltk.tokenize import word_tokenize
+
+    return word_tokenize(text.lower())
+
+
 def tokenize_reference(text: str) -> list[str]:
     """The slow reference: nltk's tokenizer on the whole lowercased string."""
     return _TB.tokenize(text.lower())
@@ -97,9 +123,15 @@ def _tokenize_list(texts: list[str]) -> list[list[str]]:
     return [tok(t) for t in texts]
 
 
-def tokenize_all(texts: Iterable[str], processes: int = 1, chunk: int = 20000) -> list[list[str]]:
-    """Tokens of every caption, in order (``processes`` > 1: forked workers, each with its own memo)."""
+def tokenize_all(texts: Iterable[str], processes: int = 1, chunk: int = 20000, sentences: bool = False
+                 ) -> list[list[str]]:
+    """Tokens of every caption, in order (``processes`` > 1: forked workers, each with its own memo).
+
+    ``sentences``: SCAN's tokenisation (:func:`tokenize_sentences`) when punkt is installed; without punkt the
+    whole-caption Treebank tokens (the caller logs which one ran)."""
     texts = list(texts)
+    if sentences and punkt_available():
+        return [tokenize_sentences(t) for t in texts]
     if processes <= 1 or len(texts) < 4 * chunk:
         return _tokenize_list(texts)
     parts = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]

@@ -6,6 +6,8 @@
 - ``models.<model>``: the model's block, then ``models.<model>.datasets.<dataset>``; the ``datasets`` and
   ``fuse`` keys are dropped before the model sees its config.
 - ``evaluation``: defaults, then ``evaluation.datasets.<dataset>`` (COCO: 5 folds + 5K).
+- A dataset with ``recipes: f30k`` / ``coco`` (precomp datasets: SCAN's F30K / COCO features under a name of
+  their own) gets that built-in dataset's overrides first, then its own, in each section above.
 - Fused models: ``models.<model>.fuse`` lists the directions trained separately (``[t2i, i2t]``); each part
   gets the model config with ``direction`` set.
 - :func:`recipe`: the ``training`` and ``model`` settings of one model × dataset together: what the train
@@ -40,24 +42,40 @@ def variant_spec(config: dict[str, Any], model: str, variant: str | None) -> dic
     return defined[variant] or {}
 
 
-def _with_datasets(base: dict[str, Any], over: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """``over``'s keys (except ``datasets``) merged over ``base``, then ``over['datasets'][dataset]``."""
+def recipe_datasets(config: dict[str, Any], dataset: str) -> list[str]:
+    """The per-dataset override keys of ``dataset``, in merge order: ``datasets.<dataset>.recipes`` (the built-in
+    dataset it takes its recipes from), then itself."""
+    block = (config.get("datasets") or {}).get(dataset)
+    base = block.get("recipes") if isinstance(block, dict) else None
+    return [base, dataset] if base else [dataset]
+
+
+def _merge_datasets(base: dict[str, Any], per_dataset: dict[str, Any] | None, chain: list[str]) -> dict[str, Any]:
+    """``per_dataset[d]`` merged over ``base`` for each dataset key ``d`` of ``chain`` in turn."""
+    for d in chain:
+        base = _merge(base, (per_dataset or {}).get(d))
+    return base
+
+
+def _with_datasets(base: dict[str, Any], over: dict[str, Any], chain: list[str]) -> dict[str, Any]:
+    """``over``'s keys (except ``datasets``) merged over ``base``, then ``over['datasets']`` along ``chain``."""
     base = _merge(base, {k: v for k, v in over.items() if k != "datasets"})
-    return _merge(base, (over.get("datasets") or {}).get(dataset))
+    return _merge_datasets(base, over.get("datasets"), chain)
 
 
 def training_settings(config: dict[str, Any], model: str, dataset: str, variant: str | None = None
                       ) -> dict[str, Any]:
     t = config.get("training") or {}
+    chain = recipe_datasets(config, dataset)
     base = {k: v for k, v in t.items() if k not in ("datasets", "models")}
-    base = _merge(base, (t.get("datasets") or {}).get(dataset))
-    base = _with_datasets(base, (t.get("models") or {}).get(model) or {}, dataset)
-    return _with_datasets(base, variant_spec(config, model, variant).get("training") or {}, dataset)
+    base = _merge_datasets(base, t.get("datasets"), chain)
+    base = _with_datasets(base, (t.get("models") or {}).get(model) or {}, chain)
+    return _with_datasets(base, variant_spec(config, model, variant).get("training") or {}, chain)
 
 
 def model_settings(config: dict[str, Any], model: str, dataset: str, variant: str | None = None
                    ) -> dict[str, Any]:
-    base = _with_datasets({}, (config.get("models") or {}).get(model) or {}, dataset)
+    base = _with_datasets({}, (config.get("models") or {}).get(model) or {}, recipe_datasets(config, dataset))
     return _merge(base, variant_spec(config, model, variant).get("model"))
 
 
@@ -73,7 +91,7 @@ def recipe(config: dict[str, Any], model: str, dataset: str, variant: str | None
 def evaluation_settings(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     e = config.get("evaluation") or {}
     base = {k: v for k, v in e.items() if k != "datasets"}
-    return _merge(base, (e.get("datasets") or {}).get(dataset))
+    return _merge_datasets(base, e.get("datasets"), recipe_datasets(config, dataset))
 
 
 def fused_parts(model_cfg: dict[str, Any]) -> list[str]:

@@ -52,6 +52,9 @@ def ingest_inputs(dataset):
     else an error naming the missing ones (no rule will make them); the inputs of your own captions / images
     datasets are checked by Snakemake (a missing one is named as a missing input of rule ingest)."""
     cfg = dataset_cfg(dataset)
+    if cfg["kind"] == "precomp":
+        files = precomp_files(dataset)
+        return {k: [p[k] for p in files.values() if p[k]] for k in ("caps", "ims", "ids")}
     if cfg["kind"] == "captions":
         return {"images": cfg["images"], "captions": cfg["captions"]}
     if cfg["kind"] == "images":
@@ -75,9 +78,36 @@ def ingest_options(dataset):
 
 def ingest_dataset_params(dataset):
     """What the ingest script needs of the dataset block besides its paths: the kind (+ a captions table's
-    split settings); download settings stay out, so changing a mirror does not re-ingest."""
+    split settings, a precomp folder's splits); download settings stay out, so changing a mirror does not
+    re-ingest."""
     cfg = dataset_cfg(dataset)
+    if cfg["kind"] == "precomp":
+        return {"kind": "precomp", "folder": cfg["folder"], "splits": cfg.get("splits") or {}, "boxes": cfg["boxes"]}
     return {"kind": cfg["kind"], **({"split": cfg["split"]} if cfg["kind"] == "captions" else {})}
+
+
+def precomp_files(dataset):
+    """The files of a precomp dataset's splits (itmatch.data.precomp.precomp_paths: an error naming the setting for
+    a ``splits`` entry whose files are not in the folder; other missing files are Snakemake's missing inputs)."""
+    from itmatch.data.precomp import precomp_paths
+
+    cfg = dataset_cfg(dataset)
+    return precomp_paths(cfg["folder"], cfg.get("splits"), cfg["boxes"], key=f"datasets.{dataset}", check=False)
+
+
+def require_inputs(dataset, model, needs):
+    """Stop (while the DAG is built, before any job) when ``model`` needs inputs (its ``model_inputs``) that the
+    dataset cannot give: a precomp folder has no detector tags or object confidences, and blocks only with PFAN's
+    position files."""
+    cfg = dataset_cfg(dataset)
+    if cfg["kind"] != "precomp":
+        return
+    from itmatch.data.precomp import precomp_missing
+
+    missing = precomp_missing(needs, precomp_files(dataset), f"datasets.{dataset}")
+    if missing:
+        raise ValueError(f"model {model!r} cannot be trained or evaluated on dataset {dataset!r} (kind precomp, "
+                         f"{cfg['folder']}): it needs {'; and '.join(missing)} (docs/precomp.md)")
 
 
 SCRIPTS = os.path.join(workflow.basedir, "workflow", "scripts")

@@ -1,6 +1,12 @@
 # Helper functions of features.smk (kept apart from its rules: `snakemake --lint`).
 
 def _import_spec(dataset):
+    """``extraction.import.<dataset>``; for a precomp dataset, its folder's .npy files (SCAN's features, PFAN's
+    position files when used: itmatch.data.precomp.precomp_import_spec)."""
+    if dataset_cfg(dataset)["kind"] == "precomp":
+        from itmatch.data.precomp import precomp_import_spec
+
+        return precomp_import_spec(precomp_files(dataset))
     return (config["extraction"].get("import") or {}).get(dataset)
 
 

@@ -178,3 +178,29 @@ use rule evaluate as evaluate_variant with:
         variant=alternation(_VARIANTS),
     log:
         "logs/evaluate/{model}/{dataset}/{variant}.log",
+
+
+rule evaluate_imported:
+    """Evaluate a released SCAN / PFAN checkpoint imported by `itmatch import-checkpoint` on its dataset's test split → metrics.json."""
+    input:
+        unpack(_imported_inputs),
+    output:
+        metrics="results/imported/{run}/metrics.json",
+    params:
+        imported=lambda wc: {k: _imported(wc)[k] for k in ("model", "dataset")},
+        model_cfg=lambda wc: _imported(wc)["settings"],
+        evaluation=lambda wc: evaluation_settings(config, _imported(wc)["dataset"]),
+        code=lambda wc: _model_code(_imported(wc)["model"], "evaluate_imported.py"),
+    wildcard_constraints:
+        run=r"[^/]+",
+    threads: _E["threads"]
+    resources:
+        mem_mb=lambda wc: evaluation_settings(config, _imported(wc)["dataset"])["mem_mb"],
+        runtime=_E["runtime"],
+        **gpu_resources(lambda wc: evaluation_settings(config, _imported(wc)["dataset"])),
+    log:
+        "logs/evaluate_imported/{run}.log",
+    conda:
+        "../../envs/models.yaml"
+    script:
+        "../scripts/evaluate_imported.py"

@@ -17,12 +17,17 @@ def _model_settings(wc):
 
 
 def _model_inputs(wc):
-    d = wc.dataset
-    require_captions(d, wc.model)  # common.smk: an images-only dataset stops here, naming model and dataset
+    return _data_inputs(wc.model, wc.dataset, _model_settings(wc))
+
+
+def _data_inputs(model, d, settings):
+    """The artifacts ``model`` with ``settings`` reads on dataset ``d``."""
+    require_captions(d, model)  # common.smk: an images-only dataset stops here, naming model and dataset
     inp = {"images": f"results/data/{d}/images.parquet", "captions": f"results/data/{d}/captions.parquet",
            "tokens": f"results/text/{d}/tokens.parquet", "vocab": f"results/text/{d}/vocab.json",
            "regions": f"results/features/{d}/regions.h5"}
-    req = model_inputs(wc.model, _model_settings(wc))
+    req = model_inputs(model, settings)
+    require_inputs(d, model, req)  # common.smk: e.g. PFAN on a precomp folder without PFAN's position files
     if "blocks" in req:
         inp["blocks"] = f"results/features/{d}/blocks.h5"
     if "tags" in req:
@@ -61,3 +66,24 @@ def _run_dir(wc):
 def _part_files(wc, name):
     """``name`` (model.pt / train_log.csv) of each separately trained direction of a fused model (or variant)."""
     return [f"{_run_dir(wc)}/{p}/{name}" for p in _parts(wc)]
+
+
+def _imported(wc):
+    """results/imported/{run}/import.json (written by `itmatch import-checkpoint`): model, dataset, settings."""
+    import json
+
+    path = f"results/imported/{wc.run}/import.json"
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: import a released checkpoint first, e.g. `itmatch "
+                         f"import-checkpoint scan model_best.pth.tar --dataset NAME --out results/imported/{wc.run}`")
+    with open(path, encoding="utf-8") as fh:
+        rec = json.load(fh)
+    if rec.get("dataset") not in config["datasets"]:
+        raise ValueError(f"{path}: dataset {rec.get('dataset')!r} is not configured under config key 'datasets'")
+    return rec
+
+
+def _imported_inputs(wc):
+    rec = _imported(wc)
+    return {**_data_inputs(rec["model"], rec["dataset"], rec["settings"]),
+            "checkpoint": f"results/imported/{wc.run}/model.pt", "record": f"results/imported/{wc.run}/import.json"}

@@ -5,14 +5,16 @@ include: "text_functions.smk"
 
 
 rule tokenize:
-    """Tokenize captions (lowercase + nltk Treebank) and build the train-split vocabulary → vocab.json + tokens.parquet."""
+    """Tokenize captions (lowercase + nltk Treebank; precomp: SCAN's tokenisation) and build the vocabulary → vocab.json + tokens.parquet."""
     input:
         captions=_captions,
+        vocab_file=_vocab_file,
     output:
         vocab="results/text/{dataset}/vocab.json",
         tokens="results/text/{dataset}/tokens.parquet",
     params:
         min_count=config["text"]["min_count"],
+        vocab=_vocab_settings,
         code=code_version("text_tokenize.py"),
     threads: 1
     resources:

@@ -6,6 +6,19 @@ def _captions(wc):
     return f"results/data/{wc.dataset}/captions.parquet"
 
 
+def _vocab_settings(wc):
+    """make_tokens keywords of a dataset ({} for all but precomp: train-split vocabulary by count)."""
+    from itmatch.text.vocab import vocab_settings
+
+    return vocab_settings(dataset_cfg(wc.dataset)["kind"], dataset_cfg(wc.dataset))
+
+
+def _vocab_file(wc):
+    """A precomp dataset's SCAN vocabulary file (datasets.<name>.vocab), as an input; none otherwise."""
+    f = _vocab_settings(wc).get("vocab_file")
+    return [f] if f else []
+
+
 def _text_parser(dataset):
     return config["text"]["trees"]["parser"].get(dataset, "stanza")
 

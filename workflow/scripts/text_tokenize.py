@@ -5,4 +5,5 @@ from itmatch.utils.logs import setup_job_logging
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_job_logging(sm.log[0])
-make_tokens(sm.input.captions, sm.output.vocab, sm.output.tokens, min_count=sm.params.min_count)
+vocab = {k: v for k, v in dict(sm.params.vocab).items() if k != "punkt"}  # (punkt: a rerun trigger only)
+make_tokens(sm.input.captions, sm.output.vocab, sm.output.tokens, min_count=sm.params.min_count, **vocab)
