@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,125 @@ def check_finite(values: np.ndarray, path: str | Path, dataset: str, row0: int =
     raise NonFiniteError(f"{path}: dataset '{dataset}' row {row0 + first}{ident} has non-finite values "
                          f"({len(bad_rows)} row(s) affected in this write); not written. Check the model or "
                          f"input that produced it")
+
+
+FLETCHER32_BYTES = 4  # the checksum HDF5's fletcher32 filter appends to each chunk (little-endian uint32)
+_H5Z_FILTER_FLETCHER32 = 3
+
+
+def fletcher32(data: np.ndarray) -> np.ndarray:
+    """HDF5's Fletcher-32 checksum of each row of ``data`` (uint8 ``[B, n]``; rows may be strided), vectorised.
+
+    HDF5 (``H5_checksum_fletcher32`` in HDFGroup/hdf5 ``src/H5checksum.c``) sums the big-endian 16-bit words
+    ``w_1..w_W`` of the buffer (a last odd byte is the word ``byte << 8``): ``sum1 = Σ w_i``,
+    ``sum2 = Σ (W - i + 1) w_i``, both folded with end-around carry (``(x & 0xffff) + (x >> 16)``), and returns
+    ``sum2 << 16 | sum1``. Folding keeps a sum's value modulo 65535 and keeps it positive, so each half is 0 for
+    an all-zero buffer and otherwise the residue in 1..65535. Here, with 65536 ≡ 1 (mod 65535), ``w ≡ 256 · v``
+    for the little-endian reading ``v`` of the same two bytes; the words are laid out as ``[A, K]`` (A = 16 for
+    rows up to 64 MB) and summed row after row into a running column sum ``acc`` and its running total ``acc2``:
+    ``Σ (W - i) v_i = K · Σ acc2 − Σ_k k · acc_k`` (0-based i = a·K + k): whole-array uint32 additions instead
+    of the C loop's word-by-word dependency chain (≈ 15× faster than HDF5's filter on a 144 KB chunk here).
+    Leading zero words change neither sum, so rows are padded in front to a multiple of A words.
+    """
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2:
+        raise ValueError(f"fletcher32 expects uint8 [B, n], got {data.dtype} {data.shape}")
+    b, n = data.shape
+    if n % 2:
+        data = np.concatenate([data, np.zeros((b, 1), np.uint8)], axis=1)
+    words = data.view(np.dtype("<u2"))
+    # acc ≤ A · 65535 and acc2 ≤ A² · 65535 stay below 2**32 for A ≤ 256; K ≤ 2**21 keeps Σ k·acc_k in int64
+    a_rows = max(16, -(-words.shape[1] // 2**21))
+    if a_rows > 256:
+        raise ValueError(f"fletcher32: rows of {n} bytes are longer than this implementation handles (1 GiB)")
+    pad = -words.shape[1] % a_rows
+    if pad:
+        words = np.concatenate([np.zeros((b, pad), np.dtype("<u2")), words], axis=1)
+    k = words.shape[1] // a_rows
+    grid = words.reshape(b, a_rows, k)
+    acc = np.zeros((b, k), np.uint32)
+    acc2 = np.zeros((b, k), np.uint32)
+    for a in range(a_rows):
+        np.add(acc, grid[:, a], out=acc, casting="unsafe")
+        acc2 += acc
+    total = acc.sum(axis=1, dtype=np.int64)
+    s1 = total % 65535
+    weighted = acc.astype(np.int64) @ np.arange(k, dtype=np.int64)
+    s2 = (k % 65535 * (acc2.sum(axis=1, dtype=np.int64) % 65535) - weighted % 65535) % 65535
+    s1, s2 = 256 * s1 % 65535, 256 * s2 % 65535  # little-endian words → HDF5's big-endian words
+    nonzero = total != 0
+    s1 = np.where(nonzero & (s1 == 0), 65535, s1)
+    s2 = np.where(nonzero & (s2 == 0), 65535, s2)
+    return ((s2 << 16) | s1).astype(np.uint32)
+
+
+def fletcher32_matches(data: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """Whether HDF5's fletcher32 filter accepts rows ``data`` with the stored checksums (uint32 [B]): the
+    checksum, or its form with the bytes of each half swapped, which files of HDF5 ≤ 1.6.2 hold
+    (``H5Z_filter_fletcher32`` in HDFGroup/hdf5 ``src/H5Zfletcher32.c`` accepts both)."""
+    got = fletcher32(data)
+    swapped = ((got & 0x00FF00FF) << 8) | ((got >> 8) & 0x00FF00FF)
+    stored = np.asarray(stored, dtype=np.uint32)
+    return (stored == got) | (stored == swapped)
+
+
+class ChunkRows:
+    """Rows of a dataset ``[N, ...]`` stored one row per chunk, read as whole raw chunks.
+
+    ``h5py``'s ``ds[row]`` goes through HDF5's selection machinery and its fletcher32 filter, whose checksum
+    loop costs ≈ 0.4 ms per 144 KB chunk (the features of one image at 36 × 2048): 5× the rest of the read.
+    This reader takes each chunk as stored (``read_direct_chunk``: one read, no selection) into a reused
+    buffer and checks the checksums of a group of rows at once with :func:`fletcher32` — the guarantee is
+    unchanged: a row whose checksum does not match is read again through HDF5, which raises (→
+    :class:`ArtifactReadError` naming the file and row) or, for the rare checksum form only HDF5 knows,
+    returns the data. Datasets with other filters (compression), other chunk shapes, chunks never written
+    or a filter skipped on a chunk fall back to ``ds[row]``, row by row.
+    """
+
+    GROUP = 16  # rows checked per vectorised checksum pass (≈ 2.4 MB at 144 KB per row: stays in cache)
+
+    def __init__(self, ds: h5py.Dataset, path: str | Path, what: str = "row"):
+        self.ds, self.path, self.what = ds, str(path), what
+        self.row_shape = tuple(ds.shape[1:])
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * ds.dtype.itemsize
+        dcpl = ds.id.get_create_plist()
+        filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+        self.checked = filters == [_H5Z_FILTER_FLETCHER32]
+        self.direct = (ds.chunks == (1, *self.row_shape) and ds.dtype.isnative and self.row_bytes > 0
+                       and (self.checked or not filters))
+        self.chunk_bytes = self.row_bytes + (FLETCHER32_BYTES if self.checked else 0)
+        self._zeros = (0,) * len(self.row_shape)
+        self._buf = np.empty((self.GROUP, self.chunk_bytes), np.uint8) if self.direct else None
+
+    def read_into(self, rows: np.ndarray, out: np.ndarray, copy: Any = None) -> None:
+        """``out[i] = ds[rows[i]]`` (cast to ``out``'s dtype), checksums verified. ``copy(dest, values)`` puts
+        a group of rows in place (default ``np.copyto``; numpy's float16 → float32 cast is slow, torch's is not)."""
+        copy = copy or partial(np.copyto, casting="same_kind")
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.direct:
+            for i, r in enumerate(rows):
+                out[i] = self._hdf5_row(int(r))
+            return
+        buf = self._buf
+        for start in range(0, len(rows), self.GROUP):
+            group = rows[start:start + self.GROUP]
+            ok = np.zeros(len(group), bool)
+            for j, r in enumerate(group):
+                try:
+                    mask, _ = self.ds.id.read_direct_chunk((int(r), *self._zeros), out=buf[j])
+                    ok[j] = mask == 0
+                except (KeyError, RuntimeError, OSError, ValueError):  # not written, or unreadable: HDF5 says
+                    pass
+            data = buf[: len(group), : self.row_bytes]
+            if self.checked:
+                stored = buf[: len(group), self.row_bytes:].copy().view("<u4")[:, 0]
+                ok &= fletcher32_matches(data, stored)
+            dest = out[start:start + len(group)]
+            values = data.view(self.ds.dtype).reshape(len(group), *self.row_shape)
+            copy(dest, values)
+            for j in np.flatnonzero(~ok):
+                dest[j] = self._hdf5_row(int(group[j]))
+
+    def _hdf5_row(self, row: int) -> np.ndarray:
+        with reading(self.path, f"{self.what} {row}"):
+            return self.ds[row]
