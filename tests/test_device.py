@@ -160,6 +160,44 @@ def test_claim_respects_cuda_visible_devices_and_slurm(clean_env):
     D._claimed.update(device="0", handle=holder)
 
 
+def test_explicit_cuda_index_takes_that_local_gpu(clean_env, tmp_path):
+    """``device: cuda:N`` with local locks: the N-th visible device's lock, the job sees it as cuda:0."""
+    import fcntl
+
+    clean_env.setenv(D.SIMULATED_GPUS_ENV, "4")
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "get_device_name", lambda dev=None: "simulated")
+    dev = D.resolve_device("cuda:2", "training.device")
+    assert dev == torch.device("cuda") and os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+    lock = tmp_path / "locks" / "gpu2.lock"
+    assert lock.read_text().strip() == str(os.getpid())
+    with open(lock, "a+") as fh, pytest.raises(OSError):  # held: another job cannot take it
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert D.resolve_device("cuda:2", "x") == torch.device("cuda")  # the same process keeps it
+    with pytest.raises(RuntimeError, match=r"already holds local GPU 2 \(cuda:2\); it cannot also take cuda:1"):
+        D.resolve_device("cuda:1", "x")
+    holder = D._claimed["handle"]
+    D._claimed.clear()  # another process holds device 2: cuda:2 waits for it, never takes another one
+    clean_env.delenv("CUDA_VISIBLE_DEVICES")  # (as narrowed by the claim above)
+    with pytest.raises(TimeoutError, match=r"all local GPUs \(2\) stayed busy"):
+        D.claim_local_gpu(wait=0.2, poll=0.05, index=2)
+    assert D.claim_local_gpu(index=3) == "3" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    D.release_local_gpu()
+    clean_env.delenv("CUDA_VISIBLE_DEVICES")
+    D._claimed.update(device="2", handle=holder, index=2)
+    D.release_local_gpu()
+    clean_env.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # N counts the visible devices, as CUDA does
+    assert D.resolve_device("cuda:1", "x") == torch.device("cuda") and os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    D.release_local_gpu()
+    clean_env.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    with pytest.raises(RuntimeError, match=r"training.device: device cuda:2 asked for, but this machine shows 2"):
+        D.resolve_device("cuda:2", "training.device")
+    with pytest.raises(ValueError, match="device must be one of"):
+        D.resolve_device("cuda:x", "x")
+    clean_env.setenv("SLURM_JOB_ID", "9")  # SLURM: its own allocation, the index as given, no lock
+    assert D.resolve_device("cuda:1", "x") == torch.device("cuda:1") and os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
+
+
 def test_precision_resolution():
     cpu = torch.device("cpu")
     assert D.resolve_precision("auto", cpu) == "fp32"
