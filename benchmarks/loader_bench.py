@@ -64,7 +64,7 @@ def write_inputs(root: Path, n: int, r: int, d: int, per: int = 5, seed: int = 0
     paths = DataPaths(images=str(root / "images.parquet"), captions=str(root / "captions.parquet"),
                       tokens=str(root / "tokens.parquet"), vocab=str(root / "vocab.json"),
                       regions=str(root / "regions.h5"))
-    done = root / f".complete-{n}x{r}x{d}"
+    done = root / f".complete-{n}x{r}x{d}-aligned"  # (files of the earlier, unaligned layout are rewritten)
     if done.exists():
         return paths
     for stale in root.glob(".complete-*"):

@@ -25,7 +25,7 @@ from itmatch.corpus.data import (
     loader,
 )
 from itmatch.corpus.synthetic import write_synthetic_corpus
-from itmatch.utils.h5 import ArtifactReadError, ChunkRows, fletcher32, fletcher32_matches
+from itmatch.utils.h5 import ArtifactReadError, ChunkRows, chunk_table, fletcher32, fletcher32_matches
 from tests.test_artifact_integrity import _copy, _flip_byte_in_chunk
 from tests.test_smfea_glfn_train import _extend
 
@@ -173,18 +173,50 @@ def test_chunk_rows_reads_verify_and_fall_back(paths, tmp_path):
         f["features_sparse"][3] = want[3]  # other chunks never written: HDF5's fill value
     rows = np.array([5, 0, 3, 3, 7, 1])
     with h5py.File(p.regions) as f:
-        for name, direct in (("features", True), ("features_blocked", False), ("features_plain", True)):
-            reader = ChunkRows(f[name], p.regions, "image row")
-            assert reader.direct == direct, name
-            out = np.empty((len(rows), *want.shape[1:]), np.float32)
-            reader.read_into(rows, out)
-            assert np.array_equal(out, want[rows].astype(np.float32)), name
-        out = np.empty((len(rows), *want.shape[1:]), np.float16)
-        ChunkRows(f["features_sparse"], p.regions).read_into(rows, out)
-        assert np.array_equal(out[2], want[3]) and not out[[0, 1, 4, 5]].any()
+        for direct_io in (False, True):  # buffered reads, and O_DIRECT (aligned reads into a staging buffer)
+            for name, raw in (("features", True), ("features_blocked", False), ("features_plain", True)):
+                reader = ChunkRows(f[name], p.regions, "image row", direct_io=direct_io)
+                assert reader.raw == raw, name
+                for dtype in (np.float16, np.float32):  # read in place, and read then cast
+                    out = np.empty((len(rows), *want.shape[1:]), dtype)
+                    reader.read_into(rows, out)
+                    assert np.array_equal(out, want[rows].astype(dtype)), (name, direct_io, dtype)
+            out = np.empty((len(rows), *want.shape[1:]), np.float16)
+            ChunkRows(f["features_sparse"], p.regions, direct_io=direct_io).read_into(rows, out)
+            assert np.array_equal(out[2], want[3]) and not out[[0, 1, 4, 5]].any()
+        table = chunk_table(f["features_sparse"])
+        assert (table[3, 0] > 0 and table[3, 2] == 0) and (table[np.arange(len(table)) != 3] == -1).all()
     _flip_byte_in_chunk(p.regions, "features", 7)
     with h5py.File(p.regions) as f:
-        reader = ChunkRows(f["features"], p.regions, "image row")
-        reader.read_into(np.array([6, 8]), np.empty((2, *want.shape[1:]), np.float16))  # others read fine
-        with pytest.raises(ArtifactReadError, match=r"image row 7.*snakemake --force"):
-            reader.read_into(rows, np.empty((len(rows), *want.shape[1:]), np.float16))
+        for direct_io in (False, True):
+            reader = ChunkRows(f["features"], p.regions, "image row", direct_io=direct_io)
+            reader.read_into(np.array([6, 8]), np.empty((2, *want.shape[1:]), np.float16))  # others read fine
+            with pytest.raises(ArtifactReadError, match=r"image row 7.*snakemake --force"):
+                reader.read_into(rows, np.empty((len(rows), *want.shape[1:]), np.float16))
+
+
+def test_regions_files_align_feature_chunks_for_direct_reads(tmp_path):
+    """create_regions puts every feature chunk (≥ 64 KiB) at a 4 KiB file offset; O_DIRECT then reads each
+    into a page-aligned batch directly (and a byte flip is still caught)."""
+    import mmap
+
+    from itmatch.features.regions_io import RegionsMeta, create_regions
+
+    n, r, d = 6, 4, 2048  # 16 KiB of features per image: below the threshold; 36 regions are above it
+    rng = np.random.default_rng(0)
+    for regions, aligned in ((r, False), (36, True)):
+        path = tmp_path / f"regions{regions}.h5"
+        want = rng.standard_normal((n, regions, d)).astype(np.float16)
+        with create_regions(path, n, regions, RegionsMeta("t", "0" * 64, d), image_ids=np.arange(n)) as f:
+            f["features"][:] = want
+        with h5py.File(path) as f:
+            table = chunk_table(f["features"])
+            assert ((table[:, 0] % 4096 == 0).all()) == aligned, table[:, 0] % 4096
+            reader = ChunkRows(f["features"], path, "image row", direct_io=True)
+            buf = np.frombuffer(mmap.mmap(-1, n * regions * d * 2), np.float16).reshape(n, regions, d)
+            rows = np.array([4, 1, 1, 5])
+            reader.read_into(rows, buf[: len(rows)])
+            assert np.array_equal(buf[: len(rows)], want[rows])
+    _flip_byte_in_chunk(str(path), "features", 1)
+    with h5py.File(path) as f, pytest.raises(ArtifactReadError, match="image row 1"):
+        ChunkRows(f["features"], path, "image row", direct_io=True).read_into(rows, buf[: len(rows)])

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from itmatch.utils.h5 import ChunkRows, open_h5, reading
+from itmatch.utils.h5 import ChunkRows, chunk_table, open_h5, reading
 
 Batch = dict[str, torch.Tensor]
 # per-image arrays of regions.h5 kept in memory, with the dtypes the batches use
@@ -72,6 +72,7 @@ class LazyH5:
         self._f: h5py.File | None = None
         self._pid = -1
         self._ds: dict[str, Any] = {}  # dataset handles and chunk readers of this process
+        self.tables: dict[str, np.ndarray] = {}  # chunk tables (ChunkRows): file content, shared with forks
 
     def file(self) -> h5py.File:
         if self._f is None or self._pid != os.getpid():
@@ -94,11 +95,21 @@ class LazyH5:
         key = f"rows:{name}"
         reader = self._ds.get(key)
         if reader is None:
-            reader = self._ds[key] = ChunkRows(self.dataset(name), self.path, what)
+            reader = self._ds[key] = ChunkRows(self.dataset(name), self.path, what, self.tables.get(name))
+            if reader.raw:
+                self.tables[name] = reader.table
         return reader
 
+    def index_chunks(self, f: h5py.File, *names: str) -> None:
+        """Find the chunks of datasets stored one row per chunk now (in the main process, so that forked
+        workers inherit the tables instead of each walking the chunk index)."""
+        for name in names:
+            ds = f[name]
+            if ds.chunks is not None and ds.chunks[0] == 1 and ds.shape[0] > 0:
+                self.tables[name] = chunk_table(ds)
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_f": None, "_pid": -1, "_ds": {}}
+        return {"path": self.path, "_f": None, "_pid": -1, "_ds": {}, "tables": {}}
 
 
 def _read_column(path: str, columns: list[str]) -> dict[str, np.ndarray]:
@@ -182,13 +193,16 @@ class Corpus:
                 region_ids = f["image_id"][:]
             if not np.array_equal(region_ids, img["image_id"]):
                 raise ValueError(f"{paths.regions}: image_id rows differ from {paths.images}")
+            with reading(paths.regions, "chunk index of features"):
+                self.regions.index_chunks(f, "features")
         self.info: dict[str, Any] = {"vocab_size": self.vocab_size, "feature_dim": int(self.feature_dim),
                                      "num_regions": int(self.R)}
         self.blocks = self.tags = self.bert = None
         self.trees = None
         if "blocks" in requires:
             self.blocks = LazyH5(self._need(paths.blocks, "blocks"))
-            with open_h5(paths.blocks) as f:
+            with open_h5(paths.blocks) as f, reading(paths.blocks, "chunk index"):
+                self.blocks.index_chunks(f, "index", "weight")
                 self.info["blocks_K"] = int(f.attrs["K"])
                 self.info["blocks_L"] = int(f.attrs["L"])
                 if f["index"].shape[:2] != (self.n_images, self.R):
