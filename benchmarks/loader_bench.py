@@ -151,11 +151,11 @@ def make_loader(path: str, ds: PairDataset, batches: list[list[int]], workers: i
 
 
 def time_loader(paths: DataPaths, path: str, workers: int, batch: int, batches: int, warmup: int, epoch: int,
-                float16: bool = False) -> dict:
+                float16: bool = False, seed: int = 0) -> dict:
     """Wall-clock samples/s, and samples per CPU-second of the loading processes (per worker)."""
     corpus = Corpus(paths)
     ds = PairDataset(corpus, corpus.rows("train", "captions"))
-    order = epoch_batches(len(ds), batch, 0, epoch)[: warmup + batches]  # random images, as in training
+    order = epoch_batches(len(ds), batch, seed, epoch)[: warmup + batches]  # random images, as in training
     collate = partial(collate_pairs, float16=True) if float16 else collate_pairs
     ld = make_loader(path, ds, order, workers, collate)
     it = iter(ld)
@@ -223,10 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--paths", nargs="+", default=["baseline", "ours"], choices=["baseline", "ours"])
+    ap.add_argument("--seed", type=int, default=0, help="of the batch order (another seed reads other images)")
     ap.add_argument("--json", help="write the summary here")
     a = ap.parse_args(argv)
     paths = write_inputs(Path(a.dir), a.images, a.regions, a.dim)
-    out = {"images": a.images, "regions": a.regions, "dim": a.dim,
+    out = {"images": a.images, "regions": a.regions, "dim": a.dim, "seed": a.seed,
            "file_gb": round(os.path.getsize(paths.regions) / 1e9, 2), "chunking": chunk_check(paths.regions),
            "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(), "runs": []}
     out["same_batches"] = same_batches(paths, a.batch)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         for f16 in (True, False):
             for path in a.paths:
                 epoch += 1
-                run = time_loader(paths, path, w, a.batch, a.batches, a.warmup, epoch, float16=f16)
+                run = time_loader(paths, path, w, a.batch, a.batches, a.warmup, epoch, float16=f16, seed=a.seed)
                 run["epoch"] = epoch
                 out["runs"].append(run)
                 print(json.dumps(run), file=sys.stderr, flush=True)

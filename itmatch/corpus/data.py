@@ -257,7 +257,13 @@ class Corpus:
         mem = mem or BatchMemory(worker=False)
         rows = np.asarray(rows, dtype=np.int64)
         feats = mem.empty((len(rows), self.R, self.feature_dim), torch.float16 if float16 else torch.float32)
-        self.regions.rows("features", "image row").read_into(rows, feats.numpy(), _copy)
+        reader = self.regions.rows("features", "image row")
+        if float16 or mem.worker:
+            reader.read_into(rows, feats.numpy(), _copy)  # cast group by group in a (one-thread) worker
+        else:  # main process: one cast of the whole batch, so torch's threads meet once per batch
+            stored = np.empty(feats.shape, np.float16)
+            reader.read_into(rows, stored)
+            feats.copy_(torch.from_numpy(stored))
         out: Batch = {"features": feats, "index": mem.tensor(rows)}
         for key, value in self.image_meta.items():
             out[key] = mem.tensor(value[rows], IMAGE_META[key])
