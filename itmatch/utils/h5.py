@@ -170,6 +170,11 @@ _IO_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address in whole (l
 FILE_ALIGNMENT = {"alignment_threshold": 65536, "alignment_interval": _IO_ALIGN}
 
 
+def _aligned(shape: tuple[int, int]) -> np.ndarray:
+    """A uint8 array starting on a page boundary (an anonymous mapping)."""
+    return np.frombuffer(mmap.mmap(-1, shape[0] * shape[1]), np.uint8).reshape(shape)
+
+
 def _physical_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
@@ -216,10 +221,10 @@ class ChunkRows:
         self.table = chunk_table(ds) if table is None else table
         self.direct_io = os.path.getsize(self.path) > _physical_memory() // 2 if direct_io is None else direct_io
         self._open()
-        self._scratch = np.empty((self.GROUP, self.row_bytes), np.uint8)
+        self._scratch = _aligned((self.GROUP, self.row_bytes))  # rows to cast: page-aligned for O_DIRECT
         self._trailers = np.zeros((self.GROUP, 4), np.uint8)
         span = -(-(self.chunk_bytes + _IO_ALIGN) // _IO_ALIGN) * _IO_ALIGN
-        self._stage = np.frombuffer(mmap.mmap(-1, self.GROUP * span), np.uint8).reshape(self.GROUP, span)
+        self._stage = _aligned((self.GROUP, span))
 
     def _open(self) -> None:
         if self.fd >= 0:
