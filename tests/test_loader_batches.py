@@ -114,7 +114,10 @@ def test_evaluation_image_batches_equal_items(paths):
             assert_same((g,), (w,))
 
 
-def test_worker_batches_reuse_arena_slots_and_kept_batches_stay_intact(paths):
+def test_worker_batches_reuse_arena_slots_and_kept_batches_stay_intact(paths, monkeypatch):
+    import itmatch.corpus.data as data_module
+
+    monkeypatch.setattr(data_module, "SMALL_BYTES", 0)  # these tiny batches: every tensor stays in its slot
     corpus = Corpus(paths, REQUIRES)
     ds = PairDataset(corpus, corpus.rows("train", "captions"))
     batches = epoch_batches(len(ds), 4, seed=0, epoch=0)  # 30 batches
@@ -140,6 +143,15 @@ def test_worker_batches_reuse_arena_slots_and_kept_batches_stay_intact(paths):
     # Every slot is free again once no tensor of its batch is held.
     taken = [arena.take(w) for w in range(arena.workers) for _ in range(arena.slots)]
     assert None not in taken and arena.take(0) is None
+    for s in taken:
+        arena.release(s)
+    # Small tensors are copied out of the slot: keeping them (a model's encoding keeps num_regions) holds none.
+    monkeypatch.setattr(data_module, "SMALL_BYTES", 1 << 20)
+    kept = [(images["num_regions"], captions["lengths"]) for images, captions in ld]
+    assert len(kept) == len(batches)
+    gc.collect()
+    taken = [arena.take(w) for w in range(arena.workers) for _ in range(arena.slots)]
+    assert None not in taken
     for s in taken:
         arena.release(s)
 

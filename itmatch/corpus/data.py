@@ -671,10 +671,16 @@ class ArenaTensor:
         return self.tensor().pin_memory()
 
 
+SMALL_BYTES = 1 << 20  # received tensors below this are copied out of the arena slot (see _resolve)
+
+
 def _resolve(batch: Any) -> Any:
-    """A received batch with its :class:`ArenaTensor` parts as tensors."""
+    """A received batch with its :class:`ArenaTensor` parts as tensors. Small ones (lengths, ids, boxes) are
+    copied, so that a consumer keeping one (a model's encoding that holds ``num_regions``) does not hold the
+    slot of a whole batch; the features stay in place."""
     if isinstance(batch, ArenaTensor):
-        return batch.tensor()
+        t = batch.tensor()
+        return t.clone() if t.nbytes < SMALL_BYTES else t
     if isinstance(batch, dict):
         return {k: _resolve(v) for k, v in batch.items()}
     if isinstance(batch, tuple | list):
