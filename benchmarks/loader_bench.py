@@ -15,11 +15,13 @@ persistent DataLoader), after ``--warmup`` batches:
 - ``baseline``: the path before it: one ``__getitem__`` per sample, the features through h5py (HDF5's own
   fletcher32 filter), the batch stacked item by item into fresh shared memory (torch's DataLoader as is).
 
-Each run reads other random images (the epoch differs), so neither path finds the other's reads in the page
-cache. It reports wall-clock samples/s and samples per CPU-second of the loading processes (the workers, or the
-main process without workers): what one worker delivers with a core of its own, whatever else loads the machine.
-The first batch of both paths is compared (identical tensors, or the run stops). Prints a JSON summary and a
-Markdown table (``--json`` writes the summary). Target: ≥ 5,000 samples/s per worker (issue 18).
+Each run reads other random images (the epoch differs), and before each timed run the file's pages are dropped
+from the page cache (``POSIX_FADV_DONTNEED``; ``--warm`` keeps them), so both paths read from the disk. It
+reports wall-clock samples/s and samples per CPU-second of the loading processes (the workers, or the main
+process without workers): what one worker delivers with a core of its own, whatever else loads the machine.
+First the paths' batches are compared (identical tensors, in process and through a worker, or the run stops).
+Prints a JSON summary and a Markdown table (``--json`` writes the summary). Target: ≥ 5,000 samples/s per
+worker (issue 18).
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def make_loader(path: str, ds: PairDataset, batches: list[list[int]], workers: i
 
 
 def time_loader(paths: DataPaths, path: str, workers: int, batch: int, batches: int, warmup: int, epoch: int,
-                float16: bool = False, seed: int = 0) -> dict:
+                float16: bool = False, seed: int = 0, cold: bool = True) -> dict:
     """Wall-clock samples/s, and samples per CPU-second of the loading processes (per worker)."""
     corpus = Corpus(paths)
     ds = PairDataset(corpus, corpus.rows("train", "captions"))
@@ -161,6 +163,10 @@ def time_loader(paths: DataPaths, path: str, workers: int, batch: int, batches: 
     it = iter(ld)
     for _ in range(warmup):
         next(it)
+    if cold:  # this file's pages out of the page cache: both paths read from the disk
+        fd = os.open(paths.regions, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
     pids = (ld.worker_pids() if path == "ours" else [w.pid for w in getattr(it, "_workers", [])]) or [os.getpid()]
     main = os.getpid()
     c0, m0 = sum(_cpu_seconds(p) for p in pids), _cpu_seconds(main)
@@ -224,10 +230,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--paths", nargs="+", default=["baseline", "ours"], choices=["baseline", "ours"])
     ap.add_argument("--seed", type=int, default=0, help="of the batch order (another seed reads other images)")
+    ap.add_argument("--warm", action="store_true", help="leave the file's pages in the page cache between runs "
+                    "(default: drop them before each timed run, so both paths read from the disk)")
     ap.add_argument("--json", help="write the summary here")
     a = ap.parse_args(argv)
     paths = write_inputs(Path(a.dir), a.images, a.regions, a.dim)
-    out = {"images": a.images, "regions": a.regions, "dim": a.dim, "seed": a.seed,
+    out = {"images": a.images, "regions": a.regions, "dim": a.dim, "seed": a.seed, "cold": not a.warm,
            "file_gb": round(os.path.getsize(paths.regions) / 1e9, 2), "chunking": chunk_check(paths.regions),
            "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(), "runs": []}
     out["same_batches"] = same_batches(paths, a.batch)
@@ -236,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         for f16 in (True, False):
             for path in a.paths:
                 epoch += 1
-                run = time_loader(paths, path, w, a.batch, a.batches, a.warmup, epoch, float16=f16, seed=a.seed)
+                run = time_loader(paths, path, w, a.batch, a.batches, a.warmup, epoch, float16=f16, seed=a.seed,
+                                  cold=not a.warm)
                 run["epoch"] = epoch
                 out["runs"].append(run)
                 print(json.dumps(run), file=sys.stderr, flush=True)
