@@ -41,19 +41,6 @@ def uses_gpu(device: str) -> int:
     return int(str(device) != "cpu")
 
 
-def gpu_request(device: str, local_gpus: int | None = None) -> int:
-    """A job's ``resources: gpu`` for its stage's ``device`` setting.
-
-    ``local_gpus``: how many GPUs the machine that runs the jobs shows, when that is this machine (a local run,
-    :func:`local_gpu_count`); None when a cluster executor runs them elsewhere. ``cpu`` books none; ``auto``
-    books one unless a local run has no GPU (the job will run on the CPU, so the GPU cap must not serialise
-    it); ``cuda`` / ``cuda:N`` always book one (without a GPU the job stops with the reason).
-    """
-    if not uses_gpu(device):
-        return 0
-    return int(not (str(device) == "auto" and local_gpus == 0))
-
-
 def allocated_gpus(env: dict[str, str] | None = None) -> str | None:
     """``NAME=value`` of the variable that says this job was given a GPU, or None.
 
@@ -104,7 +91,7 @@ def local_gpu_candidates(env: dict[str, str] | None = None) -> list[str]:
 
 
 def local_gpu_count(env: dict[str, str] | None = None) -> int:
-    """How many GPUs local jobs can take (:func:`local_gpu_candidates`): the workflow's ``gpu`` cap and bookings."""
+    """How many GPUs local jobs can take (:func:`local_gpu_candidates`): the workflow's local ``gpu`` cap."""
     return len(local_gpu_candidates(env))
 
 

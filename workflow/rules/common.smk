@@ -5,7 +5,7 @@ from snakemake.utils import validate
 
 from itmatch.config import DATASETS, deep_update, validate_config
 from itmatch.models.registry import MODELS
-from itmatch.utils.device import gpu_request, local_gpu_count
+from itmatch.utils.device import local_gpu_count, uses_gpu
 from itmatch.utils.hashing import code_hash
 
 # Our validator first (messages name the key and the allowed values), then Snakemake's (fills defaults).
@@ -65,22 +65,21 @@ def alternation(names):
     return "|".join(names) if names else "(?!x)x"
 
 
-# A local run (no cluster executor): the jobs run here, so this machine's visible GPUs (CUDA_VISIBLE_DEVICES,
-# else nvidia-smi; ITMATCH_SIMULATED_GPUS in tests) decide the `gpu` bookings and, unless `--resources gpu=N`
-# sets it, the cap: one GPU job per GPU. None under a cluster executor (each job gets its own allocation).
-LOCAL_GPUS = local_gpu_count() if getattr(workflow, "local_exec", True) else None
-if LOCAL_GPUS is not None and "gpu" not in workflow.global_resources:
-    workflow.register_resource("gpu", max(1, LOCAL_GPUS))
+# The `gpu` cap, unless `--resources gpu=N` (or a profile: the SLURM one sets 8) gives one: the GPUs this machine
+# shows (CUDA_VISIBLE_DEVICES, else nvidia-smi; ITMATCH_SIMULATED_GPUS in tests), one GPU job per GPU; none on a
+# machine without a GPU, so the GPU-eligible jobs (`device: auto`, running on the CPU there) are not serialised.
+# (Set here, when the Snakefile is read: which executor will run the jobs is not known yet.)
+if "gpu" not in workflow.global_resources and local_gpu_count() > 0:
+    workflow.register_resource("gpu", local_gpu_count())
 
 
 def gpu_resources(settings):
-    """``resources: gpu`` of a stage: 1 when it may run on CUDA (``device`` auto or cuda), 0 for ``cpu``, and 0 for
-    ``auto`` in a local run on a machine without GPUs (the job runs on the CPU: nothing to book or serialise).
+    """``resources: gpu=1`` exactly when a stage may run on CUDA (``device`` auto or cuda), ``gpu=0`` for ``cpu``.
 
     ``settings``: the stage's settings, or a function of the wildcards returning them (per-dataset overrides).
-    Locally the cap is the number of visible GPUs (``--resources gpu=N`` overrides it), each job on a GPU of its
-    own (itmatch.utils.device); on SLURM the profile turns gpu=1 into ``sbatch --gpus=1``.
+    Locally the `gpu` cap (above) runs one such job per visible GPU, each on a GPU of its own
+    (itmatch.utils.device); on SLURM the profile turns gpu=1 into ``sbatch --gpus=1``.
     """
     if callable(settings):
-        return {"gpu": lambda wc: gpu_request(settings(wc).get("device", "auto"), LOCAL_GPUS)}
-    return {"gpu": gpu_request(settings.get("device", "auto"), LOCAL_GPUS)}
+        return {"gpu": lambda wc: uses_gpu(settings(wc).get("device", "auto"))}
+    return {"gpu": uses_gpu(settings.get("device", "auto"))}

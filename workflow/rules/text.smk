@@ -43,8 +43,7 @@ rule referral_trees:
     resources:
         mem_mb=16000,
         runtime=lambda wc: 60 if _text_parser(wc.dataset) == "gold" else 720,
-        gpu=lambda wc: int(_text_parser(wc.dataset) == "stanza") * gpu_request(config["text"]["trees"]["device"],
-                                                                                 LOCAL_GPUS),
+        gpu=lambda wc: int(_text_parser(wc.dataset) == "stanza") * uses_gpu(config["text"]["trees"]["device"]),
     log:
         "logs/text/referral_trees_{dataset}.log",
     conda:
