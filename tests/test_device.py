@@ -160,6 +160,44 @@ def test_claim_respects_cuda_visible_devices_and_slurm(clean_env):
     D._claimed.update(device="0", handle=holder)
 
 
+def test_explicit_cuda_index_takes_that_local_gpu(clean_env, tmp_path):
+    """``device: cuda:N`` with local locks: the N-th visible device's lock, the job sees it as cuda:0."""
+    import fcntl
+
+    clean_env.setenv(D.SIMULATED_GPUS_ENV, "4")
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "get_device_name", lambda dev=None: "simulated")
+    dev = D.resolve_device("cuda:2", "training.device")
+    assert dev == torch.device("cuda") and os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+    lock = tmp_path / "locks" / "gpu2.lock"
+    assert lock.read_text().strip() == str(os.getpid())
+    with open(lock, "a+") as fh, pytest.raises(OSError):  # held: another job cannot take it
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert D.resolve_device("cuda:2", "x") == torch.device("cuda")  # the same process keeps it
+    with pytest.raises(RuntimeError, match=r"already holds local GPU 2 \(cuda:2\); it cannot also take cuda:1"):
+        D.resolve_device("cuda:1", "x")
+    holder = D._claimed["handle"]
+    D._claimed.clear()  # another process holds device 2: cuda:2 waits for it, never takes another one
+    clean_env.delenv("CUDA_VISIBLE_DEVICES")  # (as narrowed by the claim above)
+    with pytest.raises(TimeoutError, match=r"all local GPUs \(2\) stayed busy"):
+        D.claim_local_gpu(wait=0.2, poll=0.05, index=2)
+    assert D.claim_local_gpu(index=3) == "3" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    D.release_local_gpu()
+    clean_env.delenv("CUDA_VISIBLE_DEVICES")
+    D._claimed.update(device="2", handle=holder, index=2)
+    D.release_local_gpu()
+    clean_env.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # N counts the visible devices, as CUDA does
+    assert D.resolve_device("cuda:1", "x") == torch.device("cuda") and os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    D.release_local_gpu()
+    clean_env.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    with pytest.raises(RuntimeError, match=r"training.device: device cuda:2 asked for, but this machine shows 2"):
+        D.resolve_device("cuda:2", "training.device")
+    with pytest.raises(ValueError, match="device must be one of"):
+        D.resolve_device("cuda:x", "x")
+    clean_env.setenv("SLURM_JOB_ID", "9")  # SLURM: its own allocation, the index as given, no lock
+    assert D.resolve_device("cuda:1", "x") == torch.device("cuda:1") and os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
+
+
 def test_precision_resolution():
     cpu = torch.device("cpu")
     assert D.resolve_precision("auto", cpu) == "fp32"
@@ -207,6 +245,63 @@ def test_training_honours_precision(corpus_paths, tmp_path, monkeypatch, precisi
     assert seen and set(seen) == {dtype}
     assert scaler_calls and set(scaler_calls) == {scaled}
     assert all(torch.isfinite(v).all() for v in best["state_dict"].values())
+
+
+def _overflowing_loss(monkeypatch, overflow_calls: set[int] | None, also_fp32: bool = False) -> list:
+    """SCAN's loss × inf on the given autocast calls (every autocast call when None), as a reduced-precision
+    overflow gives; with ``also_fp32`` on the fp32 recomputation too (a real divergence). Returns the call log."""
+    calls, orig = [], SCAN.loss
+
+    def loss(self, *a, **k):
+        auto = torch.is_autocast_enabled("cpu")
+        calls.append(auto)
+        out, extra = orig(self, *a, **k)
+        n = sum(calls)
+        if (auto and (overflow_calls is None or n in overflow_calls)) or (also_fp32 and not auto):
+            out = out * float("inf")
+        return out, extra
+
+    monkeypatch.setattr(SCAN, "loss", loss)
+    return calls
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_overflow_steps_are_skipped_not_divergence(corpus_paths, tmp_path, monkeypatch, caplog, precision):
+    calls = _overflowing_loss(monkeypatch, {1, 2, 3})  # the first three steps overflow (5 steps in all)
+    applied = []
+    orig_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: applied.append(1) or orig_step(self, *a, **k))
+    corpus = Corpus(corpus_paths)
+    with caplog.at_level(logging.INFO, logger="itmatch"):
+        best = train_model("scan", MODEL_CFG, {**TRAIN_CFG, "precision": precision}, corpus, tmp_path / "m.pt",
+                           tmp_path / "log.csv", tmp_path / ".state.pt")
+    assert (tmp_path / "m.pt").exists() and all(torch.isfinite(v).all() for v in best["state_dict"].values())
+    assert calls.count(False) >= 3  # each overflow was checked in fp32 (plus the validation's forward passes)
+    skipped = [r.getMessage() for r in caplog.records if "overflow at epoch" in r.getMessage()]
+    assert all("(loss inf, finite in fp32)" in m for m in skipped[:3]), skipped
+    assert len(applied) == 5 - len(skipped)  # 5 steps: the skipped ones were not applied
+    if precision == "fp16":  # GradScaler halved its scale on each: 2**16 → 2**13, and on any further overflow
+        # of the scaled gradients (fp16 on the CPU overflows at first: the scale settles lower)
+        scales = [int(m.rsplit("loss scale now ", 1)[1]) for m in skipped]
+        assert scales == [2 ** (15 - i) for i in range(len(scales))] and len(scales) >= 3
+    else:
+        assert len(skipped) == 3
+
+
+def test_non_finite_fp32_loss_or_persistent_overflow_stop_without_a_model(corpus_paths, tmp_path, monkeypatch):
+    from itmatch.training.loop import MAX_OVERFLOW_STEPS, TrainingDiverged
+
+    corpus = Corpus(corpus_paths)
+    _overflowing_loss(monkeypatch, {2}, also_fp32=True)  # non-finite in fp32 too: a divergence
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(inf\) at epoch 0, step 2"):
+        train_model("scan", MODEL_CFG, {**TRAIN_CFG, "precision": "fp16"}, corpus, tmp_path / "a.pt",
+                    tmp_path / "a.csv", tmp_path / ".a.pt")
+    monkeypatch.undo()
+    _overflowing_loss(monkeypatch, None)  # every fp16 step overflows: stops after MAX_OVERFLOW_STEPS of them
+    with pytest.raises(TrainingDiverged, match=rf"{MAX_OVERFLOW_STEPS + 1} consecutive steps overflowed under fp16"):
+        train_model("scan", MODEL_CFG, {**TRAIN_CFG, "precision": "fp16", "batch_size": 2, "epochs": 3}, corpus,
+                    tmp_path / "b.pt", tmp_path / "b.csv", tmp_path / ".b.pt")
+    assert not any(tmp_path.glob("[ab].pt")) and not any(tmp_path.glob("[ab].csv"))
 
 
 def test_fp32_results_unchanged_and_bf16_scores_close(corpus_paths, tmp_path):

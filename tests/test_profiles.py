@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,11 +25,25 @@ from snakemake.api import SnakemakeApi
 from snakemake.io import is_flagged
 from snakemake.settings.types import (ConfigSettings, DeploymentSettings, OutputSettings, ResourceSettings,
                                       StorageSettings, WorkflowSettings)
-repo, workdir, configs = Path(sys.argv[1]), Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
+repo, workdir, resources = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+configs = [Path(p) for p in sys.argv[4:]]
 with SnakemakeApi(OutputSettings()) as api:
-    wf = api.workflow(resource_settings=ResourceSettings(cores=1), config_settings=ConfigSettings(configfiles=configs),
+    wf = api.workflow(resource_settings=ResourceSettings(cores=1, resources=resources),
+                      config_settings=ConfigSettings(configfiles=configs),
                       storage_settings=StorageSettings(), workflow_settings=WorkflowSettings(),
                       deployment_settings=DeploymentSettings(), snakefile=repo / "Snakefile", workdir=workdir)._workflow
+    class WC(dict):
+        __getattr__ = dict.__getitem__
+
+    wc = WC(dataset="shapes", model="pfan", part="t2i")
+
+    def gpu(v):
+        v = getattr(v, "_value", v)  # a snakemake.resources.Resource: its value or function
+        try:
+            return v(wc) if callable(v) else v
+        except Exception as e:  # a wildcard these rules do not have
+            return f"<{type(e).__name__}>"
+
     out = {}
     for r in wf.rules:
         res = {k: (v if isinstance(v, int | float | str) else "<function>") for k, v in r.resources.items()}
@@ -38,22 +53,32 @@ with SnakemakeApi(OutputSettings()) as api:
                        "script": r.script, "shell": r.shellcmd,
                        "is_job": bool(r.script or r.shellcmd or r.notebook or r.wrapper or r.run_func and not r.norun),
                        "local": r.name in wf._localrules, "file": str(r.snakefile),
-                       "directory_outputs": [str(o) for o in r.output if is_flagged(o, "directory")]}
+                       "directory_outputs": [str(o) for o in r.output if is_flagged(o, "directory")],
+                       "gpu": gpu(r.resources["gpu"] if "gpu" in r.resources else 0)}
+    out["__global__"] = {"gpu": wf.global_resources["gpu"].value if "gpu" in wf.global_resources else None}
     print("RULES-JSON" + json.dumps(out))
 """
 
 
-@functools.cache
-def workflow_rules() -> dict[str, dict]:
-    """name → {conda, resources, threads, params, script, shell, is_job, local, file} of every rule."""
+def load_rules(gpus: int, *configs: Path, resources: dict | None = None) -> dict[str, dict]:
+    """name → {conda, resources, threads, params, script, shell, is_job, local, file} of every rule, plus
+    ``__global__`` (the workflow's resource caps), as a local run sees them on a machine with ``gpus`` GPUs."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES" and not k.startswith("SLURM_")}
+    env["ITMATCH_SIMULATED_GPUS"] = str(gpus)
     with tempfile.TemporaryDirectory() as workdir:
-        proc = subprocess.run([sys.executable, "-c", _RULES_INFO, str(REPO), workdir,
-                               str(REPO / "config" / "config.yaml"), str(TEST_CONFIG)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-c", _RULES_INFO, str(REPO), workdir, json.dumps(resources or {}),
+                               str(REPO / "config" / "config.yaml"), str(TEST_CONFIG), *map(str, configs)],
+                              capture_output=True, text=True, timeout=120, env=env)
     marker = [line for line in proc.stdout.splitlines() if line.startswith("RULES-JSON")]
     if proc.returncode or not marker:
         raise AssertionError(f"could not load the workflow:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(marker[0][len("RULES-JSON"):])
+
+
+@functools.cache
+def workflow_rules() -> dict[str, dict]:
+    """Every rule as on a machine with a GPU (so the rules that may use one declare it)."""
+    return {k: v for k, v in load_rules(1).items() if k != "__global__"}
 
 
 def job_rules() -> dict[str, dict]:
@@ -94,7 +119,7 @@ def test_default_profile_sets_local_defaults():
     assert set(args.default_resources.keys()) >= {"mem_mb", "runtime", "gpu"}
     raw = yaml.safe_load((DEFAULT_PROFILE / "config.v8+.yaml").read_text())
     assert raw["default-resources"] == {"mem_mb": 2000, "runtime": 60, "gpu": 0}
-    assert raw["resources"] == {"gpu": 1} and set(args.resources.keys()) == {"gpu"}
+    assert "resources" not in raw  # the local GPU cap follows the machine's GPUs (the workflow sets it)
     # The command line wins over the profile.
     assert parse_profile(DEFAULT_PROFILE, "--cores", "8").cores == 8
     # Snakemake finds it next to the Snakefile (profiles -> workflow/profiles).
@@ -126,3 +151,15 @@ def test_slurm_profile_is_documented_and_complete():
     # Every rule that declares a GPU gets GPU settings; no stale names (they would silently do nothing).
     assert declared_gpu_rules() <= set(per_rule)
     assert set(per_rule) <= set(workflow_rules()), set(per_rule) - set(workflow_rules())
+
+
+def test_local_gpu_cap_follows_the_visible_gpus():
+    """The `gpu` cap is the number of visible GPUs (one GPU job per GPU) unless --resources sets it; with no GPU
+    there is none, so the GPU-eligible jobs (on the CPU there) are not serialised. Bookings do not change."""
+    stages = ("train_part", "evaluate", "extract_regions_shard", "train_detector")
+    for gpus, cap in ((0, None), (1, 1), (3, 3)):
+        rules = load_rules(gpus)
+        assert rules["__global__"]["gpu"] == cap, gpus
+        assert {r: rules[r]["gpu"] for r in stages} == dict.fromkeys(stages, 1), gpus
+    assert load_rules(3, resources={"gpu": 1})["__global__"]["gpu"] == 1  # --resources gpu=1 wins
+    assert load_rules(0, resources={"gpu": 2})["__global__"]["gpu"] == 2

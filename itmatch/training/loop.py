@@ -20,6 +20,10 @@ are read with ``torch.load(weights_only=True)``.
 Divergence: a non-finite loss or gradient norm stops training with :class:`TrainingDiverged` (the step is
 not applied; ``nonfinite_patience`` > 0 skips that many consecutive such steps first), as does a validation
 whose similarity matrix is not finite; ``model.pt`` and the log are then not written, so the rule fails.
+Under bf16 / fp16 an overflow is not a divergence: a non-finite loss whose batch gives a finite loss in fp32
+(:func:`fp32_loss`), or (fp16) non-finite scaled gradients, skip the step — with fp16 through GradScaler, which
+skips it and lowers its scale — and only more than :data:`MAX_OVERFLOW_STEPS` consecutive overflows stop
+training; a loss that is non-finite in fp32 as well is a divergence as above.
 """
 
 from __future__ import annotations
@@ -60,6 +64,24 @@ RESOURCE_KEYS = ("num_workers", "threads", "mem_mb", "runtime", "device", "epoch
 
 class TrainingDiverged(FloatingPointError):
     """A non-finite loss, gradient norm or validation similarity: training stopped, nothing written."""
+
+
+# Consecutive bf16 / fp16 overflow steps (skipped) before training stops: GradScaler starts at 2**16 and halves
+# its scale on each overflow, so after 40 it is 2**-24, fp16's smallest subnormal; an overflow that outlasts that
+# is not one the scale can fix (a forward pass that overflows whatever the scale, or a diverging model).
+MAX_OVERFLOW_STEPS = 40
+
+
+def fp32_loss(model: torch.nn.Module, images: dict[str, torch.Tensor], captions: dict[str, torch.Tensor],
+              crit: ContrastiveLoss, device: torch.device) -> float:
+    """The batch's loss in fp32 (no autocast, no gradients; RNG and buffers such as BatchNorm statistics left as
+    they were): tells a reduced-precision overflow from a divergence."""
+    saved = {k: v.detach().clone() for k, v in model.named_buffers()}
+    with torch.no_grad(), torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        loss, _ = model.loss(to_device(images, device), to_device(captions, device), crit)
+    for k, v in model.named_buffers():
+        v.copy_(saved[k])
+    return float(loss)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], t: dict[str, Any]) -> torch.optim.Optimizer:
@@ -137,7 +159,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
     train_rows = corpus.rows("train", "captions")
     dataset = PairDataset(corpus, train_rows)
     st: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_rsum": -1.0, "best": None, "best_at": None,
-                          "rows": [], "loss_sum": 0.0, "loss_n": 0, "seconds": 0.0, "nonfinite": 0}
+                          "rows": [], "loss_sum": 0.0, "loss_n": 0, "seconds": 0.0, "nonfinite": 0, "overflow": 0}
     who = f"{model_name}{'/' + part if part else ''}"
     state = TensorState(state_path, key, f"training {who}")
     saved = state.load(device, input_files or [])
@@ -147,7 +169,7 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
         if "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
         _set_rng_state(saved["rng"])
-        st = {"nonfinite": 0, **saved["loop"]}
+        st = {"nonfinite": 0, "overflow": 0, **saved["loop"]}
         log.info("resuming from %s: epoch %d, batch %d, step %d", state_path, st["epoch"], st["batch"], st["step"])
     t_start = time.time() - st["seconds"]
 
@@ -218,25 +240,44 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
                     opt.zero_grad(set_to_none=True)
                     loss_value = float(loss.detach())
                     bad = None
-                    if not math.isfinite(loss_value):
+                    # under bf16 / fp16 a non-finite loss whose batch gives a finite loss in fp32 is an overflow
+                    overflow = (not math.isfinite(loss_value) and precision != "fp32"
+                                and math.isfinite(fp32_loss(model, images, captions, crit, device)))
+                    if not math.isfinite(loss_value) and not overflow:
                         bad = ("loss", loss_value)
-                    else:
+                    elif not overflow or scaler.is_enabled():
+                        # fp16: an overflow gives inf/nan gradients; the scaler skips the step and lowers its scale
                         scaler.scale(loss).backward()
                         scaler.unscale_(opt)  # a no-op unless fp16
                         if float(t["grad_clip"]) > 0:
                             norm = torch.nn.utils.clip_grad_norm_(params, float(t["grad_clip"]))
                         else:
                             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                        # fp16: an overflowing step is the gradient scaler's business (it skips the step and
-                        # lowers the scale), not a divergence
-                        if not math.isfinite(float(norm)) and not scaler.is_enabled():
-                            bad = ("gradient norm", float(norm))
-                    if bad is None:
+                        if not math.isfinite(float(norm)):
+                            if scaler.is_enabled():
+                                overflow = True
+                            else:
+                                bad = ("gradient norm", float(norm))
+                    if bad is None and not overflow:
                         scaler.step(opt)
                         scaler.update()
-                        st["nonfinite"] = 0
+                        st["nonfinite"] = st["overflow"] = 0
                         st["loss_sum"] += loss_value
                         st["loss_n"] += 1
+                    elif bad is None:  # an overflow: the step is not applied (fp16: GradScaler skips it)
+                        if scaler.is_enabled():
+                            scaler.step(opt)
+                            scaler.update()
+                        opt.zero_grad(set_to_none=True)
+                        st["overflow"] = st.get("overflow", 0) + 1
+                        if st["overflow"] > MAX_OVERFLOW_STEPS:
+                            raise TrainingDiverged(
+                                f"{who}: {st['overflow']} consecutive steps overflowed under {precision} (last at "
+                                f"epoch {epoch}, step {st['step'] + 1}; their losses are finite in fp32); no model is "
+                                f"written. Train with training.precision: bf16 or fp32, or lower training.lr.")
+                        log.info("%s: %s overflow at epoch %d step %d (loss %s, finite in fp32): step skipped%s",
+                                 who, precision, epoch, st["step"] + 1, loss_value,
+                                 f", loss scale now {scaler.get_scale():g}" if scaler.is_enabled() else "")
                     else:  # the step is not applied
                         opt.zero_grad(set_to_none=True)
                         st["nonfinite"] += 1

@@ -90,29 +90,44 @@ def local_gpu_candidates(env: dict[str, str] | None = None) -> list[str]:
     return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
 
 
+def local_gpu_count(env: dict[str, str] | None = None) -> int:
+    """How many GPUs local jobs can take (:func:`local_gpu_candidates`): the workflow's local ``gpu`` cap."""
+    return len(local_gpu_candidates(env))
+
+
 def lock_dir(env: dict[str, str] | None = None) -> Path:
     """Folder of the per-device lock files (shared by every job on this machine)."""
     env = os.environ if env is None else env
     return Path(env.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / f"itmatch-gpu-locks-{os.getuid()}")
 
 
-def claim_local_gpu(env: dict[str, str] | None = None, wait: float | None = None, poll: float = 1.0) -> str | None:
+def claim_local_gpu(env: dict[str, str] | None = None, wait: float | None = None, poll: float = 1.0,
+                    index: int | None = None) -> str | None:
     """Give this process a local GPU of its own and return its id (None: nothing to do).
 
     Does nothing under SLURM (the job's allocation is its own), on a machine without GPUs, or when this
     process already holds one. Otherwise takes the first device whose lock file in :func:`lock_dir` is free
     (non-blocking exclusive ``flock``; the kernel releases it when the process ends, killed or not), sets
-    ``CUDA_VISIBLE_DEVICES`` to it and keeps the lock until exit. When every device is taken it waits
-    (``wait`` seconds, None = until one is free). Must run before CUDA initialises in this process.
+    ``CUDA_VISIBLE_DEVICES`` to it and keeps the lock until exit. ``index`` (``device: cuda:N``): only the N-th
+    candidate, as CUDA numbers the visible devices. When the device(s) are taken it waits (``wait`` seconds,
+    None = until one is free). Must run before CUDA initialises in this process.
     """
     env = os.environ if env is None else env
-    if "device" in _claimed:
-        return str(_claimed["device"])
     if _on_slurm(env):
         return None
+    if "device" in _claimed:
+        if index is not None and _claimed.get("index") not in (None, index):
+            raise RuntimeError(f"this process already holds local GPU {_claimed['device']} (cuda:{_claimed['index']}); "
+                               f"it cannot also take cuda:{index}")
+        return str(_claimed["device"])
     devices = local_gpu_candidates(env)
     if len(devices) == 0:
         return None
+    if index is not None:
+        if not 0 <= index < len(devices):
+            raise RuntimeError(f"device cuda:{index} asked for, but this machine shows {len(devices)} GPU(s) "
+                               f"({','.join(devices)}; cuda:0 to cuda:{len(devices) - 1})")
+        devices = [devices[index]]
     folder = lock_dir(env)
     folder.mkdir(parents=True, exist_ok=True)
     start, told = time.monotonic(), False
@@ -128,7 +143,7 @@ def claim_local_gpu(env: dict[str, str] | None = None, wait: float | None = None
             fh.truncate()
             fh.write(f"{os.getpid()}\n")
             fh.flush()
-            _claimed.update(device=dev, handle=fh)
+            _claimed.update(device=dev, handle=fh, index=index)
             env["CUDA_VISIBLE_DEVICES"] = dev
             log.info("local GPU %s of %s assigned to this job (lock %s)", dev, ",".join(devices), fh.name)
             return dev
@@ -145,6 +160,7 @@ def release_local_gpu() -> None:
     """Give back this process's local GPU (it is released at exit anyway)."""
     fh = _claimed.pop("handle", None)
     _claimed.pop("device", None)
+    _claimed.pop("index", None)
     if fh is not None:
         fcntl.flock(fh, fcntl.LOCK_UN)  # type: ignore[arg-type]
         fh.close()  # type: ignore[attr-defined]
@@ -155,19 +171,27 @@ def resolve_device(name: str, stage: str = "device") -> torch.device:
 
     ``cpu``: the CPU. ``auto``: a GPU of this job's own when torch can use one, else the CPU, with a warning
     when the job was given a GPU that torch cannot use. ``cuda`` / ``cuda:N``: the GPU, or a RuntimeError
-    naming ``stage`` and the reason when torch cannot use CUDA (never a silent CPU run).
+    naming ``stage`` and the reason when torch cannot use CUDA (never a silent CPU run). Locally (no SLURM),
+    ``cuda:N`` takes — waiting for it if another job holds it — the lock of the N-th visible device, which the
+    job then sees as ``cuda:0`` (its CUDA_VISIBLE_DEVICES narrowed to it).
     """
     name = str(name)
-    if name not in DEVICES and not name.startswith("cuda:"):
+    if name not in DEVICES and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise ValueError(f"{stage}: device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
     if name == "cpu":
         log.info("%s: using the CPU (device: cpu)", stage)
         return torch.device("cpu")
-    claim_local_gpu()
+    index = int(name.split(":", 1)[1]) if name.startswith("cuda:") else None
+    try:
+        claimed = claim_local_gpu(index=index)
+    except RuntimeError as e:
+        raise RuntimeError(f"{stage}: {e}") from None
     given = allocated_gpus()
     if torch.cuda.is_available():
-        dev = torch.device("cuda" if name == "auto" else name)
-        log.info("%s: using %s (%s; device: %s)", stage, dev, torch.cuda.get_device_name(dev), name)
+        # a claimed device is the only one this job sees (CUDA_VISIBLE_DEVICES narrowed): cuda:N is its cuda:0
+        dev = torch.device("cuda" if name == "auto" or claimed is not None else name)
+        log.info("%s: using %s (%s; device: %s%s)", stage, dev, torch.cuda.get_device_name(dev), name,
+                 f", local GPU {claimed}" if claimed is not None else "")
         return dev
     reason = cuda_unavailable_reason()
     if name != "auto":

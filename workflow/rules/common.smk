@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 from itmatch.config import dataset_settings, deep_update, has_captions, validate_config
 from itmatch.models.registry import MODELS
-from itmatch.utils.device import uses_gpu
+from itmatch.utils.device import local_gpu_count, uses_gpu
 from itmatch.utils.hashing import code_hash
 
 # Our validator first (messages name the key and the allowed values), then Snakemake's (fills defaults).
@@ -123,12 +123,20 @@ def code_version(script, *modules):
     return code_hash(os.path.join(SCRIPTS, script), *modules)
 
 
+# The `gpu` cap, unless `--resources gpu=N` (or a profile: the SLURM one sets 8) gives one: the GPUs this machine
+# shows (CUDA_VISIBLE_DEVICES, else nvidia-smi; ITMATCH_SIMULATED_GPUS in tests), one GPU job per GPU; none on a
+# machine without a GPU, so the GPU-eligible jobs (`device: auto`, running on the CPU there) are not serialised.
+# (Set here, when the Snakefile is read: which executor will run the jobs is not known yet.)
+if "gpu" not in workflow.global_resources and local_gpu_count() > 0:
+    workflow.register_resource("gpu", local_gpu_count())
+
+
 def gpu_resources(settings):
     """``resources: gpu=1`` exactly when a stage may run on CUDA (``device`` auto or cuda), ``gpu=0`` for ``cpu``.
 
     ``settings``: the stage's settings, or a function of the wildcards returning them (per-dataset overrides).
-    Locally, ``--resources gpu=N`` runs N such jobs at once, each on a GPU of its own (itmatch.utils.device);
-    on SLURM the profile turns gpu=1 into ``sbatch --gpus=1``.
+    Locally the `gpu` cap (above) runs one such job per visible GPU, each on a GPU of its own
+    (itmatch.utils.device); on SLURM the profile turns gpu=1 into ``sbatch --gpus=1``.
     """
     if callable(settings):  # (``device``: filled from the schema by validate above)
         return {"gpu": lambda wc: uses_gpu(settings(wc)["device"])}
