@@ -338,10 +338,11 @@ def test_grid_inputs_forward_shapes_and_gradients():
 def test_inputs_follow_w2r_input_and_branches():
     from itmatch.models.registry import model_inputs
 
-    assert model_inputs("bssan", {}) == {"grid"}                                   # the schema's default
-    assert model_inputs("bssan", {"w2r_input": "regions"}) == frozenset()
-    assert model_inputs("bssan", {"branches": "o2w"}) == frozenset()               # no W2R: no grid
-    assert model_inputs("bssan", {"branches": "w2r"}) == {"grid"}
+    # grid: W2R on the VGG-19 grid; objects: O2W picks its regions by the detector's confidences
+    assert model_inputs("bssan", {}) == {"grid", "objects"}                        # the schema's default
+    assert model_inputs("bssan", {"w2r_input": "regions"}) == {"objects"}
+    assert model_inputs("bssan", {"branches": "o2w"}) == {"objects"}               # no W2R: no grid
+    assert model_inputs("bssan", {"branches": "w2r"}) == {"grid"}                  # no O2W: no confidences
     with pytest.raises(KeyError, match="grid_dim"):
         build_model("bssan", {}, {"vocab_size": VOCAB, "feature_dim": FEAT})
     with pytest.raises(KeyError, match=r"images\['grid'\]"):
