@@ -265,21 +265,22 @@ def _dataset_key_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[
     errors: list[str] = []
 
     def walk(node: Any, sch: dict[str, Any], path: list[str]) -> None:
-        sch = _ref(sch, schema)
-        if sch.get("x-keys") == "datasets" and isinstance(node, dict):
+        parts = _parts(sch, schema)  # the node, what its $ref and allOf parts point to
+        if any(p.get("x-keys") == "datasets" for p in parts) and isinstance(node, dict):
             errors.extend(f"config key {_key([*path, k])}: unknown; {allowed}" for k in node if k not in names)
-        if sch.get("x-items") == "datasets" and isinstance(node, list):
+        if any(p.get("x-items") == "datasets" for p in parts) and isinstance(node, list):
             errors.extend(f"config key {_key(path)}: {d!r} is not a dataset; {allowed}"
                           for d in node if d not in names)
         if isinstance(node, dict):
-            extra = sch.get("additionalProperties")
+            props = _properties(sch, schema)
+            extra = next((p["additionalProperties"] for p in parts if isinstance(p.get("additionalProperties"), dict)),
+                         None)
             for k, v in node.items():
-                sub = sch.get("properties", {}).get(k, extra if isinstance(extra, dict) else None)
-                if sub is not None:
+                for sub in props.get(k) or ([extra] if extra is not None else []):
                     walk(v, sub, [*path, k])
 
     walk(config, schema, [])
-    return errors
+    return list(dict.fromkeys(errors))  # (a key reached through several schema parts is reported once)
 
 
 def _dataset_errors(config: dict[str, Any], schema: dict[str, Any]) -> list[str]:

@@ -163,15 +163,20 @@ BASE_CONFIG = load_config(REPO / "config" / "config.yaml", [TEST_CONFIG])
 
 
 def _resolve(node: dict[str, Any]) -> dict[str, Any]:
-    """A schema node with ``$ref`` followed and ``allOf`` parts merged (properties only)."""
+    """A schema node with ``$ref`` followed and ``allOf`` parts merged (their properties joined); a per-dataset map
+    (``x-keys: datasets``) gets the configured datasets as its properties."""
+    props: dict[str, Any] = {}
     while "$ref" in node:
+        props.update(node.get("properties", {}))
         target: Any = SCHEMA
         for part in node["$ref"][2:].split("/"):
             target = target[part]
-        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-    props = dict(node.get("properties", {}))
+        node = {**target, **{k: v for k, v in node.items() if k not in ("$ref", "properties")}}
+    props = {**node.get("properties", {}), **props}
     for part in node.get("allOf", []):
         props.update(_resolve(part).get("properties", {}))
+    if node.get("x-keys") == "datasets" and isinstance(node.get("additionalProperties"), dict):
+        props.update(dict.fromkeys(BASE_CONFIG["datasets"], node["additionalProperties"]))
     return {**node, "properties": props} if props else node
 
 
@@ -188,7 +193,8 @@ def _object_paths(node: dict[str, Any], path: tuple = ()) -> list[tuple[tuple, l
     return out
 
 
-OBJECT_PATHS = _object_paths(SCHEMA)
+# (the top-level ``datasets`` map is open: any new name there declares a dataset of your own)
+OBJECT_PATHS = [(p, k) for p, k in _object_paths(SCHEMA) if p != ("datasets",)]
 ALL_KEYS = {k for _, keys in OBJECT_PATHS for k in keys}
 
 
@@ -227,6 +233,23 @@ def _node_at(cfg: dict[str, Any], path: tuple) -> dict[str, Any]:
     return node
 
 
+def _valid_dataset_value(cfg: dict[str, Any], path: tuple) -> Any:
+    """A value the per-dataset map at ``path`` accepts under a configured name (its entry there, else ``{}`` or
+    None, whichever validates), so that only the name itself is wrong."""
+    node = _node_at(cfg, path)
+    if node:
+        return copy.deepcopy(next(iter(node.values())))
+    for value in ({}, None):
+        trial = copy.deepcopy(cfg)
+        _node_at(trial, path)["shapes"] = value
+        try:
+            validate_config(trial, SCHEMA)
+            return value
+        except ConfigError:
+            continue
+    return {}
+
+
 @settings(FUZZ, max_examples=N_CONFIG)
 @given(data=st.data())
 def test_fuzz_config_key_typos_at_every_level(data):
@@ -238,6 +261,8 @@ def test_fuzz_config_key_typos_at_every_level(data):
     assume(bad not in ALL_KEYS)
     if key in node and data.draw(st.booleans(), label="rename"):
         node[bad] = node.pop(key)
+    elif keys == sorted(BASE_CONFIG["datasets"]):  # a per-dataset map: a value valid under a real name
+        node[bad] = _valid_dataset_value(cfg, path)
     else:
         node[bad] = data.draw(st.sampled_from([1, "x", None, {}, [1]]))
     dotted = ".".join(map(str, (*path, bad)))

@@ -32,8 +32,12 @@ with SnakemakeApi(OutputSettings()) as api:
                       config_settings=ConfigSettings(configfiles=configs),
                       storage_settings=StorageSettings(), workflow_settings=WorkflowSettings(),
                       deployment_settings=DeploymentSettings(), snakefile=repo / "Snakefile", workdir=workdir)._workflow
-    class WC(dict):
-        __getattr__ = dict.__getitem__
+    class WC(dict):  # as snakemake's Wildcards: a missing name is an AttributeError
+        def __getattr__(self, name):
+            try:
+                return self[name]
+            except KeyError:
+                raise AttributeError(name) from None
 
     wc = WC(dataset="shapes", model="pfan", part="t2i")
 

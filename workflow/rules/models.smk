@@ -165,8 +165,7 @@ use rule fuse_parts as fuse_variant_parts with:
 
 
 use rule evaluate as evaluate_variant with:
-    """Evaluate an ablation variant's model (results/{model}/{dataset}/{variant}/model.pt) → its metrics.json,
-    sims.h5 and ranks.parquet."""
+    """Evaluate an ablation variant's model (results/{model}/{dataset}/{variant}/model.pt) → metrics, sims, ranks."""
     input:
         unpack(_model_inputs),
         checkpoint="results/{model}/{dataset}/{variant}/model.pt",
