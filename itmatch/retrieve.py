@@ -58,7 +58,8 @@ from itmatch.utils.device import resolve_device, resolve_precision
 LAYOUT = {"images": ("data", "images.parquet"), "captions": ("data", "captions.parquet"),
           "tokens": ("text", "tokens.parquet"), "vocab": ("text", "vocab.json"),
           "regions": ("features", "regions.h5"), "blocks": ("features", "blocks.h5"),
-          "tags": ("features", "tags.h5"), "bert": ("text", "bert.h5"), "trees": ("text", "trees.parquet")}
+          "tags": ("features", "tags.h5"), "bert": ("text", "bert.h5"), "trees": ("text", "trees.parquet"),
+          "concepts": ("text", "concepts.h5"), "grid": ("features", "grid.h5")}
 
 
 class RetrieveError(ValueError):
@@ -170,7 +171,7 @@ class Retriever:
         self.text_options = text.pop()
         paths = {name: str(_need(self.run.artifact(name), name)) for name in ("images", "captions", "tokens",
                                                                                 "vocab", "regions")}
-        for name in ("blocks", "tags", "bert", "trees"):
+        for name in ("blocks", "tags", "bert", "trees", "concepts", "grid"):
             if name in self.requires:
                 paths[name] = str(_need(self.run.artifact(name), f"{self.run.model} reads {name}"))
         self.corpus = Corpus(DataPaths(**paths), self.requires, self.text_options)

@@ -15,7 +15,7 @@ Formats (``itmatch export FEATURES --format F --out DIR``):
   (``utils/extract_utils.py``, ``save_roi_features``, line 111 at 4dbce86): ``x`` float32 [n, D], ``bbox``
   float32 [n, 4], ``num_bbox``, ``image_h``, ``image_w`` and ``info`` (a dict: ``image_id``, ``image_h``,
   ``image_w``, ``num_boxes``, ``objects_id``, ``objects_conf``, ``attrs_id``, ``attrs_conf``; a pickled
-  object, so readers need ``allow_pickle=True`` for it alone). The four tag arrays are also written as
+  object, so readers must allow pickles for it alone). The four tag arrays are also written as
   top-level keys, which is what our importer (and any reader with ``allow_pickle=False``) reads. Tags are left
   out when no region has one. ``--npz-name image_id`` names files ``<image_id>.npz`` instead.
 - ``tsv``: the original bottom-up-attention TSV (peteanderson80/bottom-up-attention ``tools/generate_tsv.py``,
