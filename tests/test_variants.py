@@ -75,7 +75,7 @@ def test_variant_of_an_unknown_model_is_refused(config):
 
 def test_unknown_setting_keys_are_refused_naming_the_key(config):
     with pytest.raises(ConfigError, match=r"config key variants\.pfan\.x\.model\.positon: unknown; allowed keys "
-                                          r"here: .*position, position_norm"):
+                                          r"here: .*position, position_bias, position_norm"):
         validate_config(with_variant(config, "pfan", "x", {"model": {"positon": "none"}}))
     with pytest.raises(ConfigError, match=r"variants\.caan\.x\.training\.lrate: unknown"):
         validate_config(with_variant(config, "caan", "x", {"training": {"lrate": 1e-3}}))
@@ -137,7 +137,7 @@ def test_recipe_command_prints_a_variant():
 # ---- every predefined variant changes the model it names ---------------------------------------------------
 
 DATA_INFO = dict(vocab_size=30, feature_dim=12, blocks_K=4, tag_dim=10, bert_dim=14, n_entities=9, n_relations=4,
-                 n_objects=5, n_attributes=5)
+                 n_objects=5, n_attributes=5, n_concepts=6)
 
 
 def tiny_batch(B: int = 4, R: int = 5, L: int = 3, W: int = 6) -> tuple[dict, dict]:
@@ -160,6 +160,8 @@ def tiny_batch(B: int = 4, R: int = 5, L: int = 3, W: int = 6) -> tuple[dict, di
     captions = {"tokens": tokens, "lengths": lens, "bert": torch.randn(B, W, 14, generator=g),
                 "tree_labels": torch.tensor([[1, 0, 2, -1, 3, 1, 4]] * B), "image_index": torch.arange(B),
                 "index": torch.arange(B)}
+    captions["concept_labels"] = (torch.rand(B, 6, generator=g) < 0.4).float()   # SMFEA's CAC branch
+    captions["image_concept_labels"] = captions["concept_labels"]
     return images, captions
 
 
@@ -287,7 +289,7 @@ def test_fused_variant_schedules_only_its_own_training_and_evaluation(base_laid_
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(planned_jobs(proc))
     run = "results/pfan/shapes/no_position"
-    assert jobs == [("evaluate_variant", [f"{run}/metrics.json"]),
+    assert jobs == [("evaluate_variant", [f"{run}/metrics.json", f"{run}/sims.h5", f"{run}/ranks.parquet"]),
                     ("fuse_variant_parts", [f"{run}/model.pt", f"{run}/train_log.csv"]),
                     ("train_variant_part", [f"{run}/i2t/model.pt", f"{run}/i2t/train_log.csv"]),
                     ("train_variant_part", [f"{run}/t2i/model.pt", f"{run}/t2i/train_log.csv"])], jobs
