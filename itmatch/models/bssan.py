@@ -67,6 +67,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itmatch.config import schema_defaults
+from itmatch.models import glove
 from itmatch.models.base import Batch, MatchingModel, chunked_pair_scores
 from itmatch.models.encoders import length_mask, masked_softmax
 from itmatch.text.vocab import Vocab
@@ -135,32 +136,9 @@ def lstm_last_state(gx: torch.Tensor, lengths: torch.Tensor, lstm: nn.LSTM) -> t
 
 
 def load_glove(path: str | Path, words: Sequence[str], weight: torch.Tensor) -> int:
-    """Copy the GloVe vector of every word of ``words`` found in the text file ``path`` (``word v1 … vD`` a
-    line) into row ``i`` of ``weight`` [len(words), D]; returns how many rows were set. Errors name the key,
-    the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"models.bssan.glove: GloVe file {path} does not exist (set a GloVe text file, "
-                                f"e.g. glove.840B.300d.txt, or null for a random init)")
-    index = {w: i for i, w in enumerate(words)}
-    dim = weight.shape[1]
-    found = 0
-    with open(path, encoding="utf-8") as fh, torch.no_grad():
-        for n, line in enumerate(fh, 1):
-            word, _, rest = line.rstrip("\n").partition(" ")
-            i = index.get(word)
-            if i is None:
-                continue
-            vals = rest.split(" ")
-            if len(vals) != dim:
-                raise ValueError(f"{path} line {n}: {len(vals)} values for {word!r}, the word vectors have {dim} "
-                                 f"(models.bssan.word_dim)")
-            try:
-                weight[i] = torch.tensor([float(v) for v in vals], dtype=weight.dtype)
-            except ValueError as e:
-                raise ValueError(f"{path} line {n}: not a number in the vector of {word!r} ({e})") from None
-            found += 1
-    return found
+    """BSSAN's word embeddings from GloVe (:func:`itmatch.models.glove.load_glove`, errors naming
+    ``models.bssan.glove`` / ``models.bssan.word_dim``)."""
+    return glove.load_glove(path, words, weight, "models.bssan.glove", "models.bssan.word_dim")
 
 
 class BSSAN(MatchingModel):
