@@ -13,6 +13,23 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
 
 
+#: variables that make jobs claim (and wait for) local GPUs: a workflow test sets them itself or not at all
+GPU_ENV = ("CUDA_VISIBLE_DEVICES", "ITMATCH_SIMULATED_GPUS")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_gpu_locks(tmp_path_factory):
+    """GPU lock files in a folder of this test session's: a job of another run on this machine never makes a
+    test wait."""
+    old = os.environ.get("ITMATCH_GPU_LOCK_DIR")
+    os.environ["ITMATCH_GPU_LOCK_DIR"] = str(tmp_path_factory.mktemp("gpu-locks"))
+    yield
+    if old is None:
+        os.environ.pop("ITMATCH_GPU_LOCK_DIR", None)
+    else:
+        os.environ["ITMATCH_GPU_LOCK_DIR"] = old
+
+
 def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1200,
                   extra_env: dict[str, str] | None = None, configfiles: tuple[Path, ...] = ()
                   ) -> subprocess.CompletedProcess:
@@ -20,7 +37,8 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(REPO / "config" / "config.yaml"), str(TEST_CONFIG), *map(str, configfiles),
            "--cores", "2", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra_env or {})}
+    env = {k: v for k, v in os.environ.items() if k not in GPU_ENV and not k.startswith("SLURM_")}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra_env or {})})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

@@ -29,7 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    """No GPU variables, locks in a private folder, no device held before or after."""
+    """No GPU variables, locks in a private folder, no device held before or after; os.environ exactly as before
+    afterwards (the code under test narrows CUDA_VISIBLE_DEVICES itself, which monkeypatch alone would not undo
+    when a test's first touch of the variable is a delenv: it would restore the narrowed value)."""
+    saved = dict(os.environ)
     for k in list(os.environ):
         if k == "CUDA_VISIBLE_DEVICES" or k.startswith("SLURM_") or k == D.SIMULATED_GPUS_ENV:
             monkeypatch.delenv(k)
@@ -38,6 +41,9 @@ def clean_env(monkeypatch, tmp_path):
     D.release_local_gpu()
     yield monkeypatch
     D.release_local_gpu()
+    monkeypatch.undo()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_allocated_gpus_reads_cuda_and_slurm_variables():
