@@ -30,8 +30,8 @@ def test_pfan_shapes_end_to_end(tmp_path):
     run_snakemake(tmp_path, TARGET)
     metrics = json.loads((tmp_path / TARGET).read_text())
     assert set(metrics) == {"model", "dataset", "protocols", "n_images", "n_captions", "checkpoint", "config",
-                            "code_version", "seconds"}
-    assert metrics["model"] == "pfan" and metrics["dataset"] == "shapes"
+                            "code_version", "seconds", "variant"}
+    assert metrics["model"] == "pfan" and metrics["dataset"] == "shapes" and metrics["variant"] is None
     one = metrics["protocols"]["1k"]
     assert one["folds"] == 1 and set(one) == {"i2t", "t2i", "rsum", "folds"}
     assert set(one["i2t"]) == {"r1", "r5", "r10", "medr", "meanr"}
