@@ -212,3 +212,57 @@ def test_scan_npy_image_listed_twice_is_named(dataset, tmp_path, block):
     with pytest.raises(im.FeatureImportError, match=f"images.parquet row {row} imported twice"):
         im.import_scan_npy({"test": {"features": str(f), "ids": str(ids)}}, p, tmp_path / "r.h5",
                            tmp_path / "r.parquet", block=block)
+
+
+def _npz_regions(dataset, tmp_path) -> tuple[Path, Path]:
+    """The fixture's truth imported through npz → a contract regions.h5 (+ its parquet)."""
+    p, t, truth = dataset
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    for iid, g in truth.items():
+        np.savez(folder / f"{iid}.npz", x=g["features"], bbox=g["boxes"], image_h=g["hw"][0], image_w=g["hw"][1],
+                 objects_id=g["object_id"], objects_conf=g["object_conf"], attrs_id=g["attribute_id"],
+                 attrs_conf=g["attribute_conf"])
+    out = tmp_path / "made_elsewhere.h5"
+    im.import_npz(folder, p, out, tmp_path / "made_elsewhere.parquet", max_regions=8,
+                  object_names=["dog", "cat", "man", "tree"], attribute_names=["a", "b", "c"])
+    return p, out
+
+
+@pytest.mark.parametrize("layout", ["same", "rechunked"])
+def test_import_h5_realigns_rows_by_image_id(dataset, tmp_path, layout):
+    """A regions.h5 made elsewhere, its rows in another order (plus one image unknown here), imports equal to the
+    direct import: raw chunk copy when the storage matches, decoded copy when it does not."""
+    p, t, truth = dataset
+    _, made = _npz_regions(dataset, tmp_path)
+    src = tmp_path / "shuffled.h5"
+    perm = np.array([4, 0, 6, 2, 5, 1, 3])
+    with h5py.File(made, "r") as f, h5py.File(src, "w") as g:
+        for key, value in f.attrs.items():
+            g.attrs[key] = value
+        for name in f:
+            v = f[name][:][perm]
+            extra = np.zeros((1, *v.shape[1:]), v.dtype) + (9999 if name == "image_id" else 0)
+            v = np.concatenate([v, extra])  # an image that is not in images.parquet: skipped
+            chunks = f[name].chunks if layout == "same" else None
+            g.create_dataset(name, data=v, chunks=chunks, fletcher32=layout == "same" and chunks is not None)
+    out, outp = tmp_path / "regions.h5", tmp_path / "regions.parquet"
+    im.run_import({"format": "h5", "file": str(src)}, p, out, outp)
+    _check_regions(out, outp, t, truth, with_tags=True)
+    with h5py.File(made, "r") as a, h5py.File(out, "r") as b:
+        for name in a:
+            np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+
+
+def test_import_h5_missing_image_is_named(dataset, tmp_path):
+    p, t, _ = dataset
+    _, made = _npz_regions(dataset, tmp_path)
+    src = tmp_path / "short.h5"
+    with h5py.File(made, "r") as f, h5py.File(src, "w") as g:
+        for key, value in f.attrs.items():
+            g.attrs[key] = value
+        for name in f:
+            g.create_dataset(name, data=f[name][1:])
+    with pytest.raises(im.FeatureImportError, match=r"short.h5: 1 of 7 images .* e\.g\. 500 \(train/img_90000.jpg\)"):
+        im.run_import({"format": "h5", "file": str(src)}, p, tmp_path / "r.h5", tmp_path / "r.parquet")
+    assert not (tmp_path / "r.h5").exists()

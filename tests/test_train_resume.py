@@ -117,3 +117,15 @@ def test_stale_state_is_ignored(corpus_paths, tmp_path):
     best = train_model("pfan", MODEL_CFG, {**TRAIN_CFG, "epochs": 1, "val_every_steps": 0}, corpus,
                        out / "model.pt", out / "log.csv", out / ".state.pt")
     assert best["step"] == 10 and (out / "model.pt").exists() and not (out / ".state.pt").exists()
+
+
+def test_max_steps_per_epoch_caps_each_epoch(corpus_paths, tmp_path):
+    """training.max_steps_per_epoch: each epoch stops after its first N batches (then validates)."""
+    from itmatch.training.loop import train_model
+
+    corpus = Corpus(corpus_paths, frozenset({"blocks"}))
+    cfg = {**TRAIN_CFG, "epochs": 2, "val_every_steps": 0, "max_steps_per_epoch": 3}
+    train_model("pfan", MODEL_CFG, cfg, corpus, tmp_path / "model.pt", tmp_path / "log.csv", tmp_path / ".state.pt")
+    with open(tmp_path / "log.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(int(r["epoch"]), int(r["step"])) for r in rows] == [(0, 3), (1, 6)]  # 10 batches an epoch uncapped

@@ -20,6 +20,10 @@ Formats:
   ``2L``: L indices then L weights; or ``[..., L, 2]`` pairs) → ``blocks.h5`` directly. Its row order
   differs from SCAN's features, so an ids file per split gives each row's image id; rows are re-aligned
   to ``images.parquet`` by id. Weights are renormalised to sum 1 per region (padding, index K², weight 0).
+- ``h5``: a ``regions.h5`` of this contract made elsewhere (another checkout, a colleague's extraction, the
+  scale rehearsal's generator): layout checked, rows re-aligned to ``images.parquet`` by ``image_id``, the
+  feature chunks copied raw (no decode, checksums kept) when both files store one image per chunk with the
+  same filters; ``regions.parquet`` is written anew from it.
 
 Image ids are matched to ``images.parquet``'s ``image_id`` or, with ``id_field: file_stem`` (or ``auto``
 when ids do not match), to the number at the end of the image file's stem (Flickr30K's TSV ids are the
@@ -42,8 +46,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from itmatch.features.regions_io import RegionsError, RegionsMeta, create_regions, pad_regions, write_regions_parquet
-from itmatch.utils.h5 import check_finite
+from itmatch.features.regions_io import (
+    PER_IMAGE,
+    RegionsError,
+    RegionsMeta,
+    create_regions,
+    iter_blocks,
+    open_regions,
+    pad_regions,
+    write_regions_parquet,
+)
+from itmatch.utils.h5 import check_finite, reading
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 
@@ -463,6 +476,64 @@ def import_pfan_boxes(splits: dict[str, dict[str, str]], images_parquet: str | P
     log.info("imported PFAN blocks of %d images (K=%d, L=%d) → %s", len(ids), K, index.shape[2], out)
 
 
+# ---------------------------------------------------------------- h5 (this contract)
+
+
+def _same_chunk_storage(src, dst) -> bool:
+    """Whether raw chunks of ``src`` can be written as they are into ``dst`` (same chunk shape and filters)."""
+    filters = [ds.id.get_create_plist() for ds in (src, dst)]
+    sig = [tuple(p.get_filter(k)[0] for k in range(p.get_nfilters())) for p in filters]
+    return src.chunks == dst.chunks and sig[0] == sig[1] and src.dtype == dst.dtype
+
+
+def import_h5(file: str | Path, images_parquet: str | Path, out_h5: str | Path, out_parquet: str | Path,
+              block: int = 1024) -> None:
+    """A contract ``regions.h5`` → ``out_h5`` with rows re-aligned to ``images.parquet`` by image id (streamed in
+    blocks of ``block`` images; features copied chunk by chunk, raw when the storage matches)."""
+    ids = IdMap(images_parquet, "image_id")
+    with open_regions(file) as src:
+        with reading(file, "image_id"):
+            src_ids = src["image_id"][:]
+        rows = np.array([-1 if (i := ids.row(v)) is None else i for v in src_ids.tolist()], dtype=np.int64)
+        keep = np.flatnonzero(rows >= 0)
+        seen = np.zeros(len(ids), dtype=bool)
+        if (rep := _first_repeat(seen, rows[keep])) is not None:
+            raise FeatureImportError(f"{file}: image id {int(ids.table['image_id'].iloc[rep])} appears twice")
+        seen[rows[keep]] = True
+        _check_complete(seen, ids, str(file))
+        src_of = np.empty(len(ids), dtype=np.int64)
+        src_of[rows[keep]] = keep  # images.parquet row → source row
+        with atomic_path(out_h5) as tmp:
+            with create_regions(tmp, len(ids), src.r, src.meta, image_ids=ids.table["image_id"].to_numpy()) as f:
+                raw = len(ids) > 0 and _same_chunk_storage(src["features"], f["features"])
+                sf, df = src["features"], f["features"]
+                for start, stop in progress(list(iter_blocks(len(ids), block)), desc="import regions.h5",
+                                            unit="block"):
+                    part = src_of[start:stop]
+                    with reading(file, f"rows {int(part.min())}..{int(part.max())}"):
+                        order = np.argsort(part, kind="stable")
+                        for name in PER_IMAGE:
+                            if name == "features":
+                                continue
+                            values = np.empty((len(part), *src[name].shape[1:]), src[name].dtype)
+                            values[order] = src[name][part[order]]
+                            f[name][start:stop] = values
+                        if raw:
+                            for k, j in enumerate(part.tolist()):
+                                mask, data = sf.id.read_direct_chunk((j, 0, 0))
+                                df.id.write_direct_chunk((start + k, 0, 0), data, mask)
+                        else:
+                            values = np.empty((len(part), *sf.shape[1:]), np.float16)
+                            values[order] = sf[part[order]]
+                            check_finite(values, file, "features", start, f["image_id"][start:stop])
+                            df[start:stop] = values
+    skipped = len(src_ids) - len(keep)
+    if skipped:
+        log.info("%s: skipped %d images not in images.parquet", file, skipped)
+    n = write_regions_parquet(out_h5, out_parquet)
+    log.info("imported %d images (%d regions) from %s%s", len(ids), n, file, " (raw chunk copy)" if raw else "")
+
+
 def run_import(spec: dict[str, Any], images_parquet: str | Path, out_h5: str | Path, out_parquet: str | Path) -> None:
     """Dispatch one ``extraction.import.<dataset>`` entry to its importer."""
     fmt = spec.get("format")
@@ -476,5 +547,7 @@ def run_import(spec: dict[str, Any], images_parquet: str | Path, out_h5: str | P
         import_npz(spec["folder"], images_parquet, out_h5, out_parquet, max_regions=r, **names)
     elif fmt == "scan_npy":
         import_scan_npy(spec["splits"], images_parquet, out_h5, out_parquet, id_field=spec.get("id_field", "auto"))
+    elif fmt == "h5":
+        import_h5(spec["file"], images_parquet, out_h5, out_parquet)
     else:
-        raise FeatureImportError(f"extraction.import: unknown format {fmt!r} (tsv, npz, scan_npy)")
+        raise FeatureImportError(f"extraction.import: unknown format {fmt!r} (tsv, npz, scan_npy, h5)")

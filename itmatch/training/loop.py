@@ -228,6 +228,8 @@ def train_model(model_name: str, model_cfg: dict[str, Any], tcfg: dict[str, Any]
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch)
             batches = epoch_batches(len(dataset), int(t["batch_size"]), int(t["seed"]), epoch)
+            if int(t["max_steps_per_epoch"]):  # a capped epoch (smoke runs, the scale rehearsal)
+                batches = batches[:int(t["max_steps_per_epoch"])]
             model.train()
             if st["batch"] < len(batches):
                 rest = batches[st["batch"]:]

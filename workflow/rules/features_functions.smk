@@ -44,6 +44,8 @@ def _import_sources(dataset, key="features"):
         return list(spec["files"])
     if fmt == "npz":
         return [spec["folder"]]
+    if fmt == "h5":
+        return [spec["file"]]
     if fmt == "scan_npy":
         return [p for s in spec["splits"].values() for p in (s.get("features"), s.get("ids")) if p]
     return []
