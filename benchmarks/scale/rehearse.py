@@ -118,10 +118,11 @@ def run_stage(workdir: Path, configs: list[Path], target: str, log: Path, interv
             "peak_mb": round(peak / 2**20, 1)}
 
 
-def _outputs_mb(workdir: Path, target: str) -> float:
-    """Size of the folder's files the stage wrote (its target and its siblings made by the same rule)."""
-    p = workdir / target
-    return round(p.stat().st_size / 2**20, 2) if p.exists() else 0.0
+def _outputs_mb(workdir: Path, since: float) -> float:
+    """Size of the files under results/ the stage wrote (modified after ``since``, a time.time())."""
+    total = sum(p.stat().st_size for p in (workdir / "results").rglob("*")
+                if p.is_file() and p.stat().st_mtime >= since)
+    return round(total / 2**20, 2)
 
 
 def main() -> None:
@@ -131,7 +132,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     ap.add_argument("--stages", nargs="*", default=None, help="only these stages (default: all)")
     ap.add_argument("--no-eval", action="store_true", help="train but do not evaluate")
-    ap.add_argument("--steps", type=int, default=20, help="training batches (one capped epoch)")
+    ap.add_argument("--steps", type=int, default=5, help="training batches (one capped epoch)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--interval", type=float, default=0.25, help="memory sampling period, seconds")
     ap.add_argument("--fresh", action="store_true", help="delete this run's results first")
@@ -165,8 +166,9 @@ def main() -> None:
     for stage, target in stages:
         if a.stages and stage not in a.stages and stage.split()[0] not in a.stages:
             continue
+        since = time.time()
         m = run_stage(workdir, configs, target, workdir / "logs" / f"{stage.replace(' ', '_')}.log", a.interval)
-        m["output_mb"] = _outputs_mb(workdir, target)
+        m["output_mb"] = _outputs_mb(workdir, since)
         record["stages"][stage] = m
         print(f"{stage:<22}{m['seconds']:>10.1f}{m['peak_mb']:>10.0f}{m['output_mb']:>11.1f}", flush=True)
         out = workdir / "stages.json"

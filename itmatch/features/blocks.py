@@ -67,17 +67,19 @@ def _blocks_chunk(boxes: np.ndarray, hw: np.ndarray, valid: np.ndarray, K: int, 
     degenerate = valid_t & (~finite | (ox.sum(1) <= 0) | (oy.sum(1) <= 0))
     # The area of cell (x, y) is ox[x]·oy[y]. Sort each axis (descending, lower index first on ties): the
     # top-L products lie among rank pairs (i, j) with (i+1)(j+1) <= L, so only those are candidates.
-    sx, ix = torch.sort(ox, dim=1, descending=True, stable=True)
-    sy, iy = torch.sort(oy, dim=1, descending=True, stable=True)
+    # (integers from here: overlaps < 2^21, areas < 2^42, keys < 2^51, all exact in int64)
+    sx, ix = torch.sort(ox.to(torch.int64), dim=1, descending=True, stable=True)
+    sy, iy = torch.sort(oy.to(torch.int64), dim=1, descending=True, stable=True)
     pi, pj = _candidates(K, L)
-    cand_area = sx[:, pi] * sy[:, pj]  # [n*R, M] area, exact integer
-    cand_cell = ix[:, pi] * K + iy[:, pj]  # cell = x*K + y
-    # unique int64 keys: area, then the lower cell index first
-    key = cand_area.to(torch.int64) * (K * K + 1) + (K * K - cand_cell)
-    top = torch.topk(key, min(L, key.shape[1]), dim=1).indices  # [n*R, L'] by key, descending
-    top_area = cand_area.gather(1, top)
-    top_cell = cand_cell.gather(1, top)
+    # candidates rank-pair-major ([M, n*R]: whole-row copies), then one unique int64 key each: the area, then the
+    # lower cell index first; area and cell are decoded from the L largest keys
+    sx, sy, ix, iy = (t.t().contiguous() for t in (sx, sy, ix, iy))
+    key = (sx[pi] * sy[pj]) * (K * K + 1) + (K * K - (ix[pi] * K + iy[pj]))  # cell = x*K + y
+    top_key = torch.topk(key.t(), min(L, key.shape[0]), dim=1).values  # [n*R, L'], descending
+    top_area = top_key // (K * K + 1)
+    top_cell = K * K - top_key % (K * K + 1)
     has = top_area > 0
+    top_area = top_area.to(torch.float64)
     total = top_area.sum(1, keepdim=True).clamp(min=1e-30)
     weight = torch.where(has, top_area / total, torch.zeros_like(top_area))
     index = torch.where(has, top_cell, torch.full_like(top_cell, K * K))
