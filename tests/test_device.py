@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -335,3 +336,25 @@ def test_device_check_without_cuda_skips_throughput_and_exits_0(tmp_path):
     assert "extraction" not in report and "training" not in report
     md = (out / "device_check.md").read_text()
     assert "## 2. Throughput" in md and "SKIPPED: no CUDA device" in md
+
+
+def test_auto_never_waits_for_a_gpu_torch_cannot_use(clean_env, tmp_path):
+    """device: auto where the job sees a GPU (CUDA_VISIBLE_DEVICES) but torch cannot use CUDA: the CPU at once, no
+    lock taken, even when another job holds that GPU's lock (it used to wait for it)."""
+    import fcntl
+
+    clean_env.setenv("CUDA_VISIBLE_DEVICES", "0")
+    clean_env.setattr(D, "cuda_driver_present", lambda: False)  # as on a machine without the NVIDIA driver
+    (tmp_path / "locks").mkdir()
+    with open(tmp_path / "locks" / "gpu0.lock", "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another job holds GPU 0
+        done: list[torch.device] = []
+        t = threading.Thread(target=lambda: done.append(D.resolve_device("auto", "training.device")), daemon=True)
+        t.start()
+        t.join(timeout=20)
+        assert done == [torch.device("cpu")], "resolve_device('auto') waited for a GPU lock"
+    assert "device" not in D._claimed and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    assert not D.cuda_possible({}) and D.cuda_possible({D.SIMULATED_GPUS_ENV: "2"})
+    clean_env.setattr(D, "cuda_driver_present", lambda: True)
+    clean_env.setattr(torch.version, "cuda", None)  # a CPU-only build
+    assert not D.cuda_possible({})

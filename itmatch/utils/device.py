@@ -5,13 +5,16 @@
   or a SLURM GPU allocation) that torch cannot use (``auto`` → CPU) and refuses ``cuda`` in that case.
 - Several local GPUs: before CUDA initialises, :func:`claim_local_gpu` gives the job a free device of its own
   (an exclusive ``fcntl.flock`` on a per-device lock file, held until the process ends — also when it is killed)
-  and narrows ``CUDA_VISIBLE_DEVICES`` to it. Under SLURM the job's own allocation is used as it is.
+  and narrows ``CUDA_VISIBLE_DEVICES`` to it; ``auto`` claims only where torch may use CUDA
+  (:func:`cuda_possible`: a CUDA build and a loadable driver), so a CPU job never waits for a GPU's lock.
+  Under SLURM the job's own allocation is used as it is.
 - :func:`resolve_precision` / :func:`autocast` implement ``precision: auto | fp32 | bf16 | fp16``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import shutil
@@ -65,6 +68,24 @@ def cuda_unavailable_reason() -> str:
         return f"torch {torch.__version__} is a CPU-only build"
     return (f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees no usable device "
             "(no driver, a driver older than the build's CUDA, or the devices are hidden)")
+
+
+def cuda_driver_present() -> bool:
+    """Whether the CUDA driver library loads (loading it does not initialise CUDA)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def cuda_possible(env: dict[str, str] | None = None) -> bool:
+    """Whether torch may be able to use CUDA here, decided without initialising CUDA (which would fix the visible
+    devices before a local GPU is claimed): a CUDA build of torch and a loadable driver, or simulated GPUs."""
+    env = os.environ if env is None else env
+    if env.get(SIMULATED_GPUS_ENV):
+        return True
+    return torch.version.cuda is not None and cuda_driver_present()
 
 
 def _on_slurm(env: dict[str, str]) -> bool:
@@ -182,10 +203,12 @@ def resolve_device(name: str, stage: str = "device") -> torch.device:
         log.info("%s: using the CPU (device: cpu)", stage)
         return torch.device("cpu")
     index = int(name.split(":", 1)[1]) if name.startswith("cuda:") else None
-    try:
-        claimed = claim_local_gpu(index=index)
-    except RuntimeError as e:
-        raise RuntimeError(f"{stage}: {e}") from None
+    claimed = None
+    if name != "auto" or cuda_possible():  # auto never takes (nor waits for) a GPU that torch cannot use
+        try:
+            claimed = claim_local_gpu(index=index)
+        except RuntimeError as e:
+            raise RuntimeError(f"{stage}: {e}") from None
     given = allocated_gpus()
     if torch.cuda.is_available():
         # a claimed device is the only one this job sees (CUDA_VISIBLE_DEVICES narrowed): cuda:N is its cuda:0
