@@ -173,6 +173,7 @@ def _write_bert(out_path: Path, words: list[list[str]], lengths: np.ndarray, cap
     dev = pick_device(device)
     tok, net = load_bert(model, dev)
     H = int(net.config.hidden_size)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = H5Partial(out_path.with_name(out_path.name + ".partial"), fp, "partial BERT file")
     n_blocks = (len(words) + block - 1) // block
     resumed = partial.open(lambda f: int(f.attrs["block"]) == block and int(f.attrs["done_blocks"]) > 0)
@@ -268,7 +269,8 @@ def gather_bert(shards: Sequence[str | Path], captions_path, tokens_path, out_pa
     try:
         files = [open_h5(p) for p in shards]
         names = [str(p) for p in shards]
-        order = sorted(range(len(files)), key=lambda i: int(files[i].attrs.get("row_start", -1)))
+        order = sorted(range(len(files)), key=lambda i: (int(files[i].attrs.get("row_start", -1)),
+                                                         int(files[i].attrs.get("row_stop", -1))))
         files, names = [files[i] for i in order], [names[i] for i in order]
         first = files[0].attrs
         same = ("model", "dim", "max_length", "block")

@@ -623,7 +623,7 @@ def gather_trees(shards: Sequence[str | Path], captions_path, trees_out, vocab_o
     :func:`make_trees` writes."""
     caps = read_captions(captions_path)
     ids = caps["caption_id"].to_numpy(np.int64)
-    metas = sorted(((shard_meta(p), str(p)) for p in shards), key=lambda m: m[0]["row_start"])
+    metas = sorted(((shard_meta(p), str(p)) for p in shards), key=lambda m: (m[0]["row_start"], m[0]["row_stop"]))
     parses: list[tuple[str, list[str] | None]] = []
     for meta, name in metas:
         a, b = meta["row_start"], meta["row_stop"]
