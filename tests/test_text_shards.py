@@ -263,8 +263,9 @@ def test_bert_shard_resumes_after_a_kill(text_dir, tmp_path, monkeypatch, bert_l
 
 
 def test_workflow_scatters_trees_and_bert(tmp_path):
-    """`--set-scatter trees=2 bert=2` on a small shapes (blocks of 16 captions): the shard jobs run, their captions/s records stay, the shard
-    files (temp) go, and trees.parquet / tree_vocab.json / bert.h5 equal what one job makes of the same captions."""
+    """`--set-scatter trees=2 bert=2` on a small shapes (blocks of 16 captions): the shard jobs run, their
+    captions/s records stay, the shard files (temp) go, and trees.parquet / tree_vocab.json / bert.h5 equal what
+    one job makes of the same captions; a second dry run has nothing to do."""
     targets = ["results/text/shapes/trees.parquet", "results/text/shapes/bert.h5"]
     small = tmp_path / "small.yaml"  # 20 images, 100 captions: 7 blocks
     small.write_text("datasets: {shapes: {generator: {n_train: 10, n_val: 5, n_test: 5}}}\n"

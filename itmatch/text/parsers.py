@@ -9,6 +9,8 @@ and one lemma per leaf.
   there (:func:`stanza_tags`: ``tokenize,pos,lemma`` only, for the concept stage). Models are read from a
   local folder (config key ``text.trees.stanza_dir``) and are never downloaded here; a caption that stanza
   splits into several sentences keeps its first sentence (:func:`stanza_tags`: every sentence).
+
+:class:`CaptionParser` gives either source block by block, loading it once (the sharded parse jobs).
 """
 
 from __future__ import annotations

@@ -59,6 +59,10 @@ nodes 1, 3, 5, 7 index ``tree_vocab.json["entities"]``, nodes 2, 4, 6 index
 entry, ``""`` for null) and ``words`` (list<string>, 7: the caption's words behind the node, ``""``
 when the node is empty). ``tree_vocab.json``: ``entities``, ``relations`` (lists), their train
 ``entity_counts``/``relation_counts``, ``null`` = -1, ``node_kinds`` and the settings.
+
+Sharded (the workflow): :func:`parse_shard` writes the parses (the slow part with stanza) of a contiguous run
+of whole blocks of captions, resumably, with a captions/s record; :func:`gather_trees` converts them and
+builds the dictionaries, writing exactly what the one-job :func:`make_trees` writes.
 """
 
 from __future__ import annotations
