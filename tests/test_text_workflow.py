@@ -15,6 +15,6 @@ TARGETS = ["results/text/shapes/vocab.json", "results/text/shapes/tokens.parquet
 def test_text_rules_dry_run(tmp_path):
     proc = run_snakemake(tmp_path, "-n", *TARGETS)
     out = proc.stdout + proc.stderr
-    for rule in ("tokenize", "referral_trees", "bert_features"):
-        assert rule in out, out[-3000:]
+    for rule in ("tokenize", "referral_trees_shard", "referral_trees", "bert_features_shard", "bert_features"):
+        assert f"rule {rule}:" in out, out[-3000:]
     assert "fetch_stanza_models" not in out and "fetch_bert_model" not in out  # shapes needs neither

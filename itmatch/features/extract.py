@@ -53,6 +53,7 @@ from itmatch.utils.h5 import open_h5, reading
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log, progress
 from itmatch.utils.resume import KEY_ATTR, H5Partial, fingerprint
+from itmatch.utils.shards import parse_scatteritem, shard_rows  # noqa: F401 (re-exported: the shard scripts)
 
 
 @dataclass
@@ -82,22 +83,6 @@ def region_slots(detector_cfg: dict[str, Any], default: int = 36) -> int:
     if inf.get("num_regions", "fixed") == "adaptive":
         return int(inf.get("max_regions", default))
     return int(inf.get("regions", default))
-
-
-def shard_rows(n: int, shard: int, n_shards: int) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of shard ``shard`` (0-based) of ``n_shards`` over ``n`` images."""
-    if not 0 <= shard < n_shards:
-        raise ValueError(f"shard {shard} outside 0..{n_shards - 1}")
-    return n * shard // n_shards, n * (shard + 1) // n_shards
-
-
-def parse_scatteritem(item: str) -> tuple[int, int]:
-    """Snakemake's ``{scatteritem}`` ("3-of-8", 1-based) → (shard 0-based, n_shards)."""
-    try:
-        i, n = item.split("-of-")
-        return int(i) - 1, int(n)
-    except ValueError as e:
-        raise ValueError(f"scatter item {item!r}: expected '<i>-of-<n>'") from e
 
 
 def resolve_device(device: str) -> torch.device:

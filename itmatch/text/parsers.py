@@ -9,6 +9,8 @@ and one lemma per leaf.
   there (:func:`stanza_tags`: ``tokenize,pos,lemma`` only, for the concept stage). Models are read from a
   local folder (config key ``text.trees.stanza_dir``) and are never downloaded here; a caption that stanza
   splits into several sentences keeps its first sentence (:func:`stanza_tags`: every sentence).
+
+:class:`CaptionParser` gives either source block by block, loading it once (the sharded parse jobs).
 """
 
 from __future__ import annotations
@@ -45,16 +47,17 @@ def check_stanza_models(model_dir: str | Path) -> Path:
     return d
 
 
-def _stanza_pipeline(model_dir: str | Path, processors: str, batch_size: int, device: str) -> Any:
-    """A stanza English pipeline on the local models of ``model_dir`` (never downloads)."""
+def _stanza_pipeline(model_dir: str | Path, processors: str, batch_size: int, device: str) -> tuple[Any, Any]:
+    """A stanza English pipeline on the local models of ``model_dir`` (never downloads), and the torch device
+    it runs on."""
     d = check_stanza_models(model_dir)
     import stanza
 
-    use_gpu = resolve_device(device, "text.trees.device").type == "cuda"  # logged; warns / fails as elsewhere
+    dev = resolve_device(device, "text.trees.device")  # logged; warns / fails as elsewhere
     extra = {"constituency_batch_size": batch_size} if "constituency" in processors else {}
     return stanza.Pipeline("en", dir=str(d), processors=processors, download_method=None,
-                           use_gpu=use_gpu, logging_level="WARN", tokenize_batch_size=batch_size,
-                           pos_batch_size=batch_size * 8, lemma_batch_size=batch_size * 8, **extra)
+                           use_gpu=dev.type == "cuda", logging_level="WARN", tokenize_batch_size=batch_size,
+                           pos_batch_size=batch_size * 8, lemma_batch_size=batch_size * 8, **extra), dev
 
 
 def _stanza_docs(nlp: Any, texts: Sequence[str], batch_size: int, what: str) -> Iterator[Any]:
@@ -66,32 +69,33 @@ def _stanza_docs(nlp: Any, texts: Sequence[str], batch_size: int, what: str) -> 
         yield from nlp.bulk_process([stanza.Document([], text=t) for t in texts[s:s + batch_size]])
 
 
+def _ptb_of(doc: Any) -> tuple[str, list[str]]:
+    """``(ptb, lemmas)`` of a stanza document's first sentence (``(ROOT (X))`` for an empty one)."""
+    if not doc.sentences:
+        return "(ROOT (X))", []
+    sent = doc.sentences[0]
+    # one-line PTB; a space inside a token (rare) becomes "_" so every leaf stays one word
+    return format(sent.constituency, "_O"), [(w.lemma or w.text).lower() for w in sent.words]
+
+
 def stanza_parse(texts: Sequence[str], model_dir: str | Path, batch_size: int = 256,
                  device: str = "auto") -> list[tuple[str, list[str]]]:
     """``(ptb, lemmas)`` per text with stanza (models from ``model_dir`` only)."""
-    nlp = _stanza_pipeline(model_dir, STANZA_PROCESSORS, batch_size, device)
-    out: list[tuple[str, list[str]]] = []
-    for doc in _stanza_docs(nlp, texts, batch_size, "stanza parses"):
-        if not doc.sentences:
-            out.append(("(ROOT (X))", []))
-            continue
-        sent = doc.sentences[0]
-        # one-line PTB; a space inside a token (rare) becomes "_" so every leaf stays one word
-        out.append((format(sent.constituency, "_O"), [(w.lemma or w.text).lower() for w in sent.words]))
-    return out
+    nlp, _ = _stanza_pipeline(model_dir, STANZA_PROCESSORS, batch_size, device)
+    return [_ptb_of(doc) for doc in _stanza_docs(nlp, texts, batch_size, "stanza parses")]
 
 
 def stanza_tags(texts: Sequence[str], model_dir: str | Path, batch_size: int = 256,
                 device: str = "auto") -> list[list[tuple[str, str]]]:
     """``[(Penn-Treebank tag, lemma), …]`` per text, every sentence of it, with stanza's ``tokenize,pos,lemma``
     (no constituency parser: the concept stage needs tags and lemmas only)."""
-    nlp = _stanza_pipeline(model_dir, TAG_PROCESSORS, batch_size, device)
+    nlp, _ = _stanza_pipeline(model_dir, TAG_PROCESSORS, batch_size, device)
     return [[(w.xpos or "", (w.lemma or w.text).lower()) for sent in doc.sentences for w in sent.words]
             for doc in _stanza_docs(nlp, texts, batch_size, "stanza tags")]
 
 
-def gold_parses(json_path: str | Path, caption_ids: Sequence[int]) -> list[tuple[str, list[str]]]:
-    """The dataset JSON's own ``parse``/``lemmas`` per caption (``caption_id`` = ``sentid``)."""
+def _gold_index(json_path: str | Path) -> dict[int, tuple[str, list[str]]]:
+    """``sentid`` → ``(parse, lemmas)`` of every sentence of a dataset JSON with gold parses."""
     with open(json_path, encoding="utf-8") as fh:
         data = json.load(fh)
     by_id: dict[int, tuple[str, list[str]]] = {}
@@ -101,9 +105,47 @@ def gold_parses(json_path: str | Path, caption_ids: Sequence[int]) -> list[tuple
                 raise ValueError(f"{json_path}: images[{i}].sentences[{j}] has no gold 'parse'/'lemmas' "
                                  "(set text.trees.parser to stanza for this dataset)")
             by_id[int(s["sentid"])] = (s["parse"], list(s["lemmas"]))
+    return by_id
+
+
+def _gold_lookup(by_id: dict[int, tuple[str, list[str]]], json_path: str | Path,
+                 caption_ids: Sequence[int]) -> list[tuple[str, list[str]]]:
     missing = [c for c in caption_ids if int(c) not in by_id]
     if missing:
         raise ValueError(f"{json_path}: no sentence with sentid {missing[0]} (caption_id of captions.parquet); "
                          f"{len(missing)} caption(s) without a gold parse")
-    log.info("gold parses: %d captions from %s", len(caption_ids), json_path)
     return [by_id[int(c)] for c in caption_ids]
+
+
+def gold_parses(json_path: str | Path, caption_ids: Sequence[int]) -> list[tuple[str, list[str]]]:
+    """The dataset JSON's own ``parse``/``lemmas`` per caption (``caption_id`` = ``sentid``)."""
+    out = _gold_lookup(_gold_index(json_path), json_path, caption_ids)
+    log.info("gold parses: %d captions from %s", len(caption_ids), json_path)
+    return out
+
+
+class CaptionParser:
+    """``(ptb, lemmas)`` of captions, a block at a time, with its source loaded once: the dataset JSON
+    (``gold``) or a stanza pipeline (``stanza``, batches of ``batch_size`` from the start of each call).
+
+    ``parser(caption_ids, texts)`` → one ``(ptb, lemmas)`` per caption; ``parser.device``: the torch device
+    stanza runs on (``None`` for gold parses)."""
+
+    def __init__(self, parser: str, json_path: str | Path | None = None, stanza_dir: str | Path | None = None,
+                 batch_size: int = 256, device: str = "auto"):
+        self.kind, self.json_path, self.batch_size, self.device = parser, json_path, batch_size, None
+        if parser == "gold":
+            if json_path is None:
+                raise ValueError("text.trees.parser 'gold' needs the dataset JSON")
+            self._gold = _gold_index(json_path)
+        elif parser == "stanza":
+            if stanza_dir is None:
+                raise ValueError("text.trees.parser 'stanza' needs text.trees.stanza_dir")
+            self._nlp, self.device = _stanza_pipeline(stanza_dir, STANZA_PROCESSORS, batch_size, device)
+        else:
+            raise ValueError(f"config key text.trees.parser: unknown parser {parser!r} (gold | stanza)")
+
+    def __call__(self, caption_ids: Sequence[int], texts: Sequence[str]) -> list[tuple[str, list[str]]]:
+        if self.kind == "gold":
+            return _gold_lookup(self._gold, self.json_path, caption_ids)
+        return [_ptb_of(doc) for doc in _stanza_docs(self._nlp, list(texts), self.batch_size, "stanza parses")]

@@ -59,22 +59,33 @@ nodes 1, 3, 5, 7 index ``tree_vocab.json["entities"]``, nodes 2, 4, 6 index
 entry, ``""`` for null) and ``words`` (list<string>, 7: the caption's words behind the node, ``""``
 when the node is empty). ``tree_vocab.json``: ``entities``, ``relations`` (lists), their train
 ``entity_counts``/``relation_counts``, ``null`` = -1, ``node_kinds`` and the settings.
+
+Sharded (the workflow): :func:`parse_shard` writes the parses (the slow part with stanza) of a contiguous run
+of whole blocks of captions, resumably, with a captions/s record; :func:`gather_trees` converts them and
+builds the dictionaries, writing exactly what the one-job :func:`make_trees` writes.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from itmatch.text.captions import read_captions
-from itmatch.text.parsers import gold_parses, stanza_parse
+from itmatch.text.parsers import CaptionParser
 from itmatch.utils.io import write_json, write_parquet
 from itmatch.utils.logs import log, progress
+from itmatch.utils.resume import ParquetBlocks, fingerprint
+from itmatch.utils.shards import block_shard_rows, device_label, shard_record, write_shard_record
 
 NODE_KINDS = ("entity", "relation", "entity", "relation", "entity", "relation", "entity")
 ENTITY_NODES = (0, 2, 4, 6)  # 0-based positions of nodes 1, 3, 5, 7
@@ -492,23 +503,11 @@ def trees_table(caption_ids, nodes: Sequence[list[Item | None]], vocab: TreeVoca
     })
 
 
-def make_trees(captions_path, trees_out, vocab_out, parser: str = "gold", json_path=None,
-               stanza_dir=None, stanza_batch_size: int = 256, device: str = "auto",
-               entity_min_count: int = 5, relation_min_count: int = 5, max_entities: int = 1440,
-               max_relations: int = 247) -> TreeVocab:
-    """Rule ``referral_trees``: captions.parquet (+ parses) → trees.parquet + tree_vocab.json."""
-
-    caps = read_captions(captions_path)
-    if parser == "gold":
-        if json_path is None:
-            raise ValueError("text.trees.parser 'gold' needs the dataset JSON")
-        parses = gold_parses(json_path, caps["caption_id"].tolist())
-    elif parser == "stanza":
-        if stanza_dir is None:
-            raise ValueError("text.trees.parser 'stanza' needs text.trees.stanza_dir")
-        parses = stanza_parse(caps["text"].tolist(), stanza_dir, stanza_batch_size, device)
-    else:
-        raise ValueError(f"config key text.trees.parser: unknown parser {parser!r} (gold | stanza)")
+def _write_trees(caps, parses: Sequence[tuple[str, Sequence[str] | None]], parser: str, captions_path,
+                 trees_out, vocab_out, entity_min_count: int, relation_min_count: int, max_entities: int,
+                 max_relations: int) -> TreeVocab:
+    """Trees of every caption from its parse, dictionaries from the train captions → trees.parquet +
+    tree_vocab.json."""
     nodes: list[list[Item | None]] = []
     for cid, (ptb, lemmas) in progress(zip(caps["caption_id"], parses, strict=True), "referral trees",
                                        len(caps)):
@@ -529,3 +528,120 @@ def make_trees(captions_path, trees_out, vocab_out, parser: str = "gold", json_p
     write_json(vocab_out, vocab.to_json(), indent=None)
     write_parquet(trees_out, table)
     return vocab
+
+
+def make_trees(captions_path, trees_out, vocab_out, parser: str = "gold", json_path=None,
+               stanza_dir=None, stanza_batch_size: int = 256, device: str = "auto",
+               entity_min_count: int = 5, relation_min_count: int = 5, max_entities: int = 1440,
+               max_relations: int = 247) -> TreeVocab:
+    """captions.parquet (+ parses) → trees.parquet + tree_vocab.json in one job; the workflow runs
+    :func:`parse_shard` jobs and :func:`gather_trees`, which give the same files."""
+
+    caps = read_captions(captions_path)
+    parse = CaptionParser(parser, json_path, stanza_dir, stanza_batch_size, device)
+    parses = parse(caps["caption_id"].tolist(), caps["text"].tolist())
+    return _write_trees(caps, parses, parser, captions_path, trees_out, vocab_out, entity_min_count,
+                        relation_min_count, max_entities, max_relations)
+
+
+# ----------------------------------------------------------------------------------------------
+# sharded: parses per shard (the slow part: stanza), trees + dictionaries in the gather
+# ----------------------------------------------------------------------------------------------
+
+PARSE_SCHEMA = pa.schema([("caption_id", pa.int64()), ("ptb", pa.string()), ("lemmas", pa.list_(pa.string()))])
+SHARD_META = b"itmatch"
+
+
+def _parse_source(parser: str, json_path, stanza_dir, stanza_batch_size: int) -> list:
+    """What the parses of a partial shard depend on besides the captions (its resume key)."""
+    if parser == "gold":
+        st = os.stat(json_path)
+        return [str(json_path), st.st_size, st.st_mtime_ns]
+    return [str(stanza_dir), stanza_batch_size]
+
+
+def parse_shard(captions_path, out, shard: int, n_shards: int, parser: str = "gold", json_path=None,
+                stanza_dir=None, stanza_batch_size: int = 256, device: str = "auto", block: int = 4096,
+                record_path=None, on_block=None) -> dict:
+    """Rule ``referral_trees_shard``: the parses (``caption_id``, ``ptb``, ``lemmas``) of the captions of shard
+    ``shard`` of ``n_shards`` → a Parquet shard file.
+
+    The shard covers whole blocks of ``block`` captions counted from row 0
+    (:func:`itmatch.utils.shards.block_shard_rows`; with ``block`` a multiple of ``stanza_batch_size`` stanza
+    sees the same batches for any shard count). Each block is written atomically to ``<out>.partial/``
+    (:class:`itmatch.utils.resume.ParquetBlocks`): a killed job resumes after its last whole block. The
+    schema metadata ``itmatch`` holds the rows, the parser and the throughput record (``captions_per_s``,
+    ``device``), which is also logged and written to ``record_path`` (JSON). ``on_block(k)`` is called after
+    block ``k`` is written (tests interrupt there). Returns the record."""
+    out = Path(out)
+    caps = read_captions(captions_path)
+    start, stop = block_shard_rows(len(caps), block, shard, n_shards)
+    ids = caps["caption_id"].to_numpy(np.int64)[start:stop]
+    texts = caps["text"].iloc[start:stop].tolist()
+    key = fingerprint([parser, _parse_source(parser, json_path, stanza_dir, stanza_batch_size), block, start, stop],
+                      ids.tobytes(), "\x1e".join(texts).encode())
+    blocks = ParquetBlocks(out.with_name(out.name + ".partial"), key, "partial parse blocks")
+    n_blocks = (stop - start + block - 1) // block
+    done = blocks.open()
+    log.info("referral-tree parses, shard %d/%d: caption rows %d..%d of %s (%d blocks of %d, %d done), parser %s",
+             shard + 1, n_shards, start, stop, captions_path, n_blocks, block, done, parser)
+    parse = CaptionParser(parser, json_path, stanza_dir, stanza_batch_size, device) if done < n_blocks else None
+    t0 = time.perf_counter()
+    for k in range(done, n_blocks):
+        a, b = k * block, min((k + 1) * block, stop - start)
+        got = parse(ids[a:b].tolist(), texts[a:b])
+        blocks.write(k, pa.table({"caption_id": pa.array(ids[a:b]), "ptb": pa.array([p for p, _ in got], pa.string()),
+                                  "lemmas": pa.array([None if lem is None else list(lem) for _, lem in got],
+                                                     pa.list_(pa.string()))}, schema=PARSE_SCHEMA))
+        if on_block is not None:
+            on_block(k)
+    seconds = time.perf_counter() - t0
+    table = blocks.read(n_blocks, PARSE_SCHEMA)
+    if not np.array_equal(table.column("caption_id").to_numpy(), ids):
+        raise RuntimeError(f"{blocks.path}: the blocks do not hold caption rows {start}..{stop}")
+    dev = "-" if parse is None else (device_label(parse.device) if parse.device is not None
+                                     else f"{parser} parses (no model)")
+    record = shard_record("referral_trees", shard, n_shards, (start, stop), min(done * block, stop - start),
+                          (stop - start) - min(done * block, stop - start), seconds, dev, parser=parser)
+    meta = {"row_start": start, "row_stop": stop, "shard": shard, "n_shards": n_shards, "parser": parser,
+            "block": block, "record": record}
+    write_parquet(out, table.replace_schema_metadata({SHARD_META: json.dumps(meta).encode()}))
+    blocks.discard()
+    write_shard_record(record_path, record)
+    return record
+
+
+def shard_meta(path) -> dict:
+    """The ``itmatch`` metadata of a parse shard file (rows, parser, throughput record)."""
+    meta = pq.read_schema(path).metadata or {}
+    if SHARD_META not in meta:
+        raise ValueError(f"{path}: not a referral-tree parse shard (no 'itmatch' metadata)")
+    return json.loads(meta[SHARD_META])
+
+
+def gather_trees(shards: Sequence[str | Path], captions_path, trees_out, vocab_out, parser: str = "gold",
+                 entity_min_count: int = 5, relation_min_count: int = 5, max_entities: int = 1440,
+                 max_relations: int = 247) -> TreeVocab:
+    """Rule ``referral_trees``: parse shards (contiguous, complete, the caption ids of captions.parquet) →
+    trees + dictionaries (from the train captions) → trees.parquet + tree_vocab.json, the files
+    :func:`make_trees` writes."""
+    caps = read_captions(captions_path)
+    ids = caps["caption_id"].to_numpy(np.int64)
+    metas = sorted(((shard_meta(p), str(p)) for p in shards), key=lambda m: (m[0]["row_start"], m[0]["row_stop"]))
+    parses: list[tuple[str, list[str] | None]] = []
+    for meta, name in metas:
+        a, b = meta["row_start"], meta["row_stop"]
+        if a != len(parses):
+            raise ValueError(f"{name}: covers caption rows {a}..{b}, expected to start at {len(parses)}")
+        if meta["parser"] != parser:
+            raise ValueError(f"{name}: parsed with {meta['parser']!r}, text.trees.parser is {parser!r}")
+        t = pq.read_table(name)
+        if not np.array_equal(t.column("caption_id").to_numpy(), ids[a:b]):
+            raise ValueError(f"{name}: caption ids differ from {captions_path} rows {a}..{b} "
+                             "(captions changed since the shard was parsed?)")
+        parses += zip(t.column("ptb").to_pylist(), t.column("lemmas").to_pylist(), strict=True)
+    if len(parses) != len(ids):
+        raise ValueError(f"parse shards cover {len(parses)} caption rows, {captions_path} has {len(ids)}")
+    log.info("referral trees: %d parse shards gathered", len(metas))
+    return _write_trees(caps, parses, parser, captions_path, trees_out, vocab_out, entity_min_count,
+                        relation_min_count, max_entities, max_relations)

@@ -10,11 +10,12 @@ data sizes, image ids, model spec). A job started again
 - when complete, deletes the state (:meth:`TensorState.discard`) or renames the finished partial file onto
   the output (:meth:`H5Partial.finish`), so nothing partial is ever found under the output's name.
 
-Two kinds of partial state: :class:`TensorState`, a ``torch.save`` file of tensors and plain values (model
-and detector training; rewritten atomically at every save, read weights-only), and :class:`H5Partial`, an
-HDF5 file written in place and flushed after every block (extraction shards, BERT features; the key is its
-``fingerprint`` attribute). :func:`sigterm_flag` turns SIGTERM into a flag a loop checks at a safe point
-(finish the step, save, exit) instead of an immediate death.
+Three kinds of partial state: :class:`TensorState`, a ``torch.save`` file of tensors and plain values (model
+and detector training; rewritten atomically at every save, read weights-only), :class:`H5Partial`, an
+HDF5 file written in place and flushed after every block (extraction shards, BERT features and shards; the key
+is its ``fingerprint`` attribute), and :class:`ParquetBlocks`, a folder of Parquet blocks each written
+atomically (referral-tree parse shards; the key in its ``key.json``). :func:`sigterm_flag` turns SIGTERM into
+a flag a loop checks at a safe point (finish the step, save, exit) instead of an immediate death.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,8 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from itmatch.utils.io import write_json, write_parquet
 from itmatch.utils.logs import log
 from itmatch.utils.tensors import load_tensors, save_tensors
 
@@ -126,6 +131,55 @@ class H5Partial:
         """Rename the complete (closed) partial file onto ``out`` (atomic within one file system)."""
         os.replace(self.path, out)
         return Path(out)
+
+
+@dataclass(frozen=True)
+class ParquetBlocks:
+    """A table written as numbered Parquet blocks into the folder ``path`` until complete, for the run ``key``.
+
+    Each block is written atomically (a kill leaves whole blocks only); :meth:`open` tells how many blocks of
+    this run are there (a folder of another run, or without a readable key, is emptied); :meth:`read` joins
+    them; :meth:`discard` removes the folder once the job has written its output."""
+
+    path: Path
+    key: str
+    what: str = "partial blocks"
+
+    def block(self, k: int) -> Path:
+        return self.path / f"block-{k:06d}.parquet"
+
+    def open(self) -> int:
+        """The number of consecutive blocks (from block 0) already written by this run."""
+        keyfile = self.path / "key.json"
+        if self.path.exists():
+            try:
+                ok = json.loads(keyfile.read_text(encoding="utf-8"))["key"] == self.key
+            except (OSError, ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                log.info("%s: %s do not match this run (settings, inputs or rows); starting over", self.path,
+                         self.what)
+                shutil.rmtree(self.path)
+        if not self.path.exists():
+            self.path.mkdir(parents=True)
+            write_json(keyfile, {"key": self.key})
+            return 0
+        k = 0
+        while self.block(k).exists():
+            k += 1
+        return k
+
+    def write(self, k: int, table: pa.Table) -> None:
+        """Write block ``k`` (atomically)."""
+        write_parquet(self.block(k), table)
+
+    def read(self, n: int, schema: pa.Schema) -> pa.Table:
+        """Blocks ``0..n-1`` as one table (``schema`` when ``n`` is 0)."""
+        tables = [pq.read_table(self.block(k)) for k in range(n)]
+        return pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,14 @@ def _text_parser(dataset):
     return config["text"]["trees"]["parser"].get(dataset, "stanza")
 
 
+_TREE_DICTIONARY_KEYS = ("entity_min_count", "relation_min_count", "max_entities", "max_relations")
+
+
+def _stanza_gpu(dataset):
+    """``resources: gpu`` of a stanza job: 1 unless text.trees.device is cpu; 0 for gold parses."""
+    return int(_text_parser(dataset) == "stanza") * uses_gpu(config["text"]["trees"]["device"])
+
+
 def _parses_input(dataset):
     """Where referral trees and concepts get tags and lemmas: the dataset JSON (gold) or stanza's model folder."""
     return dataset_cfg(dataset)["json"] if _text_parser(dataset) == "gold" else config["text"]["trees"]["stanza_dir"]

@@ -1,10 +1,10 @@
-"""Rule bert_features: captions.parquet + tokens.parquet → bert.h5 (ragged per-word BERT features)."""
+"""Rule bert_features: BERT shards → bert.h5 (ragged per-word BERT features), streaming."""
 
-from itmatch.text.bert import compute_bert
+from itmatch.text.bert import gather_bert
 from itmatch.utils.logs import setup_job_logging
+from itmatch.utils.shards import log_shard_records
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_job_logging(sm.log[0])
-b = sm.params.bert
-compute_bert(sm.input.captions, sm.input.tokens, sm.output.bert, model=sm.params.model,
-             batch_size=b["batch_size"], max_length=b["max_length"], device=b["device"], block=b["block"])
+log_shard_records(sm.input.records)
+gather_bert(list(sm.input.shards), sm.input.captions, sm.input.tokens, sm.output.bert)
