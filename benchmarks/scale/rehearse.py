@@ -13,7 +13,8 @@ sampled every ``--interval`` seconds: wall time from the first to the last job p
 largest sum of their PSS (proportional set size: forked DataLoader workers' shared pages are counted once), and
 the size of the stage's outputs. Prints a table and writes ``<root>/<dataset>/stages.json``.
 
-Stages whose inputs are unchanged are not re-run by Snakemake; ``--fresh`` deletes the run's results first.
+A stage whose output exists is not rerun (only file times count: a code change reruns nothing) unless named in
+``--stages``; ``--fresh`` deletes the run's results first.
 """
 
 from __future__ import annotations
@@ -93,10 +94,13 @@ def _pss(procs: list[psutil.Process]) -> int:
     return total
 
 
-def run_stage(workdir: Path, configs: list[Path], target: str, log: Path, interval: float) -> dict[str, Any]:
-    """Run Snakemake for ``target``; measure its job processes."""
+def run_stage(workdir: Path, configs: list[Path], target: str, log: Path, interval: float, force: bool = False
+              ) -> dict[str, Any]:
+    """Run Snakemake for ``target`` (its missing inputs are made first: only mtimes count, so a code change does
+    not rerun earlier stages; ``force`` reruns the target's own job); measure its job processes."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", *map(str, configs), "--cores", "2", target]
+           "--configfile", *map(str, configs), "--cores", "2", target, "--rerun-triggers", "mtime",
+           *(["--force"] if force else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -130,7 +134,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, required=True, help="fraction of COCO (0.01, 0.1, 1)")
     ap.add_argument("--root", default="scale_runs", help="where the data and the workflow runs go")
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
-    ap.add_argument("--stages", nargs="*", default=None, help="only these stages (default: all)")
+    ap.add_argument("--stages", nargs="*", default=None,
+                    help="only these stages, rerun even when their outputs exist (default: all, made when missing)")
     ap.add_argument("--no-eval", action="store_true", help="train but do not evaluate")
     ap.add_argument("--steps", type=int, default=5, help="training batches (one capped epoch)")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -167,7 +172,8 @@ def main() -> None:
         if a.stages and stage not in a.stages and stage.split()[0] not in a.stages:
             continue
         since = time.time()
-        m = run_stage(workdir, configs, target, workdir / "logs" / f"{stage.replace(' ', '_')}.log", a.interval)
+        m = run_stage(workdir, configs, target, workdir / "logs" / f"{stage.replace(' ', '_')}.log", a.interval,
+                      force=bool(a.stages))
         m["output_mb"] = _outputs_mb(workdir, since)
         record["stages"][stage] = m
         print(f"{stage:<22}{m['seconds']:>10.1f}{m['peak_mb']:>10.0f}{m['output_mb']:>11.1f}", flush=True)
