@@ -202,3 +202,29 @@ def test_image_check_refuses_escaping_paths_too(tmp_path):
     edit(path, lambda imgs: imgs[1].update(filename="../../../etc/hostname"))
     with pytest.raises(IngestError, match=r"images\[1\] .* leaves the image folder"):
         check_images(path, tmp_path, tmp_path / "bad.txt")
+
+
+STREAM_DOCS = ['{"images": [1, 2.5e3, "x\\ud800", {"a": [1, 2, {"b": null}]}, true, -0.0], "dataset": "c"}',
+               '{"dataset": {"x": [1, 2]}, "images": []}', '  {  "images"  :  [  "a" , "b" ]  }  ',
+               '{"images": [123456789012345678901234567890, NaN, -Infinity, 1e400]}']
+NOT_STREAMED = ['{"images": [1], "images": [2]}', '[1]', '{"images": {"a": 1}}', '{"images": [1,]}',
+                '{"images": [1] } x', '{"dataset": "c"}', '{"images": [1, 2]', '{"images": [1 2]}', '\ufeff{"images": []}']
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_streamed_json_items_are_json_loads_items(tmp_path, chunk):
+    """The streaming reader gives exactly json.load's items whatever the read size (values cut at every place),
+    and refuses (for json.load to read or to report) every other layout or malformed text."""
+    from itmatch.utils.jsonstream import Unstreamable, stream_array
+
+    path = tmp_path / "d.json"
+    for doc in STREAM_DOCS:
+        path.write_text(doc, encoding="utf-8")
+        assert repr(list(stream_array(path, "images", chunk))) == repr(json.loads(doc)["images"]), doc
+    for doc in NOT_STREAMED:
+        path.write_text(doc, encoding="utf-8")
+        with pytest.raises(Unstreamable):
+            list(stream_array(path, "images", chunk))
+    path.write_bytes(b'{"images": ["caf\xe9"]}')  # Latin-1, not UTF-8
+    with pytest.raises(UnicodeDecodeError):
+        list(stream_array(path, "images", chunk))

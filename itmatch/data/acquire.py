@@ -43,7 +43,7 @@ from itmatch.data.download import (
     verify_local,
 )
 from itmatch.data.image_check import check_images
-from itmatch.data.ingest import read_karpathy_json
+from itmatch.data.ingest import iter_karpathy_json
 from itmatch.utils.io import atomic_path, remove_stale, write_json
 from itmatch.utils.logs import log
 
@@ -90,7 +90,7 @@ def acquire_json(spec: dict[str, Any], out: Path, cache: Path, policy: RetryPoli
     elif src.resolve() != out.resolve():
         with atomic_path(out) as tmp:
             shutil.copyfile(src, tmp)
-    n = len(read_karpathy_json(out))
+    n = sum(1 for _ in iter_karpathy_json(out))
     log.info("%s: Karpathy JSON with %d images", out, n)
     return {"url": spec.get("url"), "path": str(src), "member": member, "downloaded": downloaded,
             "verified": verified, "images_in_json": n}

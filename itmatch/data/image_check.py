@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from itmatch.data.ingest import IngestError, image_file, map_images, probe_image, read_karpathy_json
+from itmatch.data.ingest import IngestError, image_file, iter_karpathy_json, map_images, probe_image
 from itmatch.data.ingest import read_report as read_report  # the report format is shared with ingest
 from itmatch.utils.io import atomic_path
 from itmatch.utils.logs import log
@@ -27,7 +27,7 @@ def image_files(json_path: str | Path) -> list[str]:
     """``filepath/filename`` of every entry of a Karpathy JSON (relative to the image folder; one that is
     absolute or leaves the folder is an :class:`~itmatch.data.ingest.IngestError` naming the row)."""
     out = []
-    for i, e in enumerate(read_karpathy_json(json_path)):
+    for i, e in enumerate(iter_karpathy_json(json_path)):
         if not isinstance(e, dict):
             raise IngestError(f"{json_path}: images[{i}] is not an object")
         out.append(image_file(json_path, i, e))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
@@ -21,6 +21,7 @@ import pyarrow as pa
 from PIL import Image
 
 from itmatch.utils.io import write_parquet
+from itmatch.utils.jsonstream import Unstreamable, stream_array
 from itmatch.utils.logs import log, progress
 
 SPLITS = ("train", "val", "test")
@@ -50,23 +51,43 @@ class IngestOptions:
         return cls(**cfg)
 
 
-def read_karpathy_json(path: str | Path) -> list[dict[str, Any]]:
-    """The ``images`` list of a Karpathy-format JSON, with a clear error for malformed files."""
+def _json_error(path: Path, e: BaseException) -> IngestError:
+    if isinstance(e, json.JSONDecodeError):
+        return IngestError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+    if isinstance(e, UnicodeDecodeError):
+        return IngestError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8")
+    return IngestError(f"{path}: JSON nested too deeply to read")
+
+
+def iter_karpathy_json(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The ``images`` entries of a Karpathy-format JSON, one at a time (COCO's file is never held whole), with a
+    clear error for malformed files. The file is read twice: once to check it all (so no entry is handed out of a
+    file that turns out malformed), once to hand out the entries; a file of another layout is read whole."""
     path = Path(path)
     if not path.exists():
         raise IngestError(f"{path}: dataset JSON not found")
     try:
+        for _ in stream_array(path, "images"):
+            pass
+        streamable = True
+    except (Unstreamable, UnicodeDecodeError, RecursionError):
+        streamable = False
+    if streamable:
+        yield from stream_array(path, "images")
+        return
+    try:  # not the plain layout: the standard reader, for its result or its error message
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise IngestError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise IngestError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8") from e
-    except RecursionError:
-        raise IngestError(f"{path}: JSON nested too deeply to read") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise _json_error(path, e) from e
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise IngestError(f"{path}: expected an object with an 'images' list (Karpathy format)")
-    return data["images"]
+    yield from data["images"]
+
+
+def read_karpathy_json(path: str | Path) -> list[dict[str, Any]]:
+    """The ``images`` list of a Karpathy-format JSON (:func:`iter_karpathy_json`, whole)."""
+    return list(iter_karpathy_json(path))
 
 
 INT64 = (-(2 ** 63), 2 ** 63 - 1)  # ids are stored as int64
@@ -193,7 +214,7 @@ def ingest(json_path: str | Path, image_root: str | Path, images_out: str | Path
     """
     opt = options or IngestOptions()
     json_path, image_root = Path(json_path), Path(image_root)
-    entries = read_karpathy_json(json_path)
+    entries = iter_karpathy_json(json_path)
     allowed_splits = {"train", "val", "test", "restval"}
     rows: list[dict[str, Any]] = []
     seen_ids: dict[int, int] = {}

@@ -16,11 +16,12 @@ and one lemma per leaf.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from itmatch.utils.device import resolve_device
+from itmatch.utils.jsonstream import Unstreamable, stream_array
 from itmatch.utils.logs import log, progress
 
 STANZA_PROCESSORS = "tokenize,pos,lemma,constituency"
@@ -94,17 +95,27 @@ def stanza_tags(texts: Sequence[str], model_dir: str | Path, batch_size: int = 2
             for doc in _stanza_docs(nlp, texts, batch_size, "stanza tags")]
 
 
-def _gold_index(json_path: str | Path) -> dict[int, tuple[str, list[str]]]:
-    """``sentid`` → ``(parse, lemmas)`` of every sentence of a dataset JSON with gold parses."""
-    with open(json_path, encoding="utf-8") as fh:
-        data = json.load(fh)
+def _gold_index(json_path: str | Path, wanted: Iterable[int] | None = None) -> dict[int, tuple[str, list[str]]]:
+    """``sentid`` → ``(parse, lemmas)`` of the sentences of a dataset JSON with gold parses: all of them, or only
+    the ``wanted`` ids (the JSON is streamed, so a shard holds only its own parses)."""
+    keep = None if wanted is None else {int(c) for c in wanted}
+    try:
+        return _gold_entries(stream_array(Path(json_path), "images"), json_path, keep)
+    except Unstreamable:  # another layout: read whole
+        with open(json_path, encoding="utf-8") as fh:
+            return _gold_entries(json.load(fh).get("images", []), json_path, keep)
+
+
+def _gold_entries(images: Iterable[dict[str, Any]], json_path: str | Path, keep: set[int] | None
+                  ) -> dict[int, tuple[str, list[str]]]:
     by_id: dict[int, tuple[str, list[str]]] = {}
-    for i, img in enumerate(data.get("images", [])):
+    for i, img in enumerate(images):
         for j, s in enumerate(img.get("sentences", [])):
             if "parse" not in s or "lemmas" not in s:
                 raise ValueError(f"{json_path}: images[{i}].sentences[{j}] has no gold 'parse'/'lemmas' "
                                  "(set text.trees.parser to stanza for this dataset)")
-            by_id[int(s["sentid"])] = (s["parse"], list(s["lemmas"]))
+            if keep is None or int(s["sentid"]) in keep:
+                by_id[int(s["sentid"])] = (s["parse"], list(s["lemmas"]))
     return by_id
 
 
@@ -119,7 +130,7 @@ def _gold_lookup(by_id: dict[int, tuple[str, list[str]]], json_path: str | Path,
 
 def gold_parses(json_path: str | Path, caption_ids: Sequence[int]) -> list[tuple[str, list[str]]]:
     """The dataset JSON's own ``parse``/``lemmas`` per caption (``caption_id`` = ``sentid``)."""
-    out = _gold_lookup(_gold_index(json_path), json_path, caption_ids)
+    out = _gold_lookup(_gold_index(json_path, caption_ids), json_path, caption_ids)
     log.info("gold parses: %d captions from %s", len(caption_ids), json_path)
     return out
 
@@ -129,15 +140,16 @@ class CaptionParser:
     (``gold``) or a stanza pipeline (``stanza``, batches of ``batch_size`` from the start of each call).
 
     ``parser(caption_ids, texts)`` → one ``(ptb, lemmas)`` per caption; ``parser.device``: the torch device
-    stanza runs on (``None`` for gold parses)."""
+    stanza runs on (``None`` for gold parses). ``caption_ids``: the captions that will be asked for (gold: only
+    their parses are kept; None = all)."""
 
     def __init__(self, parser: str, json_path: str | Path | None = None, stanza_dir: str | Path | None = None,
-                 batch_size: int = 256, device: str = "auto"):
+                 batch_size: int = 256, device: str = "auto", caption_ids: Iterable[int] | None = None):
         self.kind, self.json_path, self.batch_size, self.device = parser, json_path, batch_size, None
         if parser == "gold":
             if json_path is None:
                 raise ValueError("text.trees.parser 'gold' needs the dataset JSON")
-            self._gold = _gold_index(json_path)
+            self._gold = _gold_index(json_path, caption_ids)
         elif parser == "stanza":
             if stanza_dir is None:
                 raise ValueError("text.trees.parser 'stanza' needs text.trees.stanza_dir")

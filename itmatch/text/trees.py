@@ -585,7 +585,8 @@ def parse_shard(captions_path, out, shard: int, n_shards: int, parser: str = "go
     done = blocks.open()
     log.info("referral-tree parses, shard %d/%d: caption rows %d..%d of %s (%d blocks of %d, %d done), parser %s",
              shard + 1, n_shards, start, stop, captions_path, n_blocks, block, done, parser)
-    parse = CaptionParser(parser, json_path, stanza_dir, stanza_batch_size, device) if done < n_blocks else None
+    parse = (CaptionParser(parser, json_path, stanza_dir, stanza_batch_size, device, caption_ids=ids[done * block:])
+             if done < n_blocks else None)
     t0 = time.perf_counter()
     for k in range(done, n_blocks):
         a, b = k * block, min((k + 1) * block, stop - start)
