@@ -96,5 +96,12 @@ def test_write_and_from_regions(tmp_path):
         w = f["weight"][:]
         np.testing.assert_allclose(w[0].sum(-1), 1, rtol=1e-6)
         assert (w[4, 2:] == 0).all() and (f["index"][4, 2:] == 64).all()
+        want_index, want_weight, _ = compute_blocks(boxes, hw, 8, 5, np.array([4, 4, 3, 4, 2]))
+        np.testing.assert_array_equal(f["index"][:], want_index)
+        np.testing.assert_array_equal(w, want_weight)
+    blocks_from_regions(tmp_path / "regions.h5", tmp_path / "chunked.h5", K=8, L=5, chunk=2)  # streamed in chunks
+    with h5py.File(tmp_path / "blocks.h5", "r") as a, h5py.File(tmp_path / "chunked.h5", "r") as b:
+        for name in ("image_id", "index", "weight"):
+            np.testing.assert_array_equal(a[name][:], b[name][:])
     with pytest.raises(ValueError, match="inconsistent"):
         write_blocks(tmp_path / "x.h5", np.arange(2), np.zeros((3, 4, 5), np.int16), np.zeros((3, 4, 5)), 8, 5)

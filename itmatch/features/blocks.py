@@ -132,42 +132,63 @@ def compute_blocks(boxes: np.ndarray, image_hw: np.ndarray, K: int = 16, L: int 
     return index, weight, n_bad
 
 
+def _create_blocks(f: h5py.File, image_ids: np.ndarray, R: int, K: int, L: int) -> None:
+    """The contract's datasets of blocks.h5 in an open file (``image_id`` int64 [N], ``index`` int16 [N,R,L],
+    ``weight`` float32 [N,R,L], one image per chunk, checksums; attributes K, L), unfilled."""
+    N = len(image_ids)
+    f.create_dataset("image_id", data=np.asarray(image_ids, dtype=np.int64), **checksum((N,)))
+    for name, dtype in (("index", np.int16), ("weight", np.float32)):
+        f.create_dataset(name, shape=(N, R, L), dtype=dtype, chunks=(1, R, L) if N and R else None,
+                         **checksum((N, R, L)))
+    f.attrs["K"] = int(K)
+    f.attrs["L"] = int(L)
+
+
 def write_blocks(path: str | Path, image_ids: np.ndarray, index: np.ndarray, weight: np.ndarray, K: int, L: int
                  ) -> None:
-    """Write blocks.h5 (contract: ``index`` int16 [N,R,L], ``weight`` float32 [N,R,L], ``image_id`` int64 [N];
-    attributes K, L; one image per chunk), atomically."""
+    """Write blocks.h5 (:func:`_create_blocks`) from whole arrays, atomically."""
     N, R, Lw = index.shape
     if Lw != L or weight.shape != index.shape or len(image_ids) != N:
         raise ValueError(f"inconsistent shapes: index {index.shape}, weight {weight.shape}, "
                          f"image_ids {len(image_ids)}, L={L}")
     check_finite(weight.astype(np.float32), path, "weight", 0, np.asarray(image_ids))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("image_id", data=np.asarray(image_ids, dtype=np.int64), **checksum((N,)))
-        f.create_dataset("index", data=index.astype(np.int16), chunks=(1, R, L) if N else None,
-                         **checksum(index.shape))
-        f.create_dataset("weight", data=weight.astype(np.float32), chunks=(1, R, L) if N else None,
-                         **checksum(weight.shape))
-        f.attrs["K"] = int(K)
-        f.attrs["L"] = int(L)
+        _create_blocks(f, image_ids, R, K, L)
+        if N:
+            f["index"][:] = index.astype(np.int16)
+            f["weight"][:] = weight.astype(np.float32)
 
 
-def blocks_from_regions(regions_h5: str | Path, out: str | Path, K: int = 16, L: int = 15) -> int:
-    """regions.h5 → blocks.h5. Returns the number of degenerate boxes (logged).
-
-    The boxes are read whole: at 16 bytes a region they are a sixth of the index + weight arrays held anyway."""
+def blocks_from_regions(regions_h5: str | Path, out: str | Path, K: int = 16, L: int = 15, chunk: int = 1024
+                        ) -> int:
+    """regions.h5 → blocks.h5, ``chunk`` images at a time (memory bounded by the chunk, not the dataset).
+    Returns the number of degenerate boxes (logged)."""
+    if K < 1 or L < 1 or K * K > 4096:
+        raise ValueError(f"need K >= 1, L >= 1 and K² <= 4096, got K={K}, L={L}")
+    n_bad = 0
     with open_h5(regions_h5) as f:
         for key in ("image_id", "boxes", "image_hw"):
             if key not in f:
                 raise KeyError(f"{regions_h5}: dataset {key!r} missing (see the regions.h5 contract)")
-        with reading(regions_h5):
+        with reading(regions_h5, "image_id, num_regions"):
             image_ids = f["image_id"][:]
             nreg = f["num_regions"][:] if "num_regions" in f else None
-            boxes, image_hw = f["boxes"][:], f["image_hw"][:]
-    N, R = boxes.shape[:2]
-    index, weight, n_bad = compute_blocks(boxes, image_hw, K, L, nreg)
+        N, R = f["boxes"].shape[:2]
+        with atomic_path(out) as tmp, h5py.File(tmp, "w") as g:
+            _create_blocks(g, image_ids, R, K, L)
+            for s in range(0, N, chunk):
+                e = min(N, s + chunk)
+                with reading(regions_h5, f"boxes of rows {s}..{e}"):
+                    boxes, image_hw = f["boxes"][s:e], f["image_hw"][s:e]
+                valid = (np.ones((e - s, R), dtype=bool) if nreg is None
+                         else np.arange(R)[None, :] < nreg[s:e].reshape(-1, 1))
+                index, weight, bad = _blocks_chunk(boxes, image_hw, valid, K, L)
+                check_finite(weight, out, "weight", s, image_ids[s:e])
+                g["index"][s:e] = index
+                g["weight"][s:e] = weight
+                n_bad += bad
     if n_bad:
         log.warning("%s: %d degenerate boxes (zero area, outside the image or non-finite) got the cell of "
                     "their centre", regions_h5, n_bad)
     log.info("blocks: %d images × %d regions, K=%d, L=%d", N, R, K, L)
-    write_blocks(out, image_ids, index, weight, K, L)
     return n_bad
