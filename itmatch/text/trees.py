@@ -72,9 +72,10 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -138,6 +139,13 @@ class Item:
     prio: int = 0  # relations: 3 verb, 2 place, 1 preposition/conjunction, 0 of/to
     head: str = ""
     src: Leaf | None = None
+
+
+class NodeLabel(NamedTuple):
+    """What labelling a node needs of its :class:`Item` (its candidate labels and words), without the parse."""
+
+    cands: tuple[str, ...]
+    words: str
 
 
 class ParseError(ValueError):
@@ -433,7 +441,7 @@ class TreeVocab:
         self.entity_index = {e: i for i, e in enumerate(self.entities)}
         self.relation_index = {r: i for i, r in enumerate(self.relations)}
 
-    def label(self, pos: int, item: Item | None) -> tuple[int, str]:
+    def label(self, pos: int, item: Item | NodeLabel | None) -> tuple[int, str]:
         """(id, name) of node ``pos`` (0-based), ``(-1, "")`` for null."""
         if item is None:
             return NULL, ""
@@ -454,7 +462,7 @@ class TreeVocab:
                    d.get("settings", {}))
 
 
-def build_dictionaries(trees: Sequence[list[Item | None]], entity_min_count: int = 5,
+def build_dictionaries(trees: Sequence[Sequence[Item | NodeLabel | None]], entity_min_count: int = 5,
                        relation_min_count: int = 5, max_entities: int = 1440,
                        max_relations: int = 247) -> TreeVocab:
     """Entity and relation dictionaries from (train) node items (rule 5)."""
@@ -483,7 +491,7 @@ def tree_nodes(ptb: str, lemmas: Sequence[str] | None = None) -> list[Item | Non
 # the rule
 # ----------------------------------------------------------------------------------------------
 
-def trees_table(caption_ids, nodes: Sequence[list[Item | None]], vocab: TreeVocab):
+def trees_table(caption_ids, nodes: Sequence[Sequence[Item | NodeLabel | None]], vocab: TreeVocab):
     """``trees.parquet`` as an Arrow table (see the module docstring)."""
 
     labels = np.full((len(nodes), 7), NULL, dtype=np.int32)
@@ -503,16 +511,17 @@ def trees_table(caption_ids, nodes: Sequence[list[Item | None]], vocab: TreeVoca
     })
 
 
-def _write_trees(caps, parses: Sequence[tuple[str, Sequence[str] | None]], parser: str, captions_path,
+def _write_trees(caps, parses: Iterable[tuple[str, Sequence[str] | None]], parser: str, captions_path,
                  trees_out, vocab_out, entity_min_count: int, relation_min_count: int, max_entities: int,
                  max_relations: int) -> TreeVocab:
     """Trees of every caption from its parse, dictionaries from the train captions → trees.parquet +
     tree_vocab.json."""
-    nodes: list[list[Item | None]] = []
+    nodes: list[tuple[NodeLabel | None, ...]] = []
     for cid, (ptb, lemmas) in progress(zip(caps["caption_id"], parses, strict=True), "referral trees",
                                        len(caps)):
-        try:
-            nodes.append(tree_nodes(ptb, lemmas))
+        try:  # (only what labelling reads is kept: an Item refers to its parse tree, ~1 KB a caption)
+            nodes.append(tuple(None if it is None else NodeLabel(it.cands, it.words)
+                               for it in tree_nodes(ptb, lemmas)))
         except ParseError as e:
             raise ParseError(f"{captions_path}: caption_id {cid}: {e}") from e
     train = caps["split"].to_numpy() == "train"
@@ -629,20 +638,26 @@ def gather_trees(shards: Sequence[str | Path], captions_path, trees_out, vocab_o
     caps = read_captions(captions_path)
     ids = caps["caption_id"].to_numpy(np.int64)
     metas = sorted(((shard_meta(p), str(p)) for p in shards), key=lambda m: (m[0]["row_start"], m[0]["row_stop"]))
-    parses: list[tuple[str, list[str] | None]] = []
-    for meta, name in metas:
+    covered = 0
+    for meta, name in metas:  # checked before any parse is read
         a, b = meta["row_start"], meta["row_stop"]
-        if a != len(parses):
-            raise ValueError(f"{name}: covers caption rows {a}..{b}, expected to start at {len(parses)}")
+        if a != covered:
+            raise ValueError(f"{name}: covers caption rows {a}..{b}, expected to start at {covered}")
         if meta["parser"] != parser:
             raise ValueError(f"{name}: parsed with {meta['parser']!r}, text.trees.parser is {parser!r}")
-        t = pq.read_table(name)
-        if not np.array_equal(t.column("caption_id").to_numpy(), ids[a:b]):
-            raise ValueError(f"{name}: caption ids differ from {captions_path} rows {a}..{b} "
-                             "(captions changed since the shard was parsed?)")
-        parses += zip(t.column("ptb").to_pylist(), t.column("lemmas").to_pylist(), strict=True)
-    if len(parses) != len(ids):
-        raise ValueError(f"parse shards cover {len(parses)} caption rows, {captions_path} has {len(ids)}")
+        covered = b
+    if covered != len(ids):
+        raise ValueError(f"parse shards cover {covered} caption rows, {captions_path} has {len(ids)}")
     log.info("referral trees: %d parse shards gathered", len(metas))
-    return _write_trees(caps, parses, parser, captions_path, trees_out, vocab_out, entity_min_count,
+
+    def parses() -> Iterator[tuple[str, list[str] | None]]:  # one shard in memory at a time
+        for meta, name in metas:
+            a, b = meta["row_start"], meta["row_stop"]
+            t = pq.read_table(name)
+            if not np.array_equal(t.column("caption_id").to_numpy(), ids[a:b]):
+                raise ValueError(f"{name}: caption ids differ from {captions_path} rows {a}..{b} "
+                                 "(captions changed since the shard was parsed?)")
+            yield from zip(t.column("ptb").to_pylist(), t.column("lemmas").to_pylist(), strict=True)
+
+    return _write_trees(caps, parses(), parser, captions_path, trees_out, vocab_out, entity_min_count,
                         relation_min_count, max_entities, max_relations)
