@@ -137,57 +137,145 @@ def _xattn(K: torch.Tensor, klens: torch.Tensor, Q: torch.Tensor, qlens: torch.T
     Q, qmask, qlens = Q[qperm], qmask[qperm], qlens[qperm]
     G = K @ K.transpose(1, 2)  # [Nk, Lk, Lk] context Gram matrices
     q_norm = _sqrt(Q.pow(2).sum(2))  # [Nq, Lq]
-    kb, qb = _shard_sizes(Nk, Nq, Lk, Lq, max_elems)
-    rows = []
-    for k0, k1 in _shards(Nk, kb):
-        lk = max(1, int(klens[k0]))
-        cols = []
-        for q0, q1 in _shards(Nq, qb):
-            lq = max(1, int(qlens[q0]))
-            cols.append(_xattn_shard(K[k0:k1, :lk], kmask[k0:k1, :lk], klens[k0:k1], G[k0:k1, :lk, :lk],
-                                     Q[q0:q1, :lq], qmask[q0:q1, :lq], qlens[q0:q1], q_norm[q0:q1, :lq], lam, agg,
-                                     lam_lse, raw_norm, max_term, eps))
-        rows.append(torch.cat(cols, 1))
-    out = torch.cat(rows, 0)  # rows / columns in sorted order
+    grad = torch.is_grad_enabled() and (K.requires_grad or Q.requires_grad)
+    kshards, qshards = _plan(klens, qlens, max_elems, K.device, grad)
+    if grad:
+        rows = []
+        for k0, k1, lk in kshards:
+            cols = [_xattn_shard(K[k0:k1, :lk], kmask[k0:k1, :lk], klens[k0:k1], G[k0:k1, :lk, :lk],
+                                 Q[q0:q1, :lq], qmask[q0:q1, :lq], qlens[q0:q1], q_norm[q0:q1, :lq], lam, agg,
+                                 lam_lse, raw_norm, max_term, eps)
+                    for q0, q1, lq in qshards]
+            rows.append(torch.cat(cols, 1))
+        out = torch.cat(rows, 0)  # rows / columns in sorted order
+    else:
+        out = _xattn_inference(K, kmask, G, Q, qmask, qlens, q_norm, kshards, qshards, lam, agg, lam_lse,
+                               raw_norm, max_term, eps)
     return out[torch.argsort(kperm)][:, torch.argsort(qperm)]
 
 
-def _norm(X: torch.Tensor) -> torch.Tensor:
-    """‖X‖ over dim 3 (keepdim), accumulated and returned in float32 for float16 / bfloat16 X."""
+# CPU inference shards: at most this many elements of [C, W, I, R] (besides ``max_elems``), so that the two
+# shard buffers stay in cache between the passes over them (measured on 2 threads, see the module docstring)
+CPU_BLOCK = 1 << 20
+
+
+def _plan(klens: torch.Tensor, qlens: torch.Tensor, max_elems: int, device: torch.device, grad: bool
+          ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Shards (start, end, longest length) of the two length-sorted (descending) sets."""
+    Lk = max(1, int(klens[0])) if len(klens) else 1
+    Lq = max(1, int(qlens[0])) if len(qlens) else 1
+    if device.type == "cpu" and not grad:
+        max_elems = min(max_elems, CPU_BLOCK)
+    kb, qb = _shard_sizes(len(klens), len(qlens), Lk, Lq, max_elems)
+    kl, ql = klens.tolist(), qlens.tolist()
+    return ([(s, e, max(1, kl[s])) for s, e in _shards(len(kl), kb)],
+            [(s, e, max(1, ql[s])) for s, e in _shards(len(ql), qb)])
+
+
+def logits_gemm_shapes(direction: str, num_regions: torch.Tensor, lengths: torch.Tensor, *,
+                       max_elems: int = 1 << 23, device: str | torch.device = "cpu", grad: bool = False
+                       ) -> list[tuple[int, int]]:
+    """The [m, n] output shapes of the logits GEMMs ([m, d] × [d, n]) that :func:`t2i_scores` /
+    :func:`i2t_scores` run for these region counts and caption lengths (the scoring benchmark's floor)."""
+    klens, qlens = (num_regions, lengths) if direction == "t2i" else (lengths, num_regions)
+    klens = torch.sort(klens, descending=True).values
+    qlens = torch.sort(qlens, descending=True).values
+    kshards, qshards = _plan(klens, qlens, max_elems, torch.device(device), grad)
+    return [((k1 - k0) * lk, (q1 - q0) * lq) for k0, k1, lk in kshards for q0, q1, lq in qshards]
+
+
+def _xattn_inference(K, kmask, G, Q, qmask, qlens, q_norm, kshards, qshards, lam, agg, lam_lse, raw_norm,
+                     max_term, eps) -> torch.Tensor:
+    """The shards of :func:`_xattn` without autograd: in place, in two reused buffers, and in the layout
+    [k, l, m, q] (context item, its row; query row, query item), so that every reduction (the norm over the
+    query rows, the softmax and the sums over the context rows) runs over an outer dimension, vectorised
+    along the contiguous query items. The softmax is left unnormalised: with E = exp(λ₁ŝ − max) and
+    z = Σ_l E_l, Σ_l α_l s_l = Σ_l E_l s_l / z and α G αᵀ = E G Eᵀ / z², so A = E / z is never formed."""
+    Nk, Nq = K.shape[0], Q.shape[0]
+    d = K.shape[2]
+    out = torch.empty(Nk, Nq, dtype=torch.float32 if K.dtype in (torch.float16, torch.bfloat16) else K.dtype,
+                      device=K.device)
+    # under autocast the GEMMs pick their own dtype: no out= buffers there (out= bypasses autocast)
+    buffered = not torch.is_autocast_enabled(K.device.type)
+    size = max((k1 - k0) * lk * (q1 - q0) * lq for k0, k1, lk in kshards for q0, q1, lq in qshards)
+    bufs = (K.new_empty(size), K.new_empty(size), K.new_empty(size)) if buffered else None
+    # queries of each shard as [m, q] rows, once
+    qparts = [(Q[q0:q1, :lq].transpose(0, 1).reshape(lq * (q1 - q0), d), q_norm[q0:q1, :lq].t()[None],
+               qmask[q0:q1, :lq].t()[None], qlens[q0:q1][None]) for q0, q1, lq in qshards]
+    for k0, k1, lk in kshards:
+        nk = k1 - k0
+        Kk = K[k0:k1, :lk].reshape(nk * lk, d)
+        Gk = G[k0:k1, :lk, :lk].contiguous()
+        km = kmask[k0:k1, :lk]
+        kpad = None if bool(km.all()) else ~km[:, :, None, None]
+        for (q0, q1, lq), (Qt, qn, qm, ql) in zip(qshards, qparts, strict=True):
+            out[k0:k1, q0:q1] = _xattn_shard_inference(Kk, nk, lk, kpad, Gk, Qt, q1 - q0, lq, qn, qm, ql, lam,
+                                                       agg, lam_lse, raw_norm, max_term, eps, bufs)
+    return out
+
+
+def _xattn_shard_inference(Kk, nk, lk, kpad, G, Qt, nq, lq, qn, qm, ql, lam, agg, lam_lse, raw_norm, max_term,
+                           eps, bufs) -> torch.Tensor:
+    n = nk * lk * lq * nq
+    if bufs is None:
+        S = Kk @ Qt.t()
+        X = torch.empty_like(S)
+    else:
+        S = torch.mm(Kk, Qt.t(), out=bufs[0][:n].view(nk * lk, lq * nq))
+        X = bufs[1][:n].view(nk * lk, lq * nq)
+    S, X = S.view(nk, lk, lq, nq), X.view(nk, lk, lq, nq)  # S[k, l, m, q] = K[k, l] · Q[q, m]
+    if raw_norm == "clipped_l2norm":  # leaky ReLU 0.1 (= max(s, 0.1 s)), l2-normalised over the query rows m
+        torch.maximum(S, torch.mul(S, 0.1, out=X), out=X)
+        if X.dtype in (torch.float16, torch.bfloat16) or bufs is None:
+            nrm = _norm(X, 2)  # ‖X‖ over m (accumulated in float32)
+        else:  # the same as square + sum: vector_norm over a middle dimension is far slower on CPU
+            nrm = torch.mul(X, X, out=bufs[2][:n].view_as(X)).sum(2, keepdim=True).sqrt_()
+        X.mul_(lam / (nrm + eps))
+    else:
+        torch.mul(S, lam, out=X)
+    if kpad is not None:
+        X.masked_fill_(kpad, float("-inf"))
+    E = X.sub_(X.amax(1, keepdim=True)).exp_()  # unnormalised softmax over the context rows l
+    z = upcast(E.sum(1))  # [nk, lq, nq]
+    num = upcast(S.mul_(E).sum(1)) / z  # Σ_l α_l s_l
+    if bufs is None:
+        GE = torch.bmm(G, E.view(nk, lk, lq * nq))
+    else:  # S is free now
+        GE = torch.bmm(G, E.view(nk, lk, lq * nq), out=S.view(nk, lk, lq * nq))
+    ctx_sq = upcast(GE.view(nk, lk, lq, nq).mul_(E).sum(1)) / (z * z)  # ‖attended context‖²
+    cos = num / upcast(qn * _sqrt(ctx_sq)).clamp(min=eps)  # [nk, lq, nq]
+    count = ql.to(cos.dtype)
+    res = _aggregate(cos, qm, 1, agg, lam_lse, count)  # [nk, nq]
+    if max_term:  # each query row's largest attention weight: exp(0) / z
+        res = res + max_term * _aggregate(1 / z, qm, 1, agg, lam_lse, count)
+    return res
+
+
+def _norm(X: torch.Tensor, dim: int = 3) -> torch.Tensor:
+    """‖X‖ over ``dim`` (keepdim), accumulated and returned in float32 for float16 / bfloat16 X."""
     low = X.dtype in (torch.float16, torch.bfloat16)
-    return torch.linalg.vector_norm(X, dim=3, keepdim=True, dtype=torch.float32 if low else None)
+    return torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=torch.float32 if low else None)
 
 
 def _xattn_shard(K, kmask, klens, G, Q, qmask, qlens, q_norm, lam, agg, lam_lse, raw_norm, max_term, eps
                  ) -> torch.Tensor:
+    """One shard with autograd (training), layout [k, l, q, m]; see :func:`_xattn_inference` for inference."""
     nk, Lk, d = K.shape
     nq, Lq, _ = Q.shape
     # logits, context-major: S[k, l, q, m] = K[k, l] · Q[q, m]; one GEMM, the only O(d) work
     S = (K.reshape(nk * Lk, d) @ Q.reshape(nq * Lq, d).t()).view(nk, Lk, nq, Lq)
     pad = not bool(kmask.all())
-    if not (torch.is_grad_enabled() and (K.requires_grad or Q.requires_grad or G.requires_grad)):
-        # inference: the same operations in place on two buffers (no large temporaries)
-        X = F.leaky_relu(S, 0.1) if raw_norm == "clipped_l2norm" else S * lam
-        if raw_norm == "clipped_l2norm":
-            X.mul_(lam / (_norm(X) + eps))
-        if pad:
-            X.masked_fill_(~kmask[:, :, None, None], float("-inf"))
-        A = X.softmax(dim=1)
-        num = torch.mul(A, S, out=X).sum(1)  # X reused as the buffer of A·S
-        GA = torch.bmm(G, A.reshape(nk, Lk, nq * Lq)).view(nk, Lk, nq, Lq)
-        ctx_sq = GA.mul_(A).sum(1)
+    if raw_norm == "clipped_l2norm":  # leaky ReLU, l2-normalised over the queries of each context item
+        X = F.leaky_relu(S, 0.1)
+        X = X * (lam / (_norm(X) + eps))
     else:
-        if raw_norm == "clipped_l2norm":  # leaky ReLU, l2-normalised over the queries of each context item
-            X = F.leaky_relu(S, 0.1)
-            X = X * (lam / (_norm(X) + eps))
-        else:
-            X = S * lam
-        if pad:
-            X = X.masked_fill(~kmask[:, :, None, None], float("-inf"))
-        A = torch.softmax(X, dim=1)  # attention over the context items
-        num = (A * S).sum(1)  # [nk, nq, Lq] = q · attended context
-        GA = torch.bmm(G, A.reshape(nk, Lk, nq * Lq)).view(nk, Lk, nq, Lq)
-        ctx_sq = (GA * A).sum(1)  # ‖attended context‖²
+        X = S * lam
+    if pad:
+        X = X.masked_fill(~kmask[:, :, None, None], float("-inf"))
+    A = torch.softmax(X, dim=1)  # attention over the context items
+    num = (A * S).sum(1)  # [nk, nq, Lq] = q · attended context
+    GA = torch.bmm(G, A.reshape(nk, Lk, nq * Lq)).view(nk, Lk, nq, Lq)
+    ctx_sq = (GA * A).sum(1)  # ‖attended context‖²
     # (norms and cosines in float32: under fp16 autocast eps would underflow to 0 and padding give 0/0)
     cos = num / upcast(q_norm[None] * _sqrt(ctx_sq)).clamp(min=eps)  # [nk, nq, Lq]
     m = qmask[None]
