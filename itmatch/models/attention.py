@@ -23,6 +23,16 @@ reuses the logits, and ‖a_w‖² = α_w G α_wᵀ with G = V Vᵀ the regions'
 words' [W, W] Gram matrix). The only O(d) work is one GEMM [C·W, d] × [d, I·R] per shard. Shards over
 images and captions keep every intermediate under ``max_elems`` elements of [C, W, I, R].
 
+Inference (no autograd: evaluation, retrieval) runs each shard at the GEMM's floor: the rest is ~12 passes
+over the shard, in place, in reused buffers (no allocations, no page faults), in the layout [k, l, m, q]
+(context item and row, query row and item) that puts every reduction on an outer dimension, vectorised
+along the contiguous query items; the softmax stays unnormalised (its sum z cancels: Σ_r α s = Σ_r E s / z,
+α G αᵀ = E G Eᵀ / z²; for the clipped logits, |λ₁ŝ| <= |λ₁|, no max shift at |λ₁| <= 20 in float32). On
+CPU the shards are further cut to ``CPU_BLOCK`` (2^20) elements so that the passes run in cache.
+``benchmarks/scoring_bench.py`` measures both directions against that floor (the same GEMMs alone): on 2
+CPU threads, 1000 × 1000 pairs, d = 1024, R = 36, 12 words, ours is ≥ 0.75 of the floor (see
+docs/training.md for the figures). Training (autograd) keeps the out-of-place shard, [k, l, q, m].
+
 ``max_term`` (PFAN's released code, off by default): S(i, c) += max_term · agg_w(max_r α_wr), i.e. each word's
 largest attention weight over the regions, aggregated like the main term (PFAN's ``model_attention.py``,
 HaoYang0123/Position-Focused-Attention-Network @ 3e6a304: ``func_attention`` returns ``max_attnT``, the max over
@@ -125,37 +135,37 @@ def _xattn(K: torch.Tensor, klens: torch.Tensor, Q: torch.Tensor, qlens: torch.T
         return K.new_zeros(Nk, Nq)
     Lk = max(1, int(klens.max()))  # drop all-padding columns
     Lq = max(1, int(qlens.max()))
-    kmask = length_mask(klens, Lk)  # [Nk, Lk]
-    qmask = length_mask(qlens, Lq)  # [Nq, Lq]
-    K = K[:, :Lk] * kmask[..., None].to(K.dtype)
-    Q = Q[:, :Lq] * qmask[..., None].to(Q.dtype)
     # sort both sets by length so that each shard is trimmed to its own longest item (real captions have a
     # long tail of lengths; padding would otherwise cost as much as words)
     kperm = torch.argsort(klens, descending=True, stable=True)
     qperm = torch.argsort(qlens, descending=True, stable=True)
-    K, kmask, klens = K[kperm], kmask[kperm], klens[kperm]
-    Q, qmask, qlens = Q[qperm], qmask[qperm], qlens[qperm]
-    G = K @ K.transpose(1, 2)  # [Nk, Lk, Lk] context Gram matrices
-    q_norm = _sqrt(Q.pow(2).sum(2))  # [Nq, Lq]
+    klens, qlens = klens[kperm], qlens[qperm]
     grad = torch.is_grad_enabled() and (K.requires_grad or Q.requires_grad)
     kshards, qshards = _plan(klens, qlens, max_elems, K.device, grad)
-    if grad:
-        rows = []
-        for k0, k1, lk in kshards:
-            cols = [_xattn_shard(K[k0:k1, :lk], kmask[k0:k1, :lk], klens[k0:k1], G[k0:k1, :lk, :lk],
-                                 Q[q0:q1, :lq], qmask[q0:q1, :lq], qlens[q0:q1], q_norm[q0:q1, :lq], lam, agg,
-                                 lam_lse, raw_norm, max_term, eps)
-                    for q0, q1, lq in qshards]
-            rows.append(torch.cat(cols, 1))
-        out = torch.cat(rows, 0)  # rows / columns in sorted order
-    else:
-        out = _xattn_inference(K, kmask, G, Q, qmask, qlens, q_norm, kshards, qshards, lam, agg, lam_lse,
-                               raw_norm, max_term, eps)
+    if not grad:
+        out = _xattn_inference(K, kperm, klens, Q, qperm, qlens, kshards, qshards, lam, agg, lam_lse, raw_norm,
+                               max_term, eps)
+        return out[torch.argsort(kperm)][:, torch.argsort(qperm)]
+    kmask = length_mask(klens, Lk)  # [Nk, Lk]
+    qmask = length_mask(qlens, Lq)  # [Nq, Lq]
+    K = K[kperm, :Lk].mul_(kmask[..., None].to(K.dtype))  # (the gather is a copy: zero its padding in place)
+    Q = Q[qperm, :Lq].mul_(qmask[..., None].to(Q.dtype))
+    G = K @ K.transpose(1, 2)  # [Nk, Lk, Lk] context Gram matrices
+    q_norm = _sqrt(Q.pow(2).sum(2))  # [Nq, Lq]
+    rows = []
+    for k0, k1, lk in kshards:
+        cols = [_xattn_shard(K[k0:k1, :lk], kmask[k0:k1, :lk], klens[k0:k1], G[k0:k1, :lk, :lk],
+                             Q[q0:q1, :lq], qmask[q0:q1, :lq], qlens[q0:q1], q_norm[q0:q1, :lq], lam, agg,
+                             lam_lse, raw_norm, max_term, eps)
+                for q0, q1, lq in qshards]
+        rows.append(torch.cat(cols, 1))
+    out = torch.cat(rows, 0)  # rows / columns in sorted order
     return out[torch.argsort(kperm)][:, torch.argsort(qperm)]
 
 
-# CPU inference shards: at most this many elements of [C, W, I, R] (besides ``max_elems``), so that the two
-# shard buffers stay in cache between the passes over them (measured on 2 threads, see the module docstring)
+# CPU inference shards: at most this many elements of [C, W, I, R] (besides ``max_elems``), so that the shard
+# buffers (3 × this many floats) stay in cache between the passes over them (2^19–2^21 measured alike within
+# the noise; 2^22 was ~7% slower on 1 thread)
 CPU_BLOCK = 1 << 20
 
 
@@ -184,30 +194,35 @@ def logits_gemm_shapes(direction: str, num_regions: torch.Tensor, lengths: torch
     return [((k1 - k0) * lk, (q1 - q0) * lq) for k0, k1, lk in kshards for q0, q1, lq in qshards]
 
 
-def _xattn_inference(K, kmask, G, Q, qmask, qlens, q_norm, kshards, qshards, lam, agg, lam_lse, raw_norm,
+def _xattn_inference(K, kperm, klens, Q, qperm, qlens, kshards, qshards, lam, agg, lam_lse, raw_norm,
                      max_term, eps) -> torch.Tensor:
-    """The shards of :func:`_xattn` without autograd: in place, in two reused buffers, and in the layout
-    [k, l, m, q] (context item, its row; query row, query item), so that every reduction (the norm over the
-    query rows, the softmax and the sums over the context rows) runs over an outer dimension, vectorised
-    along the contiguous query items. The softmax is left unnormalised: with E = exp(λ₁ŝ − max) and
-    z = Σ_l E_l, Σ_l α_l s_l = Σ_l E_l s_l / z and α G αᵀ = E G Eᵀ / z², so A = E / z is never formed."""
+    """The shards of :func:`_xattn` without autograd, [Nk, Nq] in the length-sorted order (``kperm``,
+    ``qperm``; ``klens``, ``qlens`` already sorted): each shard's items are gathered (padding zeroed) once, and
+    the shard is computed in place, in reused buffers, and in the layout [k, l, m, q] (context item, its row;
+    query row, query item), so that every reduction (the norm over the query rows, the softmax and the sums
+    over the context rows) runs over an outer dimension, vectorised along the contiguous query items. The
+    softmax is left unnormalised: with E = exp(λ₁ŝ − c) and z = Σ_l E_l, Σ_l α_l s_l = Σ_l E_l s_l / z and
+    α G αᵀ = E G Eᵀ / z², so A = E / z is never formed."""
     Nk, Nq = K.shape[0], Q.shape[0]
     d = K.shape[2]
     out = torch.empty(Nk, Nq, dtype=torch.float32 if K.dtype in (torch.float16, torch.bfloat16) else K.dtype,
                       device=K.device)
-    # under autocast the GEMMs pick their own dtype: no out= buffers there (out= bypasses autocast)
-    buffered = not torch.is_autocast_enabled(K.device.type)
     size = max((k1 - k0) * lk * (q1 - q0) * lq for k0, k1, lk in kshards for q0, q1, lq in qshards)
-    bufs = (K.new_empty(size), K.new_empty(size), K.new_empty(size)) if buffered else None
-    # queries of each shard as [m, q] rows, once
-    qparts = [(Q[q0:q1, :lq].transpose(0, 1).reshape(lq * (q1 - q0), d), q_norm[q0:q1, :lq].t()[None],
-               qmask[q0:q1, :lq].t()[None], qlens[q0:q1][None]) for q0, q1, lq in qshards]
+    # under autocast the GEMMs pick their own dtype: no out= buffers there (out= bypasses autocast)
+    bufs = None if torch.is_autocast_enabled(K.device.type) else (K.new_empty(2 * size), K.new_empty(size))
+    qparts = []  # each query shard once: rows [m, q], norms [1, m, q], mask [1, m, q], lengths [1, q]
+    for q0, q1, lq in qshards:
+        qmask = length_mask(qlens[q0:q1], lq)
+        Qs = Q[qperm[q0:q1], :lq].mul_(qmask[..., None].to(Q.dtype))  # [nq, lq, d], padding zeroed
+        qparts.append((Qs.transpose(0, 1).reshape(lq * (q1 - q0), d), _sqrt(Qs.pow(2).sum(2)).t()[None],
+                       qmask.t()[None], qlens[q0:q1][None]))
     for k0, k1, lk in kshards:
         nk = k1 - k0
-        Kk = K[k0:k1, :lk].reshape(nk * lk, d)
-        Gk = G[k0:k1, :lk, :lk].contiguous()
-        km = kmask[k0:k1, :lk]
-        kpad = None if bool(km.all()) else ~km[:, :, None, None]
+        kmask = length_mask(klens[k0:k1], lk)
+        Kk = K[kperm[k0:k1], :lk].mul_(kmask[..., None].to(K.dtype))  # [nk, lk, d], padding zeroed
+        Gk = Kk @ Kk.transpose(1, 2)  # [nk, lk, lk] context Gram matrices
+        kpad = None if bool(kmask.all()) else ~kmask[:, :, None, None]
+        Kk = Kk.view(nk * lk, d)
         for (q0, q1, lq), (Qt, qn, qm, ql) in zip(qshards, qparts, strict=True):
             out[k0:k1, q0:q1] = _xattn_shard_inference(Kk, nk, lk, kpad, Gk, Qt, q1 - q0, lq, qn, qm, ql, lam,
                                                        agg, lam_lse, raw_norm, max_term, eps, bufs)
@@ -217,37 +232,49 @@ def _xattn_inference(K, kmask, G, Q, qmask, qlens, q_norm, kshards, qshards, lam
 def _xattn_shard_inference(Kk, nk, lk, kpad, G, Qt, nq, lq, qn, qm, ql, lam, agg, lam_lse, raw_norm, max_term,
                            eps, bufs) -> torch.Tensor:
     n = nk * lk * lq * nq
+    shape = (nk, lk, lq, nq)
     if bufs is None:
         S = Kk @ Qt.t()
+        SG = S.new_empty((2, *shape))  # [S; G E]
+        SG[0] = S.view(shape)
         X = torch.empty_like(S)
     else:
-        S = torch.mm(Kk, Qt.t(), out=bufs[0][:n].view(nk * lk, lq * nq))
-        X = bufs[1][:n].view(nk * lk, lq * nq)
-    S, X = S.view(nk, lk, lq, nq), X.view(nk, lk, lq, nq)  # S[k, l, m, q] = K[k, l] · Q[q, m]
-    if raw_norm == "clipped_l2norm":  # leaky ReLU 0.1 (= max(s, 0.1 s)), l2-normalised over the query rows m
-        torch.maximum(S, torch.mul(S, 0.1, out=X), out=X)
-        if X.dtype in (torch.float16, torch.bfloat16) or bufs is None:
-            nrm = _norm(X, 2)  # ‖X‖ over m (accumulated in float32)
-        else:  # the same as square + sum: vector_norm over a middle dimension is far slower on CPU
-            nrm = torch.mul(X, X, out=bufs[2][:n].view_as(X)).sum(2, keepdim=True).sqrt_()
+        SG = bufs[0][: 2 * n].view(2, *shape)
+        torch.mm(Kk, Qt.t(), out=SG[0].view(nk * lk, lq * nq))
+        X = bufs[1][:n]
+    S, X = SG[0], X.view(shape)  # S[k, l, m, q] = K[k, l] · Q[q, m]
+    low = S.dtype in (torch.float16, torch.bfloat16)
+    if raw_norm == "clipped_l2norm":  # leaky ReLU 0.1, l2-normalised over the query rows m
+        torch.ops.aten.leaky_relu.out(S, 0.1, out=X)
+        if low:
+            nrm = _norm(X, 2)  # accumulated in float32
+        else:  # square + sum into the free half of SG (vector_norm over a middle dimension is slow on CPU)
+            nrm = torch.mul(X, X, out=SG[1]).sum(2, keepdim=True).sqrt_()
         X.mul_(lam / (nrm + eps))
     else:
         torch.mul(S, lam, out=X)
     if kpad is not None:
         X.masked_fill_(kpad, float("-inf"))
-    E = X.sub_(X.amax(1, keepdim=True)).exp_()  # unnormalised softmax over the context rows l
+    # unnormalised softmax over the context rows l. The clipped logits lie in [-|λ₁|, |λ₁|], so in float32 /
+    # float64 exp needs no shift for |λ₁| <= 20 (E, E G Eᵀ stay within e^±40 · G); else the usual max shift
+    if raw_norm == "clipped_l2norm" and abs(lam) <= 20 and not low:
+        E = X.exp_()
+    else:
+        E = X.sub_(X.amax(1, keepdim=True)).exp_()
     z = upcast(E.sum(1))  # [nk, lq, nq]
-    num = upcast(S.mul_(E).sum(1)) / z  # Σ_l α_l s_l
+    Ev = E.view(nk, lk, lq * nq)
     if bufs is None:
-        GE = torch.bmm(G, E.view(nk, lk, lq * nq))
-    else:  # S is free now
-        GE = torch.bmm(G, E.view(nk, lk, lq * nq), out=S.view(nk, lk, lq * nq))
-    ctx_sq = upcast(GE.view(nk, lk, lq, nq).mul_(E).sum(1)) / (z * z)  # ‖attended context‖²
+        SG[1] = torch.bmm(G, Ev).view(shape)
+    else:
+        torch.bmm(G, Ev, out=SG[1].view(nk, lk, lq * nq))
+    num, ctx = upcast(SG.mul_(E).sum(2))  # Σ_l E_l s_l, Σ_l E_l (G E)_l: [nk, lq, nq] each
+    num = num / z  # Σ_l α_l s_l
+    ctx_sq = ctx / (z * z)  # ‖attended context‖²
     cos = num / upcast(qn * _sqrt(ctx_sq)).clamp(min=eps)  # [nk, lq, nq]
     count = ql.to(cos.dtype)
     res = _aggregate(cos, qm, 1, agg, lam_lse, count)  # [nk, nq]
-    if max_term:  # each query row's largest attention weight: exp(0) / z
-        res = res + max_term * _aggregate(1 / z, qm, 1, agg, lam_lse, count)
+    if max_term:  # each query row's largest attention weight
+        res = res + max_term * _aggregate(upcast(E.amax(1)) / z, qm, 1, agg, lam_lse, count)
     return res
 
 
