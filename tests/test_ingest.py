@@ -208,7 +208,8 @@ STREAM_DOCS = ['{"images": [1, 2.5e3, "x\\ud800", {"a": [1, 2, {"b": null}]}, tr
                '{"dataset": {"x": [1, 2]}, "images": []}', '  {  "images"  :  [  "a" , "b" ]  }  ',
                '{"images": [123456789012345678901234567890, NaN, -Infinity, 1e400]}']
 NOT_STREAMED = ['{"images": [1], "images": [2]}', '[1]', '{"images": {"a": 1}}', '{"images": [1,]}',
-                '{"images": [1] } x', '{"dataset": "c"}', '{"images": [1, 2]', '{"images": [1 2]}', '\ufeff{"images": []}']
+                '{"images": [1] } x', '{"dataset": "c"}', '{"images": [1, 2]', '{"images": [1 2]}',
+                '\ufeff{"images": []}']
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
