@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--stages", nargs="*", default=None,
                     help="only these stages, rerun even when their outputs exist (default: all, made when missing)")
     ap.add_argument("--no-eval", action="store_true", help="train but do not evaluate")
-    ap.add_argument("--steps", type=int, default=5, help="training batches (one capped epoch)")
+    ap.add_argument("--steps", type=int, default=3, help="training batches (one capped epoch)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--interval", type=float, default=0.25, help="memory sampling period, seconds")
     ap.add_argument("--fresh", action="store_true", help="delete this run's results first")
