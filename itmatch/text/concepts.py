@@ -215,7 +215,12 @@ def make_concepts(captions_path: str | Path, out: str | Path, parser: str = "gol
     if parser == "gold":
         if json_path is None:
             raise ValueError("text.trees.parser 'gold' needs the dataset JSON")
-        tagged = [gold_tags(ptb, lem) for ptb, lem in gold_parses(json_path, caps["caption_id"].tolist())]
+        parses = gold_parses(json_path, caps["caption_id"].tolist())
+        shared: dict[tuple[str, str], tuple[str, str]] = {}
+        tagged = []
+        for i, (ptb, lem) in enumerate(parses):
+            parses[i] = None  # each parse freed once tagged; the (tag, lemma) pairs shared: memory ~ a list a caption
+            tagged.append([shared.setdefault(pair, pair) for pair in gold_tags(ptb, lem)])
     elif parser == "stanza":
         if stanza_dir is None:
             raise ValueError("text.trees.parser 'stanza' needs text.trees.stanza_dir")
