@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.25, help="memory sampling period, seconds")
     ap.add_argument("--fresh", action="store_true", help="delete this run's results first")
     a = ap.parse_args()
+    started = time.perf_counter()
     name = dataset_name(a.scale)
     root = Path(a.root).resolve()
     data, workdir = root / "data" / name, root / name
@@ -189,6 +190,7 @@ def main() -> None:
         old = json.loads(out.read_text()) if out.exists() else {}
         merged = {**old, **record, "stages": {**old.get("stages", {}), **record["stages"]}}
         out.write_text(json.dumps(merged, indent=1))
+    print(f"{'total (wall, incl. generation)':<32}{time.perf_counter() - started:>8.0f} s")
 
 
 if __name__ == "__main__":

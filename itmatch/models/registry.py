@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from itmatch.models.base import MatchingModel
+if TYPE_CHECKING:  # the workflow reads MODELS at parse time: no torch import for it
+    from itmatch.models.base import MatchingModel
 
 MODEL_CLASSES: dict[str, str] = {
     "scan": "itmatch.models.scan:SCAN",

@@ -22,14 +22,17 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from itmatch.utils.logs import log
 
+if TYPE_CHECKING:
+    import torch
+
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # torch dtype names (torch is imported where used: the
+# Snakefile reads the GPU helpers at parse time, and importing torch there costs every snakemake command seconds)
 
 # Environment: simulated device count (tests, or a machine whose GPUs nvidia-smi does not list), lock folder.
 SIMULATED_GPUS_ENV = "ITMATCH_SIMULATED_GPUS"
@@ -64,6 +67,8 @@ def allocated_gpus(env: dict[str, str] | None = None) -> str | None:
 
 def cuda_unavailable_reason() -> str:
     """Why torch cannot use CUDA here, in words."""
+    import torch
+
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
     return (f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees no usable device "
@@ -82,6 +87,8 @@ def cuda_driver_present() -> bool:
 def cuda_possible(env: dict[str, str] | None = None) -> bool:
     """Whether torch may be able to use CUDA here, decided without initialising CUDA (which would fix the visible
     devices before a local GPU is claimed): a CUDA build of torch and a loadable driver, or simulated GPUs."""
+    import torch
+
     env = os.environ if env is None else env
     if env.get(SIMULATED_GPUS_ENV):
         return True
@@ -196,6 +203,8 @@ def resolve_device(name: str, stage: str = "device") -> torch.device:
     ``cuda:N`` takes — waiting for it if another job holds it — the lock of the N-th visible device, which the
     job then sees as ``cuda:0`` (its CUDA_VISIBLE_DEVICES narrowed to it).
     """
+    import torch
+
     name = str(name)
     if name not in DEVICES and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise ValueError(f"{stage}: device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
@@ -230,6 +239,8 @@ def resolve_device(name: str, stage: str = "device") -> torch.device:
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A batch's tensors on ``device`` (the batch itself on the CPU); float16 tensors (features collated as
     stored, to halve the host → GPU bytes) become float32 on the GPU."""
+    import torch
+
     if device.type == "cpu":
         return batch
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -242,6 +253,8 @@ def resolve_precision(precision: str, device: torch.device, stage: str = "precis
     ``fp16`` / ``bf16`` on the CPU are honoured (CPU autocast; slow, meant for measuring tolerances);
     ``bf16`` on a GPU without bf16 support is an error naming ``stage``.
     """
+    import torch
+
     precision = str(precision)
     if precision not in PRECISIONS:
         raise ValueError(f"{stage} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -257,6 +270,8 @@ def resolve_precision(precision: str, device: torch.device, stage: str = "precis
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for a resolved ``precision`` (``fp32``: no autocast)."""
+    import torch
+
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, DTYPES[precision]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+from functools import cache
 from pathlib import Path
 
 
@@ -56,6 +57,24 @@ def _code_text(source: str) -> str:
     return ast.dump(tree, annotate_fields=False)
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@cache
+def _file_imports(path: Path, package: str, stamp: tuple[int, int]) -> frozenset[str]:
+    """:func:`_imported_modules` of a file, parsed once per process per file version (``stamp``: mtime, size):
+    the Snakefile asks for the closures of ~20 scripts that share most of their modules."""
+    return frozenset(_imported_modules(ast.parse(path.read_text()), package))
+
+
+@cache
+def _file_code(path: Path, stamp: tuple[int, int]) -> str:
+    """:func:`_code_text` of a file, once per process per file version."""
+    return _code_text(path.read_text())
+
+
 def import_closure(*entries: str | Path) -> list[Path]:
     """The ``itmatch`` source files that ``entries`` (module names or script paths) import, transitively.
 
@@ -76,7 +95,7 @@ def import_closure(*entries: str | Path) -> list[Path]:
             continue
         seen[f] = None
         package = name if f.name == "__init__.py" else name.rpartition(".")[0]
-        for mod in _imported_modules(ast.parse(f.read_text()), package):
+        for mod in _file_imports(f, package, _stamp(f)):
             g = _module_file(root, mod)
             if g is not None and g.resolve() not in seen:
                 todo.append((g.resolve(), mod))
@@ -93,5 +112,5 @@ def code_hash(*entries: str | Path) -> str:
     h = hashlib.sha256()
     for f in import_closure(*entries):
         h.update((f.relative_to(root) if f.is_relative_to(root) else Path(f.name)).as_posix().encode())
-        h.update(_code_text(f.read_text()).encode())
+        h.update(_file_code(f, _stamp(f)).encode())
     return h.hexdigest()[:16]
