@@ -89,6 +89,10 @@ def test_report_exponent_and_table(tmp_path):
     text, _ = report.table(runs, 1.0)
     assert "| tokenize | 2.0 / 200 / 0.1 | 20.0 / 200 / 1.0 | 1.00 | ≈ 200 (extrapolated) |" in text
     assert "| evaluate scan |" in text and "| 2.00 |" in text
+    assert "≈ 29,994 (extrapolated, a + c·n²)" in text  # 3 s · (123,287 / 1,233)²
+    # evaluation: fixed cost + images × captions; one size: all of it scaled quadratically (an upper bound)
+    assert report.quadratic_full([1000, 10000], [11.0, 110.0]) == pytest.approx(10 + 1e-6 * 123287**2)
+    assert report.quadratic_full([1000], [11.0]) == pytest.approx(11.0 * 123.287**2)
     doc = tmp_path / "b.md"
     doc.write_text("# Benchmarks\n\nkept\n\n<!-- scale:begin -->\nold\n<!-- scale:end -->\n\ntail\n")
     for p, r in zip((1, 10), runs, strict=True):

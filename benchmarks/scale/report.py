@@ -6,8 +6,9 @@
 Per stage and size: the job's wall seconds, peak memory (MB, PSS of its processes) and output size; the fitted
 exponent b of seconds ∝ images^b (least squares in log-log over the sizes measured; stages under
 ``--min-seconds`` at every size are fixed-cost dominated and get no exponent), and where the full size was not
-run, its time extrapolated from the two largest sizes measured. Rewrites the part of ``--doc`` between the markers
-``<!-- scale:begin -->`` and ``<!-- scale:end -->`` and writes ``--plot``.
+run, its time extrapolated: by the fitted power for the linear stages, and for evaluation (inherently images ×
+captions) by ``a + c·images²`` fitted to the sizes measured (one size: ``c·images²``, an upper bound). Rewrites
+the part of ``--doc`` between the markers ``<!-- scale:begin -->`` and ``<!-- scale:end -->``, writes ``--plot``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def exponent(images: list[int], seconds: list[float], min_seconds: float) -> flo
     return float(np.polyfit(x, y, 1)[0])
 
 
+def quadratic_full(images: list[int], seconds: list[float]) -> float:
+    """Evaluation's full-size seconds from ``t = a + c·n²`` (least squares; a >= 0; one point: a = 0)."""
+    n2 = np.array(images, dtype=float) ** 2
+    t = np.array(seconds, dtype=float)
+    if len(t) >= 2:
+        c, a = np.polyfit(n2, t, 1)
+        if a >= 0 and c > 0:
+            return float(a + c * FULL_IMAGES**2)
+    return float(t[-1] * (FULL_IMAGES**2 / n2[-1]))
+
+
 def table(runs: list[dict], min_seconds: float) -> tuple[str, dict[str, tuple[list[int], list[float]]]]:
     runs = sorted(runs, key=lambda r: r["images"])
     stages = list(dict.fromkeys(s for r in runs for s in r["stages"] if not s.startswith("generate")))
@@ -54,6 +66,8 @@ def table(runs: list[dict], min_seconds: float) -> tuple[str, dict[str, tuple[li
         b = exponent(xs, ys, min_seconds)
         if xs and xs[-1] >= FULL_IMAGES:
             full = f"{ys[-1]:.0f} (measured)"
+        elif xs and st.startswith("evaluate"):
+            full = f"≈ {quadratic_full(xs, ys):,.0f} (extrapolated, a + c·n²)"
         elif b is not None:
             full = f"≈ {ys[-1] * (FULL_IMAGES / xs[-1]) ** b:.0f} (extrapolated)"
         else:
