@@ -15,7 +15,7 @@ counted once), and the size of the files written under results/ meanwhile. Print
 ``<root>/<dataset>/stages.json``.
 
 A stage whose output exists is not rerun (only file times count: a code change reruns nothing) unless named in
-``--stages``; ``--fresh`` deletes the run's results first.
+``--stages``, and keeps its earlier measurement in stages.json; ``--fresh`` deletes the run's results first.
 """
 
 from __future__ import annotations
@@ -183,6 +183,9 @@ def main() -> None:
         since = time.time()
         m = run_stage(workdir, configs, target, scripts, workdir / "logs" / f"{stage.replace(' ', '_')}.log",
                       a.interval, force=bool(a.stages))
+        if m["seconds"] == 0:  # no job ran: the output was up to date (its earlier measurement is kept)
+            print(f"{stage:<22}{'up to date':>10}", flush=True)
+            continue
         m["output_mb"] = _outputs_mb(workdir, since)
         record["stages"][stage] = m
         print(f"{stage:<22}{m['seconds']:>10.1f}{m['peak_mb']:>10.0f}{m['output_mb']:>11.1f}", flush=True)
