@@ -10,7 +10,7 @@ import pytest
 
 import itmatch.text.bert as bert_mod
 from itmatch.text.bert import BertModelMissing, compute_bert, load_bert, read_caption, resolve_model_dir
-from itmatch.text.tags import make_tags
+from itmatch.text.tags import make_tags, region_phrases, tag_phrases
 from itmatch.text.tokenize import tokenize
 from itmatch.text.vocab import make_tokens
 
@@ -165,3 +165,21 @@ def test_tag_vectors(bert, tmp_path):
     with pytest.raises(ValueError, match="row 5 has region 5"):
         make_tags(tmp_path / "images.parquet", tmp_path / "bad.parquet", tmp_path / "t2.h5", MODEL,
                   regions_h5=tmp_path / "regions.h5", device="cpu")
+
+
+def test_region_phrases_equal_tag_phrases(tmp_path):
+    """The Arrow path (regions.parquet at COCO size) gives tag_phrases' phrases: nulls, blanks, padding, unicode."""
+    regions = pd.DataFrame({
+        "image_id": np.arange(8), "region": np.zeros(8, np.int64),
+        "object": [" dog ", "dog", None, "", "café", "dog", "\tcat", "zebra"],
+        "attribute": ["brown", " brown ", "red", "blue", None, "", "black ", "  "],
+    })
+    regions.to_parquet(tmp_path / "r.parquet")
+    image, slot, table, ids = region_phrases(tmp_path / "r.parquet")
+    expect = tag_phrases(regions)
+    assert table == sorted({p for p in expect if p})
+    assert [table[i] if i >= 0 else "" for i in ids] == expect
+    assert np.array_equal(image, np.arange(8)) and np.array_equal(slot, np.zeros(8))
+    regions.drop(columns="attribute").to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="bad.parquet: missing column.*attribute"):
+        region_phrases(tmp_path / "bad.parquet")

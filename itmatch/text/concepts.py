@@ -215,12 +215,13 @@ def make_concepts(captions_path: str | Path, out: str | Path, parser: str = "gol
     if parser == "gold":
         if json_path is None:
             raise ValueError("text.trees.parser 'gold' needs the dataset JSON")
-        parses = gold_parses(json_path, caps["caption_id"].tolist())
         shared: dict[tuple[str, str], tuple[str, str]] = {}
-        tagged = []
-        for i, (ptb, lem) in enumerate(parses):
-            parses[i] = None  # each parse freed once tagged; the (tag, lemma) pairs shared: memory ~ a list a caption
-            tagged.append([shared.setdefault(pair, pair) for pair in gold_tags(ptb, lem)])
+
+        def tag(ptb: str, lemmas: list[str]) -> list[tuple[str, str]]:
+            return [shared.setdefault(pair, pair) for pair in gold_tags(ptb, lemmas)]
+
+        # tagged as the JSON is read, each (tag, lemma) pair held once: memory ~ a list a caption, not the parses
+        tagged = gold_parses(json_path, caps["caption_id"].tolist(), convert=tag)
     elif parser == "stanza":
         if stanza_dir is None:
             raise ValueError("text.trees.parser 'stanza' needs text.trees.stanza_dir")

@@ -16,7 +16,7 @@ and one lemma per leaf.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,32 +95,34 @@ def stanza_tags(texts: Sequence[str], model_dir: str | Path, batch_size: int = 2
             for doc in _stanza_docs(nlp, texts, batch_size, "stanza tags")]
 
 
-def _gold_index(json_path: str | Path, wanted: Iterable[int] | None = None) -> dict[int, tuple[str, list[str]]]:
-    """``sentid`` → ``(parse, lemmas)`` of the sentences of a dataset JSON with gold parses: all of them, or only
-    the ``wanted`` ids (the JSON is streamed, so a shard holds only its own parses)."""
+def _gold_index(json_path: str | Path, wanted: Iterable[int] | None = None,
+                convert: Callable[[str, list[str]], Any] | None = None) -> dict[int, Any]:
+    """``sentid`` → ``(parse, lemmas)`` (or ``convert(parse, lemmas)``) of the sentences of a dataset JSON with gold
+    parses: all of them, or only the ``wanted`` ids (the JSON is streamed, so a shard holds only its own parses,
+    and a caller that needs less than the parse keeps only that)."""
     keep = None if wanted is None else {int(c) for c in wanted}
     try:
-        return _gold_entries(stream_array(Path(json_path), "images"), json_path, keep)
+        return _gold_entries(stream_array(Path(json_path), "images"), json_path, keep, convert)
     except Unstreamable:  # another layout: read whole
         with open(json_path, encoding="utf-8") as fh:
-            return _gold_entries(json.load(fh).get("images", []), json_path, keep)
+            return _gold_entries(json.load(fh).get("images", []), json_path, keep, convert)
 
 
-def _gold_entries(images: Iterable[dict[str, Any]], json_path: str | Path, keep: set[int] | None
-                  ) -> dict[int, tuple[str, list[str]]]:
-    by_id: dict[int, tuple[str, list[str]]] = {}
+def _gold_entries(images: Iterable[dict[str, Any]], json_path: str | Path, keep: set[int] | None,
+                  convert: Callable[[str, list[str]], Any] | None = None) -> dict[int, Any]:
+    by_id: dict[int, Any] = {}
     for i, img in enumerate(images):
         for j, s in enumerate(img.get("sentences", [])):
             if "parse" not in s or "lemmas" not in s:
                 raise ValueError(f"{json_path}: images[{i}].sentences[{j}] has no gold 'parse'/'lemmas' "
                                  "(set text.trees.parser to stanza for this dataset)")
             if keep is None or int(s["sentid"]) in keep:
-                by_id[int(s["sentid"])] = (s["parse"], list(s["lemmas"]))
+                lemmas = list(s["lemmas"])
+                by_id[int(s["sentid"])] = (s["parse"], lemmas) if convert is None else convert(s["parse"], lemmas)
     return by_id
 
 
-def _gold_lookup(by_id: dict[int, tuple[str, list[str]]], json_path: str | Path,
-                 caption_ids: Sequence[int]) -> list[tuple[str, list[str]]]:
+def _gold_lookup(by_id: dict[int, Any], json_path: str | Path, caption_ids: Sequence[int]) -> list[Any]:
     missing = [c for c in caption_ids if int(c) not in by_id]
     if missing:
         raise ValueError(f"{json_path}: no sentence with sentid {missing[0]} (caption_id of captions.parquet); "
@@ -128,11 +130,28 @@ def _gold_lookup(by_id: dict[int, tuple[str, list[str]]], json_path: str | Path,
     return [by_id[int(c)] for c in caption_ids]
 
 
-def gold_parses(json_path: str | Path, caption_ids: Sequence[int]) -> list[tuple[str, list[str]]]:
-    """The dataset JSON's own ``parse``/``lemmas`` per caption (``caption_id`` = ``sentid``)."""
-    out = _gold_lookup(_gold_index(json_path, caption_ids), json_path, caption_ids)
+def gold_parses(json_path: str | Path, caption_ids: Sequence[int],
+                convert: Callable[[str, list[str]], Any] | None = None) -> list[Any]:
+    """The dataset JSON's own ``(parse, lemmas)`` per caption (``caption_id`` = ``sentid``), or what ``convert``
+    makes of each as the JSON is read (only that is held)."""
+    out = _gold_lookup(_gold_index(json_path, caption_ids, convert), json_path, caption_ids)
     log.info("gold parses: %d captions from %s", len(caption_ids), json_path)
     return out
+
+
+_SEP = "\x1f"
+
+
+def _pack_lemmas(ptb: str, lemmas: list[str]) -> tuple[str, str | tuple[str, ...]]:
+    """A gold parse held compactly: its lemmas as one string (a list of ~12 strings costs ~4× more: COCO's
+    616k parses held by one shard took 1.6 GB), a tuple where a lemma holds the separator or there are none."""
+    if lemmas and not any(_SEP in w for w in lemmas):
+        return ptb, _SEP.join(lemmas)
+    return ptb, tuple(lemmas)
+
+
+def _unpack_lemmas(packed: str | tuple[str, ...]) -> list[str]:
+    return packed.split(_SEP) if isinstance(packed, str) else list(packed)
 
 
 class CaptionParser:
@@ -149,7 +168,7 @@ class CaptionParser:
         if parser == "gold":
             if json_path is None:
                 raise ValueError("text.trees.parser 'gold' needs the dataset JSON")
-            self._gold = _gold_index(json_path, caption_ids)
+            self._gold = _gold_index(json_path, caption_ids, _pack_lemmas)
         elif parser == "stanza":
             if stanza_dir is None:
                 raise ValueError("text.trees.parser 'stanza' needs text.trees.stanza_dir")
@@ -159,5 +178,5 @@ class CaptionParser:
 
     def __call__(self, caption_ids: Sequence[int], texts: Sequence[str]) -> list[tuple[str, list[str]]]:
         if self.kind == "gold":
-            return _gold_lookup(self._gold, self.json_path, caption_ids)
+            return [(ptb, _unpack_lemmas(lem)) for ptb, lem in _gold_lookup(self._gold, self.json_path, caption_ids)]
         return [_ptb_of(doc) for doc in _stanza_docs(self._nlp, list(texts), self.batch_size, "stanza parses")]

@@ -20,6 +20,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from itmatch.text.bert import load_bert, pick_device, word_features
 from itmatch.text.tokenize import tokenize
@@ -37,18 +40,51 @@ def tag_phrases(regions: pd.DataFrame) -> list[str]:
     return [(f"{a} {o}" if a else o) if o else "" for a, o in zip(att, obj, strict=True)]
 
 
-def region_index(image_ids: np.ndarray, regions: pd.DataFrame, phrase_ids: np.ndarray, R: int,
-                 source: str = "regions.parquet") -> np.ndarray:
-    """[N, R] int32 phrase index aligned with ``image_ids`` order (-1 = padding)."""
+def _tag_codes(t: pa.Table, name: str) -> tuple[np.ndarray, list[str]]:
+    """(code per row, stripped names; null rows get the code of an appended ``""``) of a string column."""
+    col = t.column(name)
+    if not pa.types.is_dictionary(col.type):
+        col = pc.dictionary_encode(pc.cast(col, pa.string()))
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    names = ["" if v is None else str(v).strip() for v in col.dictionary.to_pylist()] + [""]
+    codes = col.indices.fill_null(len(names) - 1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return codes, names
+
+
+def region_phrases(regions_path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """(image_id, region, distinct phrases sorted, each row's phrase id or -1) of regions.parquet: the phrases of
+    :func:`tag_phrases`, made once per distinct (attribute, object) pair from the dictionary-encoded columns (COCO's
+    4.4M rows as Python strings: 2 GB)."""
+    missing = [c for c in REGION_COLUMNS if c not in pq.read_schema(regions_path).names]
+    if missing:
+        raise ValueError(f"{regions_path}: missing column(s) {', '.join(missing)} (see docs/contract.md)")
+    t = pq.read_table(regions_path, columns=list(REGION_COLUMNS), read_dictionary=["object", "attribute"])
+    t = t.unify_dictionaries()
+    obj, obj_names = _tag_codes(t, "object")
+    att, att_names = _tag_codes(t, "attribute")
+    pairs, row_pair = np.unique(att * len(obj_names) + obj, return_inverse=True)
+    n = len(obj_names)
+    phrase = tag_phrases(pd.DataFrame({"object": [obj_names[p % n] for p in pairs],
+                                       "attribute": [att_names[p // n] for p in pairs]}))
+    table = sorted({p for p in phrase if p})
+    pid = {p: i for i, p in enumerate(table)}
+    pair_id = np.array([pid.get(p, -1) for p in phrase], dtype=np.int32)
+    return (t.column("image_id").to_numpy(), t.column("region").to_numpy(), table,
+            pair_id[row_pair.reshape(-1)] if len(pairs) else np.zeros(0, np.int32))
+
+
+def region_index(image_ids: np.ndarray, region_image: np.ndarray, region_slot: np.ndarray, phrase_ids: np.ndarray,
+                 R: int, source: str = "regions.parquet") -> np.ndarray:
+    """[N, R] int32 phrase index aligned with ``image_ids`` order (-1 = padding) from the regions' image id and
+    slot columns."""
     row_of = pd.Series(np.arange(len(image_ids)), index=pd.Index(image_ids))
     if not row_of.index.is_unique:
         raise ValueError("images.parquet: duplicate image_id")
-    rows = row_of.reindex(regions["image_id"].to_numpy()).to_numpy()
+    rows = row_of.reindex(region_image).to_numpy()
     if np.isnan(rows).any():
         k = int(np.flatnonzero(np.isnan(rows))[0])
-        raise ValueError(f"{source}: row {k} has image_id {int(regions['image_id'].iloc[k])} "
-                         "which is not in images.parquet")
-    cols = regions["region"].to_numpy().astype(np.int64)
+        raise ValueError(f"{source}: row {k} has image_id {int(region_image[k])} which is not in images.parquet")
+    cols = np.asarray(region_slot).astype(np.int64)
     if len(cols) and (cols.min() < 0 or cols.max() >= R):
         k = int(np.flatnonzero((cols < 0) | (cols >= R))[0])
         raise ValueError(f"{source}: row {k} has region {int(cols[k])}, outside 0..{R - 1}")
@@ -78,21 +114,15 @@ def make_tags(images_path, regions_path, out_path, model: str, R: int | None = N
 
 
     images = pd.read_parquet(images_path, columns=["image_id"])
-    regions = pd.read_parquet(regions_path)
-    missing = [c for c in REGION_COLUMNS if c not in regions.columns]
-    if missing:
-        raise ValueError(f"{regions_path}: missing column(s) {', '.join(missing)} (see docs/contract.md)")
+    region_image, region_slot, table, phrase_ids = region_phrases(regions_path)
     if R is None:
         if regions_h5 is not None:
             with open_h5(regions_h5) as f, reading(regions_h5):
                 R = int(f["features"].shape[1])
         else:
-            R = int(regions["region"].max()) + 1 if len(regions) else 1
-    phr = tag_phrases(regions)
-    table = sorted({p for p in phr if p})
-    pid = {p: i for i, p in enumerate(table)}
-    phrase_ids = np.array([pid.get(p, -1) for p in phr], dtype=np.int32)
-    index = region_index(images["image_id"].to_numpy(), regions, phrase_ids, R, str(regions_path))
+            R = int(region_slot.max()) + 1 if len(region_slot) else 1
+    index = region_index(images["image_id"].to_numpy(), region_image, region_slot, phrase_ids, R,
+                         str(regions_path))
     tok, net = load_bert(model, pick_device(device))
     vectors = embed_phrases(table, tok, net, batch_size).astype(np.float16)  # checked as stored
     bad = np.flatnonzero(~np.isfinite(vectors).all(1)) if vectors.size else []
@@ -109,5 +139,5 @@ def make_tags(images_path, regions_path, out_path, model: str, R: int | None = N
             f.create_dataset("image_id", data=images["image_id"].to_numpy().astype(np.int64),
                              **checksum((len(images),)))
             f.attrs.update({"model": model, "dim": int(vectors.shape[1])})
-    log.info("tags: %d regions, %d distinct phrases, %d images × %d slots → %s", len(regions), len(table),
+    log.info("tags: %d regions, %d distinct phrases, %d images × %d slots → %s", len(phrase_ids), len(table),
              len(images), R, Path(out_path))

@@ -472,7 +472,11 @@ def build_dictionaries(trees: Sequence[Sequence[Item | NodeLabel | None]], entit
         for pos, it in enumerate(nodes):
             if it is not None:
                 (ent if pos in ENTITY_NODES else rel).update(it.cands)
+    return _dictionaries(ent, rel, entity_min_count, relation_min_count, max_entities, max_relations)
 
+
+def _dictionaries(ent: Counter[str], rel: Counter[str], entity_min_count: int, relation_min_count: int,
+                  max_entities: int, max_relations: int) -> TreeVocab:
     def top(c: Counter[str], k: int, n: int) -> list[str]:
         return sorted((w for w, m in c.items() if m >= k), key=lambda w: (-c[w], w))[:n]
 
@@ -491,46 +495,70 @@ def tree_nodes(ptb: str, lemmas: Sequence[str] | None = None) -> list[Item | Non
 # the rule
 # ----------------------------------------------------------------------------------------------
 
-def trees_table(caption_ids, nodes: Sequence[Sequence[Item | NodeLabel | None]], vocab: TreeVocab):
-    """``trees.parquet`` as an Arrow table (see the module docstring)."""
-
-    labels = np.full((len(nodes), 7), NULL, dtype=np.int32)
-    names: list[str] = []
-    words: list[str] = []
-    for r, ns in enumerate(nodes):
-        for pos, it in enumerate(ns):
-            labels[r, pos], name = vocab.label(pos, it)
-            names.append(name)
-            words.append(it.words if it is not None else "")
-    off = pa.array(np.arange(0, 7 * len(nodes) + 1, 7, dtype=np.int32))
+def trees_table(caption_ids, node_ids: np.ndarray, nodes: Sequence[NodeLabel], vocab: TreeVocab):
+    """``trees.parquet`` as an Arrow table (see the module docstring) from each caption's 7 node ids
+    (``node_ids`` [C, 7], -1 = null) into the distinct node labels ``nodes``."""
+    C, K = len(node_ids), len(nodes)
+    labels = np.full((C, 7), NULL, dtype=np.int32)
+    kinds = {"entity": ENTITY_NODES[0], "relation": RELATION_NODES[0]}
+    named = {kind: [vocab.label(pos, lab) for lab in nodes] for kind, pos in kinds.items()}
+    # the names / words of a row's nodes index one string table: entity names, relation names, words, ""
+    strings = pa.array([n for _, n in named["entity"]] + [n for _, n in named["relation"]]
+                       + [lab.words for lab in nodes] + [""], pa.string())
+    name_at = np.full((C, 7), 3 * K, dtype=np.int64)
+    word_at = np.full((C, 7), 3 * K, dtype=np.int64)
+    for pos in range(7):
+        kind = "entity" if pos in ENTITY_NODES else "relation"
+        ids = node_ids[:, pos].astype(np.int64)
+        filled = ids >= 0
+        ids_of_kind = np.array([k for k, _ in named[kind]], dtype=np.int32).reshape(-1)
+        labels[filled, pos] = ids_of_kind[ids[filled]]
+        name_at[filled, pos] = ids[filled] + (0 if kind == "entity" else K)
+        word_at[filled, pos] = ids[filled] + 2 * K
+    off = pa.array(np.arange(0, 7 * C + 1, 7, dtype=np.int32))
     return pa.table({
         "caption_id": pa.array(np.asarray(caption_ids, dtype=np.int64)),
         "labels": pa.ListArray.from_arrays(off, pa.array(labels.reshape(-1))),
-        "names": pa.ListArray.from_arrays(off, pa.array(names, pa.string())),
-        "words": pa.ListArray.from_arrays(off, pa.array(words, pa.string())),
-    })
+        "names": pa.ListArray.from_arrays(off, strings.take(pa.array(name_at.reshape(-1)))),
+        "words": pa.ListArray.from_arrays(off, strings.take(pa.array(word_at.reshape(-1)))),
+    }), labels
 
 
 def _write_trees(caps, parses: Iterable[tuple[str, Sequence[str] | None]], parser: str, captions_path,
                  trees_out, vocab_out, entity_min_count: int, relation_min_count: int, max_entities: int,
                  max_relations: int) -> TreeVocab:
     """Trees of every caption from its parse, dictionaries from the train captions → trees.parquet +
-    tree_vocab.json."""
-    nodes: list[tuple[NodeLabel | None, ...]] = []
-    for cid, (ptb, lemmas) in progress(zip(caps["caption_id"], parses, strict=True), "referral trees",
-                                       len(caps)):
-        try:  # (only what labelling reads is kept: an Item refers to its parse tree, ~1 KB a caption)
-            nodes.append(tuple(None if it is None else NodeLabel(it.cands, it.words)
-                               for it in tree_nodes(ptb, lemmas)))
+    tree_vocab.json.
+
+    Memory follows the distinct node labels, not the captions: a caption keeps 7 ids into the table of distinct
+    (candidate labels, words) (an Item refers to its parse tree, ~1 KB a caption)."""
+    node_ids = np.full((len(caps), 7), NULL, dtype=np.int32)
+    nodes: list[NodeLabel] = []
+    id_of: dict[NodeLabel, int] = {}
+    for r, (cid, (ptb, lemmas)) in enumerate(progress(zip(caps["caption_id"], parses, strict=True),
+                                                      "referral trees", len(caps))):
+        try:
+            items = tree_nodes(ptb, lemmas)
         except ParseError as e:
             raise ParseError(f"{captions_path}: caption_id {cid}: {e}") from e
+        for pos, it in enumerate(items):
+            if it is not None:
+                lab = NodeLabel(it.cands, it.words)
+                k = id_of.setdefault(lab, len(nodes))
+                if k == len(nodes):
+                    nodes.append(lab)
+                node_ids[r, pos] = k
     train = caps["split"].to_numpy() == "train"
-    vocab = build_dictionaries([n for n, t in zip(nodes, train, strict=True) if t], entity_min_count,
-                               relation_min_count, max_entities, max_relations)
+    ent: Counter[str] = Counter()
+    rel: Counter[str] = Counter()
+    for positions, counter in ((ENTITY_NODES, ent), (RELATION_NODES, rel)):
+        ids = node_ids[train][:, list(positions)].reshape(-1)
+        for k, n in enumerate(np.bincount(ids[ids >= 0], minlength=len(nodes)).tolist()):
+            for c in nodes[k].cands if n else ():
+                counter[c] += n
+    vocab = _dictionaries(ent, rel, entity_min_count, relation_min_count, max_entities, max_relations)
     vocab.settings["parser"] = parser
-    table = trees_table(caps["caption_id"].to_numpy(), nodes, vocab)
-
-    lab = np.stack(table.column("labels").to_numpy(zero_copy_only=False))
+    table, lab = trees_table(caps["caption_id"].to_numpy(), node_ids, nodes, vocab)
     log.info("referral trees: %d captions, %d entities, %d relations; non-null nodes per position %s",
              len(caps), len(vocab.entities), len(vocab.relations),
              ", ".join(f"{(lab[:, k] >= 0).mean():.2f}" for k in range(7)))
@@ -559,6 +587,7 @@ def make_trees(captions_path, trees_out, vocab_out, parser: str = "gold", json_p
 
 PARSE_SCHEMA = pa.schema([("caption_id", pa.int64()), ("ptb", pa.string()), ("lemmas", pa.list_(pa.string()))])
 SHARD_META = b"itmatch"
+PARSE_READ_BATCH = 16_384  # parses read from a shard file at a time by the gather
 
 
 def _parse_source(parser: str, json_path, stanza_dir, stanza_batch_size: int) -> list:
@@ -650,14 +679,19 @@ def gather_trees(shards: Sequence[str | Path], captions_path, trees_out, vocab_o
         raise ValueError(f"parse shards cover {covered} caption rows, {captions_path} has {len(ids)}")
     log.info("referral trees: %d parse shards gathered", len(metas))
 
-    def parses() -> Iterator[tuple[str, list[str] | None]]:  # one shard in memory at a time
+    def parses() -> Iterator[tuple[str, list[str] | None]]:  # a batch of one shard in memory at a time
         for meta, name in metas:
             a, b = meta["row_start"], meta["row_stop"]
-            t = pq.read_table(name)
-            if not np.array_equal(t.column("caption_id").to_numpy(), ids[a:b]):
-                raise ValueError(f"{name}: caption ids differ from {captions_path} rows {a}..{b} "
-                                 "(captions changed since the shard was parsed?)")
-            yield from zip(t.column("ptb").to_pylist(), t.column("lemmas").to_pylist(), strict=True)
+            f = pq.ParquetFile(name)
+            if f.metadata.num_rows != b - a:
+                raise ValueError(f"{name}: {f.metadata.num_rows} parses for caption rows {a}..{b}")
+            r = a
+            for t in f.iter_batches(batch_size=PARSE_READ_BATCH):
+                if not np.array_equal(t.column("caption_id").to_numpy(), ids[r:r + t.num_rows]):
+                    raise ValueError(f"{name}: caption ids differ from {captions_path} rows {a}..{b} "
+                                     "(captions changed since the shard was parsed?)")
+                r += t.num_rows
+                yield from zip(t.column("ptb").to_pylist(), t.column("lemmas").to_pylist(), strict=True)
 
     return _write_trees(caps, parses(), parser, captions_path, trees_out, vocab_out, entity_min_count,
                         relation_min_count, max_entities, max_relations)
