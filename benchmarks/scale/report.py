@@ -78,14 +78,16 @@ def table(runs: list[dict], min_seconds: float) -> tuple[str, dict[str, tuple[li
 
 
 def plot(curves: dict[str, tuple[list[int], list[float]]], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for st, (xs, ys) in curves.items():
-        if len(xs) >= 2:
-            ax.loglog(xs, ys, "o-", label=st)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    colours = plt.get_cmap("tab20").colors
+    for k, (st, (xs, ys)) in enumerate(curves.items()):
+        if len(xs) >= 2:  # data stages solid, training dashed, evaluation dotted
+            style = "--" if st.startswith("train") else ":" if st.startswith("evaluate") else "-"
+            ax.loglog(xs, ys, marker="o", linestyle=style, color=colours[k % len(colours)], label=st)
     ax.set_xlabel("images (COCO = 123,287; 5 captions each)")
     ax.set_ylabel("job wall time, s")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3)
     ax.set_title("scale rehearsal: time vs dataset size per stage")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
