@@ -45,7 +45,7 @@ def _tag_codes(t: pa.Table, name: str) -> tuple[np.ndarray, list[str]]:
     col = t.column(name)
     if not pa.types.is_dictionary(col.type):
         col = pc.dictionary_encode(pc.cast(col, pa.string()))
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    col = col.combine_chunks()
     names = ["" if v is None else str(v).strip() for v in col.dictionary.to_pylist()] + [""]
     codes = col.indices.fill_null(len(names) - 1).to_numpy(zero_copy_only=False).astype(np.int64)
     return codes, names

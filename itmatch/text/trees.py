@@ -499,21 +499,23 @@ def trees_table(caption_ids, node_ids: np.ndarray, nodes: Sequence[NodeLabel], v
     """``trees.parquet`` as an Arrow table (see the module docstring) from each caption's 7 node ids
     (``node_ids`` [C, 7], -1 = null) into the distinct node labels ``nodes``."""
     C, K = len(node_ids), len(nodes)
-    labels = np.full((C, 7), NULL, dtype=np.int32)
-    kinds = {"entity": ENTITY_NODES[0], "relation": RELATION_NODES[0]}
-    named = {kind: [vocab.label(pos, lab) for lab in nodes] for kind, pos in kinds.items()}
+    # (label id, name) of every distinct node as an entity and as a relation (the label depends only on the kind)
+    entity = [vocab.label(ENTITY_NODES[0], lab) for lab in nodes]
+    relation = [vocab.label(RELATION_NODES[0], lab) for lab in nodes]
+    label_of = {True: np.array([k for k, _ in entity], dtype=np.int32),
+                False: np.array([k for k, _ in relation], dtype=np.int32)}
     # the names / words of a row's nodes index one string table: entity names, relation names, words, ""
-    strings = pa.array([n for _, n in named["entity"]] + [n for _, n in named["relation"]]
-                       + [lab.words for lab in nodes] + [""], pa.string())
+    strings = pa.array([n for _, n in entity] + [n for _, n in relation] + [lab.words for lab in nodes] + [""],
+                       pa.string())
+    labels = np.full((C, 7), NULL, dtype=np.int32)
     name_at = np.full((C, 7), 3 * K, dtype=np.int64)
     word_at = np.full((C, 7), 3 * K, dtype=np.int64)
     for pos in range(7):
-        kind = "entity" if pos in ENTITY_NODES else "relation"
+        is_entity = pos in ENTITY_NODES
         ids = node_ids[:, pos].astype(np.int64)
         filled = ids >= 0
-        ids_of_kind = np.array([k for k, _ in named[kind]], dtype=np.int32).reshape(-1)
-        labels[filled, pos] = ids_of_kind[ids[filled]]
-        name_at[filled, pos] = ids[filled] + (0 if kind == "entity" else K)
+        labels[filled, pos] = label_of[is_entity][ids[filled]]
+        name_at[filled, pos] = ids[filled] + (0 if is_entity else K)
         word_at[filled, pos] = ids[filled] + 2 * K
     off = pa.array(np.arange(0, 7 * C + 1, 7, dtype=np.int32))
     return pa.table({
