@@ -200,3 +200,30 @@ def test_editing_comments_and_docstrings_reruns_nothing(laid_out, tmp_path):
     jobs = edited_plan(laid_out, tmp_path / "repo", {"text/tokenize.py": reword_docstrings,
                                                      "training/loop.py": reword_docstrings})
     assert not jobs, sorted(jobs)
+
+
+def test_code_hash_follows_edits_within_one_process(tmp_path):
+    """code hashes are cached per file version (mtime, size): an edit in the same process changes the hash, a
+    comment does not."""
+    import os
+
+    from itmatch.utils.hashing import code_hash
+
+    script = tmp_path / "job.py"
+    script.write_text("x = 1\n")
+    first = code_hash(script)
+    assert code_hash(script) == first
+    script.write_text("x = 2\n")
+    os.utime(script, ns=(1, 1))  # even with an old mtime, the size or time differs from the cached version
+    second = code_hash(script)
+    assert second != first
+    script.write_text("x = 2  # a comment\n")
+    assert code_hash(script) == second
+
+
+def test_workflow_helpers_do_not_import_torch():
+    """What the Snakefile imports at parse time stays free of torch (seconds on every snakemake command)."""
+    code = ("import sys, itmatch.config, itmatch.models.registry, itmatch.utils.device, itmatch.utils.hashing; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"
